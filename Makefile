@@ -1,0 +1,30 @@
+# ambit: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup test lint typecheck unit demo bench proto clean
+
+setup:
+	@bash scripts/setup.sh
+
+lint: setup
+	@$(VENV)/bin/ruff check agent ztunnel waypoint controlplane tests bench
+
+typecheck: setup
+	@$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	@$(PY) -m pytest -q $(PYTEST_ARGS)
+
+unit: setup
+	@$(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+demo: setup
+	@$(PY) -m agent.demo
+
+bench: setup
+	@$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

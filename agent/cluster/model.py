@@ -1,0 +1,330 @@
+"""Kubernetes-shaped cluster objects and the immutable `ClusterState` snapshot.
+
+Pure: parses already-loaded YAML/JSON documents, never touches files or sockets.
+Policies are kept as raw objects here; `ztunnel.policy` validates and compiles them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from agent.cluster import ClusterError
+
+DATAPLANE_MODE = "ambit.dev/dataplane-mode"
+USE_WAYPOINT = "ambit.dev/use-waypoint"
+REDIRECTION = "ambit.dev/redirection"
+POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
+KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", *POLICY_KINDS)
+
+
+@dataclass(frozen=True)
+class Meta:
+    name: str
+    namespace: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    resource_version: str = ""
+
+
+@dataclass(frozen=True)
+class Namespace:
+    meta: Meta
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+
+@dataclass(frozen=True)
+class Node:
+    meta: Meta
+    addresses: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def address(self) -> str | None:
+        return self.addresses[0] if self.addresses else None
+
+
+@dataclass(frozen=True)
+class Pod:
+    meta: Meta
+    node_name: str
+    service_account: str = "default"
+    ip: str | None = None
+    phase: str = "Pending"
+    command: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def namespace(self) -> str:
+        return self.meta.namespace
+
+    @property
+    def key(self) -> str:
+        """`<namespace>/<name>`, the form the CLI and logs use."""
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    target_port: int
+    name: str = ""
+    protocol: str = "TCP"
+
+
+@dataclass(frozen=True)
+class Service:
+    meta: Meta
+    selector: Mapping[str, str]
+    ports: tuple[ServicePort, ...]
+    cluster_ip: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
+class PolicyObject:
+    """An `AuthorizationPolicy` or `PeerAuthentication`, kept as written."""
+
+    kind: str
+    api_version: str
+    meta: Meta
+    spec: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.meta.namespace}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """One consistent view of the cluster. Build it with `build_state`."""
+
+    namespaces: Mapping[str, Namespace] = field(default_factory=dict)
+    nodes: Mapping[str, Node] = field(default_factory=dict)
+    pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
+    services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
+    policies: tuple[PolicyObject, ...] = ()
+
+    def pods_on_node(self, node: str) -> list[Pod]:
+        return [p for p in self.pods.values() if p.node_name == node]
+
+    def pod_by_ip(self, ip: str) -> Pod | None:
+        for p in self.pods.values():
+            if p.ip == ip:
+                return p
+        return None
+
+    def service_by_ip(self, ip: str) -> Service | None:
+        for s in self.services.values():
+            if s.cluster_ip == ip:
+                return s
+        return None
+
+    def service_endpoints(self, svc: Service) -> list[Pod]:
+        """Pods in the service's namespace whose labels match its selector and that have an IP."""
+        if not svc.selector:
+            return []
+        return [
+            p
+            for p in self.pods.values()
+            if p.namespace == svc.meta.namespace
+            and p.ip
+            and all(p.meta.labels.get(k) == v for k, v in svc.selector.items())
+        ]
+
+    def node_hosts_identity(self, node: str, namespace: str, service_account: str) -> bool:
+        """True while a pod with this namespace and service account is scheduled on `node`."""
+        return any(
+            p.node_name == node and p.namespace == namespace and p.service_account == service_account
+            for p in self.pods.values()
+        )
+
+    def is_enrolled(self, pod: Pod) -> bool:
+        """Enrollment rule: pod label wins (`none` opts out), else the namespace label."""
+        mode = pod.meta.labels.get(DATAPLANE_MODE)
+        if mode is not None:
+            return mode == "ambient"
+        ns = self.namespaces.get(pod.namespace)
+        return ns is not None and ns.meta.labels.get(DATAPLANE_MODE) == "ambient"
+
+    def waypoint_for(self, pod: Pod) -> str | None:
+        """The waypoint name a pod's inbound traffic must go through (pod label, else namespace)."""
+        name = pod.meta.labels.get(USE_WAYPOINT)
+        if name:
+            return name
+        ns = self.namespaces.get(pod.namespace)
+        return ns.meta.labels.get(USE_WAYPOINT) if ns else None
+
+
+# ---------------------------------------------------------------------------
+# parsing
+
+
+def load_documents(text: str, origin: str = "<input>") -> list[dict[str, Any]]:
+    """Split multi-document YAML (or JSON) into objects; `kind: List` is flattened."""
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        raise ClusterError(f"{origin}: not valid YAML: {e}") from e
+    out: list[dict[str, Any]] = []
+    for i, doc in enumerate(docs):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise ClusterError(f"{origin}: document {i + 1} is not a mapping")
+        if doc.get("kind") == "List" or (doc.get("kind", "").endswith("List") and "items" in doc):
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise ClusterError(f"{origin}: document {i + 1}: items is not a list")
+            out.extend(items)
+        else:
+            out.append(doc)
+    return out
+
+
+def _str_map(obj: Any, where: str) -> dict[str, str]:
+    if obj is None:
+        return {}
+    if not isinstance(obj, dict):
+        raise ClusterError(f"{where}: expected a mapping of strings")
+    return {str(k): str(v) for k, v in obj.items()}
+
+
+def parse_meta(obj: Mapping[str, Any], namespaced: bool) -> Meta:
+    kind = obj.get("kind", "?")
+    md = obj.get("metadata")
+    if not isinstance(md, dict) or not md.get("name"):
+        raise ClusterError(f"{kind}: metadata.name is required")
+    name = str(md["name"])
+    where = f"{kind} {name}"
+    ns = str(md.get("namespace") or ("default" if namespaced else ""))
+    return Meta(
+        name=name,
+        namespace=ns,
+        labels=_str_map(md.get("labels"), f"{where}: metadata.labels"),
+        annotations=_str_map(md.get("annotations"), f"{where}: metadata.annotations"),
+        resource_version=str(md.get("resourceVersion") or ""),
+    )
+
+
+def _ip(value: Any, where: str) -> str | None:
+    if value in (None, "", "None"):
+        return None
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError as e:
+        raise ClusterError(f"{where}: {value!r} is not an IP address") from e
+
+
+def _port(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ClusterError(f"{where}: {value!r} is not a port number")
+    try:
+        n = int(value)
+    except ValueError as e:
+        raise ClusterError(f"{where}: {value!r} is not a port number") from e
+    if not 1 <= n <= 65535:
+        raise ClusterError(f"{where}: port {n} is out of range 1-65535")
+    return n
+
+
+def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | PolicyObject:
+    """Turn one Kubernetes-shaped mapping into its model type, naming the field that is wrong."""
+    kind = obj.get("kind")
+    if kind not in KNOWN_KINDS:
+        raise ClusterError(f"unsupported kind {kind!r}; expected one of {', '.join(KNOWN_KINDS)}")
+    if kind == "Namespace":
+        return Namespace(parse_meta(obj, namespaced=False))
+    if kind == "Node":
+        meta = parse_meta(obj, namespaced=False)
+        addrs = (obj.get("status") or {}).get("addresses") or []
+        ips = tuple(
+            a for a in (_ip(x.get("address"), f"Node {meta.name}: status.addresses") for x in addrs)
+            if a
+        )
+        return Node(meta, ips)
+    meta = parse_meta(obj, namespaced=True)
+    where = f"{kind} {meta.namespace}/{meta.name}"
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    if not isinstance(spec, dict):
+        raise ClusterError(f"{where}: spec is not a mapping")
+    if kind == "Pod":
+        containers = spec.get("containers") or []
+        command: tuple[str, ...] = ()
+        if containers:
+            c0 = containers[0]
+            cmd = list(c0.get("command") or []) + list(c0.get("args") or [])
+            command = tuple(str(x) for x in cmd)
+        return Pod(
+            meta=meta,
+            node_name=str(spec.get("nodeName") or ""),
+            service_account=str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"),
+            ip=_ip(status.get("podIP"), f"{where}: status.podIP"),
+            phase=str(status.get("phase") or "Pending"),
+            command=command,
+        )
+    if kind == "Service":
+        ports = []
+        for i, p in enumerate(spec.get("ports") or []):
+            pw = f"{where}: spec.ports[{i}]"
+            port = _port(p.get("port"), f"{pw}.port")
+            target = p.get("targetPort", port)
+            ports.append(
+                ServicePort(
+                    port=port,
+                    target_port=_port(target, f"{pw}.targetPort"),
+                    name=str(p.get("name") or ""),
+                    protocol=str(p.get("protocol") or "TCP"),
+                )
+            )
+        return Service(
+            meta=meta,
+            selector=_str_map(spec.get("selector"), f"{where}: spec.selector"),
+            ports=tuple(ports),
+            cluster_ip=_ip(spec.get("clusterIP"), f"{where}: spec.clusterIP"),
+        )
+    api = str(obj.get("apiVersion") or "")
+    if api not in ("security.istio.io/v1", "security.istio.io/v1beta1"):
+        raise ClusterError(
+            f"{where}: apiVersion {api!r} is not security.istio.io/v1 or security.istio.io/v1beta1"
+        )
+    return PolicyObject(kind=str(kind), api_version=api, meta=meta, spec=spec)
+
+
+def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
+    """Build a snapshot; later objects with the same kind/namespace/name replace earlier ones."""
+    namespaces: dict[str, Namespace] = {}
+    nodes: dict[str, Node] = {}
+    pods: dict[tuple[str, str], Pod] = {}
+    services: dict[tuple[str, str], Service] = {}
+    policies: dict[str, PolicyObject] = {}
+    for raw in objects:
+        o = parse_object(raw)
+        if isinstance(o, Namespace):
+            namespaces[o.name] = o
+        elif isinstance(o, Node):
+            nodes[o.name] = o
+        elif isinstance(o, Pod):
+            pods[(o.namespace, o.name)] = o
+        elif isinstance(o, Service):
+            services[(o.meta.namespace, o.meta.name)] = o
+        else:
+            policies[o.key] = o
+    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()))

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs everything ambit needs on a fresh Debian 12 machine, as root.
+# Idempotent: a second run checks and prints nothing but a one-line summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 iproute2 tcpdump procps)
+VENV=.venv
+PY=${PYTHON:-python3}
+
+log() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    log "need root to install: ${missing[*]}"; exit 1
+  fi
+  log "installing apt packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# BCC compiles against the running kernel's headers. Debian ships headers for
+# its own kernel only; when the running kernel has none (6.18 on these
+# machines), point the module build tree at the installed -amd64/-common trees:
+# programs that use only uapi structures compile and load against them.
+KREL=$(uname -r)
+if [ ! -e "/lib/modules/$KREL/build/include" ] && [ "$(id -u)" -eq 0 ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$hdr" ] && [ -n "$common" ]; then
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$hdr" "/lib/modules/$KREL/build"
+    ln -sfn "$common" "/lib/modules/$KREL/source"
+    log "linked kernel headers for $KREL to $hdr"
+  fi
+fi
+
+if [ "$(id -u)" -eq 0 ] && ! mountpoint -q /sys/fs/bpf; then
+  mount -t bpf bpf /sys/fs/bpf && log "mounted bpffs on /sys/fs/bpf"
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+stamp="$VENV/.ambit-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  log "installing ambit and its dependencies into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]'
+  touch "$stamp"
+fi
+
+# Debian's python3-bpfcc is pure Python over libbcc; expose only the bcc
+# package to the venv (not the whole of Debian's dist-packages).
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
+  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+fi
+"$VENV/bin/python" -c 'import bcc' 2>/dev/null || { log "bcc is not importable from $VENV"; exit 1; }
+log "ready"

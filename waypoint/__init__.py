@@ -1,0 +1,3 @@
+"""Waypoint: the opt-in L7 proxy (HTTP authorization, metrics, access logs)."""
+
+from __future__ import annotations

@@ -1,0 +1,7 @@
+"""The per-node ztunnel: HBONE tunnelling, workload identities, L4 policy, admin and metrics."""
+
+from __future__ import annotations
+
+
+class ZtunnelError(Exception):
+    """Base of every error the ztunnel raises; the message says what and what to do."""
