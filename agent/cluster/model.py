@@ -120,6 +120,9 @@ class ClusterState:
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
     services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
     policies: tuple[PolicyObject, ...] = ()
+    # The objects as written, keyed by (kind, namespace, name): what the agent's
+    # live feed sends to ztunnels, which rebuild the same state from them.
+    objects: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
 
     def pods_on_node(self, node: str) -> list[Pod]:
         return [p for p in self.pods.values() if p.node_name == node]
@@ -315,8 +318,11 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
     pods: dict[tuple[str, str], Pod] = {}
     services: dict[tuple[str, str], Service] = {}
     policies: dict[str, PolicyObject] = {}
+    raw_objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for raw in objects:
         o = parse_object(raw)
+        ns = o.meta.namespace if not isinstance(o, Namespace | Node) else ""
+        raw_objects[(str(raw.get("kind")), ns, o.meta.name)] = raw
         if isinstance(o, Namespace):
             namespaces[o.name] = o
         elif isinstance(o, Node):
@@ -327,4 +333,4 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
             services[(o.meta.namespace, o.meta.name)] = o
         else:
             policies[o.key] = o
-    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()))
+    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()), raw_objects)
