@@ -29,6 +29,7 @@ class Meta:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     resource_version: str = ""
+    uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class Pod:
     ip: str | None = None
     phase: str = "Pending"
     command: tuple[str, ...] = ()
+    # Kubernetes only: `status.qosClass` and `status.containerStatuses[].containerID`
+    # (`<runtime>://<id>`), which locate the pod's cgroup on its node.
+    qos_class: str = ""
+    container_ids: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -223,6 +228,7 @@ def parse_meta(obj: Mapping[str, Any], namespaced: bool) -> Meta:
         labels=_str_map(md.get("labels"), f"{where}: metadata.labels"),
         annotations=_str_map(md.get("annotations"), f"{where}: metadata.annotations"),
         resource_version=str(md.get("resourceVersion") or ""),
+        uid=str(md.get("uid") or ""),
     )
 
 
@@ -257,8 +263,14 @@ def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | P
     if kind == "Node":
         meta = parse_meta(obj, namespaced=False)
         addrs = (obj.get("status") or {}).get("addresses") or []
+        # Real nodes also list Hostname/InternalDNS entries, which are names, not IPs.
         ips = tuple(
-            a for a in (_ip(x.get("address"), f"Node {meta.name}: status.addresses") for x in addrs)
+            a
+            for a in (
+                _ip(x.get("address"), f"Node {meta.name}: status.addresses")
+                for x in addrs
+                if x.get("type") in (None, "InternalIP", "ExternalIP")
+            )
             if a
         )
         return Node(meta, ips)
@@ -282,6 +294,12 @@ def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | P
             ip=_ip(status.get("podIP"), f"{where}: status.podIP"),
             phase=str(status.get("phase") or "Pending"),
             command=command,
+            qos_class=str(status.get("qosClass") or ""),
+            container_ids=tuple(
+                str(c["containerID"])
+                for c in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+                if isinstance(c, dict) and c.get("containerID")
+            ),
         )
     if kind == "Service":
         ports = []
