@@ -1,0 +1,465 @@
+"""The operator's view of a node: `ambit flows|workloads|certs|policies|policy check|status|version`.
+
+Every command reads the node's own admin endpoints (the agent's on
+127.0.0.1:15010, the ztunnel's on 127.0.0.1:15000), on this machine or, with
+`--node NAME`, inside a node of the local cluster. Tables by default,
+`-o json` for scripts; an unreachable agent or ztunnel is a clear error and a
+non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from agent.cli import CliError
+
+AGENT_ADMIN_PORT = 15010
+ZTUNNEL_ADMIN_PORT = 15000
+DEFAULT_STATE_DIR = "/run/ambit/local"
+
+Connector = Callable[[str, int, float], socket.socket]
+
+
+def _plain_connect(host: str, port: int, timeout: float) -> socket.socket:
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+@dataclass
+class NodeAdmin:
+    """HTTP GETs to a node's admin endpoints (127.0.0.1 of the node's network namespace)."""
+
+    label: str
+    connect: Connector = _plain_connect
+    host: str = "127.0.0.1"
+    timeout: float = 3.0
+
+    def get(self, port: int, path: str, what: str) -> Any:
+        try:
+            sock = self.connect(self.host, port, self.timeout)
+        except OSError as e:
+            raise CliError(
+                f"cannot reach the {what} admin endpoint on {self.label} "
+                f"({self.host}:{port}): {e.strerror or e}. Is the {what} running on this node?"
+            ) from e
+        conn = http.client.HTTPConnection(self.host, port, timeout=self.timeout)
+        conn.sock = sock
+        try:
+            conn.request("GET", path, headers={"Accept": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise CliError(f"the {what} on {self.label} did not answer {path}: {e}") from e
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            detail = body.decode(errors="replace").strip()[:300]
+            raise CliError(f"the {what} on {self.label} answered {path} with {resp.status}: {detail}")
+        try:
+            return json.loads(body)
+        except ValueError as e:
+            raise CliError(f"the {what} on {self.label} sent invalid JSON for {path}: {e}") from e
+
+    def agent(self, path: str) -> Any:
+        return self.get(AGENT_ADMIN_PORT, path, "agent")
+
+    def ztunnel(self, path: str) -> Any:
+        return self.get(ZTUNNEL_ADMIN_PORT, path, "ztunnel")
+
+
+def node_admin(args: argparse.Namespace) -> NodeAdmin:
+    """This machine's node, or a local-cluster node's namespace with `--node`."""
+    if not getattr(args, "node", None):
+        return NodeAdmin(label="this node")
+    from agent.local.runtime import node_connector  # type: ignore[attr-defined,import-not-found,unused-ignore]
+
+    try:
+        connect = node_connector(Path(args.state_dir), args.node)
+    except Exception as e:  # a missing cluster or node: say which
+        raise CliError(f"local cluster node {args.node!r} in {args.state_dir}: {e}") from e
+    return NodeAdmin(label=f"node {args.node}", connect=connect)
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def _cell(v: Any) -> str:
+    if v is None or v == "":
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    if isinstance(v, list | tuple):
+        return ", ".join(_cell(x) for x in v) or "-"
+    return str(v)
+
+
+def render(
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    columns: Sequence[tuple[str, str]],
+    title: str,
+    raw: Any = None,
+) -> int:
+    """Print rows as a table (columns: (key, header)) or the raw JSON with -o json."""
+    if args.output == "json":
+        json.dump(raw if raw is not None else {"items": rows}, sys.stdout, indent=2, sort_keys=True, default=str)
+        sys.stdout.write("\n")
+        return 0
+    Console().print(make_table(rows, columns, title))
+    return 0
+
+
+def make_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for _, header in columns:
+        table.add_column(header, overflow="fold")
+    n = 0
+    for r in rows:
+        table.add_row(*(_cell(r.get(k)) for k, _ in columns))
+        n += 1
+    if n == 0:
+        table.caption = "(none)"
+    return table
+
+
+def human_bytes(n: Any) -> str:
+    try:
+        v = float(n)
+    except (TypeError, ValueError):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024 or unit == "GiB":
+            return f"{v:.0f}{unit}" if unit == "B" else f"{v:.1f}{unit}"
+        v /= 1024
+    return f"{v:.1f}GiB"
+
+
+def human_age(seconds: Any) -> str:
+    try:
+        s = float(seconds)
+    except (TypeError, ValueError):
+        return "-"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s / 60:.0f}m"
+    if s < 86400:
+        return f"{s / 3600:.1f}h"
+    return f"{s / 86400:.1f}d"
+
+
+# ---------------------------------------------------------------------------
+# commands
+
+FLOW_COLUMNS = [
+    ("source", "SOURCE"),
+    ("source_identity", "SOURCE IDENTITY"),
+    ("destination", "DESTINATION"),
+    ("destination_identity", "DESTINATION IDENTITY"),
+    ("port", "PORT"),
+    ("security", "SECURITY"),
+    ("verdict", "VERDICT"),
+    ("policy", "POLICY"),
+    ("sent", "SENT"),
+    ("received", "RECEIVED"),
+    ("rtt", "RTT"),
+    ("age", "AGE"),
+]
+
+
+def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Filter (--denied, --pod) and format the agent's joined flow records for the table."""
+    out = []
+    for f in flows:
+        if args.denied and f.get("verdict") not in ("deny", "denied", "drop", "dropped"):
+            continue
+        if args.pod and args.pod not in (f.get("source_pod"), f.get("destination_pod")):
+            continue
+        rtt = f.get("rtt_us")
+        out.append(
+            {
+                "source": f.get("source_pod") or f.get("source_addr"),
+                "source_identity": f.get("source_identity"),
+                "destination": f.get("destination_pod") or f.get("destination_addr"),
+                "destination_identity": f.get("destination_identity"),
+                "port": f.get("destination_port"),
+                "security": f.get("security"),
+                "verdict": f.get("verdict"),
+                "policy": f.get("policy"),
+                "sent": human_bytes(f.get("bytes_sent")),
+                "received": human_bytes(f.get("bytes_received")),
+                "rtt": f"{rtt / 1000:.2f}ms" if isinstance(rtt, int | float) and rtt else "-",
+                "age": human_age(f.get("age_seconds")),
+            }
+        )
+    return out
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    title = f"flows on {admin.label}"
+
+    def fetch() -> tuple[list[dict[str, Any]], Any]:
+        data = admin.agent("/flows")
+        flows = data.get("items", data) if isinstance(data, dict) else data
+        return flow_rows(list(flows), args), data
+
+    if not args.watch:
+        rows, raw = fetch()
+        if args.output == "json":
+            return render(args, rows, FLOW_COLUMNS, title, raw={"items": [r for r in raw.get("items", [])
+                                                                         if _keep_raw(r, args)]})
+        return render(args, rows, FLOW_COLUMNS, title)
+    if args.output == "json":
+        raise CliError("--watch shows a live table; use it without -o json (or poll with -o json)")
+    with Live(make_table(fetch()[0], FLOW_COLUMNS, title), refresh_per_second=4) as live:
+        deadline = time.monotonic() + args.watch_seconds if args.watch_seconds else None
+        while deadline is None or time.monotonic() < deadline:
+            time.sleep(args.interval)
+            live.update(make_table(fetch()[0], FLOW_COLUMNS, title))
+    return 0
+
+
+def _keep_raw(f: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.denied and f.get("verdict") not in ("deny", "denied", "drop", "dropped"):
+        return False
+    return not (args.pod and args.pod not in (f.get("source_pod"), f.get("destination_pod")))
+
+
+def cmd_workloads(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    data = admin.ztunnel("/workloads")
+    items = data.get("items", data) if isinstance(data, dict) else data
+    rows = [
+        {
+            "workload": w.get("uid") or f"{w.get('namespace')}/{w.get('name')}",
+            "ip": w.get("ip"),
+            "node": w.get("node"),
+            "identity": w.get("identity"),
+            "enrolled": "yes" if w.get("enrolled") else "no",
+            "local": "yes" if w.get("local") else "",
+            "waypoint": w.get("waypoint"),
+        }
+        for w in items
+    ]
+    cols = [("workload", "WORKLOAD"), ("ip", "IP"), ("node", "NODE"), ("identity", "IDENTITY"),
+            ("enrolled", "ENROLLED"), ("local", "LOCAL"), ("waypoint", "WAYPOINT")]
+    return render(args, rows, cols, f"workloads known to the ztunnel on {admin.label}", raw=data)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    data = admin.ztunnel("/certs")
+    items = data.get("items", data) if isinstance(data, dict) else data
+    now = time.time()
+    rows = []
+    for c in items:
+        renewal = c.get("next_renewal")
+        rows.append(
+            {
+                "identity": c.get("identity"),
+                "state": c.get("state"),
+                "serial": c.get("serial"),
+                "not_after": c.get("not_after"),
+                "renewal": human_age(_epoch(renewal) - now) if renewal else "-",
+                "error": c.get("last_error"),
+            }
+        )
+    cols = [("identity", "IDENTITY"), ("state", "STATE"), ("serial", "SERIAL"),
+            ("not_after", "NOT AFTER"), ("renewal", "RENEWAL IN"), ("error", "LAST ERROR")]
+    return render(args, rows, cols, f"workload certificates on {admin.label}", raw=data)
+
+
+def _epoch(v: Any) -> float:
+    if isinstance(v, int | float):
+        return float(v)
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(v).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return time.time()
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    dump = admin.ztunnel("/config_dump")
+    policies = dump.get("policies", [])
+    rows = [
+        {
+            "policy": p.get("key") or p.get("name"),
+            "kind": p.get("kind"),
+            "scope": p.get("scope"),
+            "action": p.get("action") or p.get("mode"),
+            "rules": p.get("rules") if isinstance(p.get("rules"), int) else len(p.get("rules") or []),
+        }
+        for p in policies
+    ]
+    cols = [("policy", "POLICY"), ("kind", "KIND"), ("scope", "SCOPE"), ("action", "ACTION/MODE"),
+            ("rules", "RULES")]
+    errors = dump.get("errors") or []
+    status = render(args, rows, cols, f"policies in force on {admin.label}",
+                    raw={"items": policies, "errors": errors})
+    if errors and args.output != "json":
+        Console(stderr=True).print("[bold red]rejected (the last good version stays in force):[/]")
+        for e in errors:
+            Console(stderr=True).print(f"  {e}")
+    return status
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    try:
+        to, port_s = args.to.rsplit(":", 1)
+        port = int(port_s)
+        ns, pod = to.split("/", 1)
+        src_ns, src_sa = args.source.split("/", 1)
+    except ValueError as e:
+        raise CliError(
+            "policy check: use --from NS/SERVICEACCOUNT --to NS/POD:PORT, e.g. "
+            "--from shop/frontend --to shop/backend-0:8080"
+        ) from e
+    query = {"from": f"{src_ns}/{src_sa}", "to": f"{ns}/{pod}", "port": str(port)}
+    if args.method:
+        query["method"] = args.method
+    if args.path:
+        query["path"] = args.path
+    if args.source_ip:
+        query["source_ip"] = args.source_ip
+    if args.plaintext:
+        query["mtls"] = "false"
+    data = admin.ztunnel("/debug/authorize?" + urllib.parse.urlencode(query))
+    if args.output == "json":
+        json.dump(data, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        verdict = "[bold green]ALLOWED[/]" if data.get("allowed") else "[bold red]DENIED[/]"
+        con = Console()
+        con.print(f"{verdict}  {data.get('source')} -> {data.get('destination')}:{port}")
+        con.print(f"  decided by: {data.get('policy') or '(no policy: default)'}"
+                  + (f" rule {data['rule']}" if data.get("rule") is not None else "")
+                  + f"  [{data.get('action')}]")
+        con.print(f"  why: {data.get('reason')}")
+        if data.get("mtls_mode"):
+            con.print(f"  mTLS mode of the destination port: {data['mtls_mode']}")
+    return 0 if data.get("allowed") else 3
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    status = admin.agent("/status")
+    pods = status.get("pods", [])
+    rows = [
+        {
+            "pod": p.get("pod"),
+            "ip": p.get("ip"),
+            "mode": p.get("mode"),
+            "programs": "attached" if p.get("attached") else "MISSING",
+            "maps": "in sync" if p.get("maps_in_sync") else "OUT OF SYNC",
+            "redirected": "yes" if p.get("redirected") else "NO",
+            "bypass_drops": p.get("bypass_drops"),
+            "problem": p.get("problem"),
+        }
+        for p in pods
+    ]
+    cols = [("pod", "ENROLLED POD"), ("ip", "IP"), ("mode", "MTLS"), ("programs", "PROGRAMS"),
+            ("maps", "MAPS"), ("redirected", "REDIRECTED"), ("bypass_drops", "BYPASS DROPS"),
+            ("problem", "PROBLEM")]
+    render(args, rows, cols, f"redirection status on {admin.label}", raw=status)
+    if args.output != "json":
+        z = status.get("ztunnel", {})
+        Console().print(f"ztunnel: {'ready' if z.get('ready') else 'NOT READY'}"
+                        + (f" ({z.get('reason')})" if z.get("reason") else ""))
+    healthy = status.get("healthy", all(r["redirected"] == "yes" for r in rows))
+    return 0 if healthy else 4
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    try:
+        v = metadata.version("ambit")
+    except metadata.PackageNotFoundError:
+        v = "unknown"
+    info = {"version": v, "python": sys.version.split()[0]}
+    if args.output == "json":
+        json.dump(info, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"ambit {v} (python {info['python']})")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    p.add_argument("--node", help="a node of the local cluster (default: this machine's node)")
+    p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the local cluster's state dir")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("flows", help="what is talking to what, as whom, and why it was allowed",
+                       formatter_class=fmt, epilog="examples:\n  ambit flows\n  ambit flows --denied\n"
+                       "  ambit flows --pod shop/frontend --watch\n  ambit flows --node node-a -o json")
+    _common(p)
+    p.add_argument("--watch", action="store_true", help="update a live table in place")
+    p.add_argument("--watch-seconds", type=float, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=float, default=1.0, help="refresh interval for --watch")
+    p.add_argument("--denied", action="store_true", help="only denied and dropped flows")
+    p.add_argument("--pod", help="only flows from or to NS/NAME")
+    p.set_defaults(func=cmd_flows)
+
+    p = sub.add_parser("workloads", help="the workloads the node's ztunnel knows", formatter_class=fmt,
+                       epilog="examples:\n  ambit workloads\n  ambit workloads --node node-b -o json")
+    _common(p)
+    p.set_defaults(func=cmd_workloads)
+
+    p = sub.add_parser("certs", help="workload certificates: identity, serial, expiry, renewal",
+                       formatter_class=fmt, epilog="examples:\n  ambit certs\n  ambit certs --node node-a")
+    _common(p)
+    p.set_defaults(func=cmd_certs)
+
+    p = sub.add_parser("policies", help="authorization and peer-authentication policies in force",
+                       formatter_class=fmt, epilog="examples:\n  ambit policies\n  ambit policies -o json")
+    _common(p)
+    p.set_defaults(func=cmd_policies)
+
+    p = sub.add_parser("policy", help="policy tools: check")
+    psub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    c = psub.add_parser(
+        "check", help="would this connection be allowed, by which rule, and why?", formatter_class=fmt,
+        epilog="examples:\n  ambit policy check --from shop/frontend --to shop/backend-0:8080\n"
+        "  ambit policy check --from legacy/default --to shop/backend-0:8080 --plaintext\n"
+        "exit status: 0 allowed, 3 denied, 1 error")
+    _common(c)
+    c.add_argument("--from", dest="source", required=True, metavar="NS/SA", help="source namespace/serviceaccount")
+    c.add_argument("--to", required=True, metavar="NS/POD:PORT", help="destination pod and port")
+    c.add_argument("--method", help="HTTP method (L7 rules)")
+    c.add_argument("--path", help="HTTP path (L7 rules)")
+    c.add_argument("--source-ip", help="source IP for ipBlocks rules")
+    c.add_argument("--plaintext", action="store_true", help="the connection is not mTLS (no principal)")
+    c.set_defaults(func=cmd_policy_check)
+
+    p = sub.add_parser("status", help="is every enrolled pod really redirected into the ztunnel?",
+                       formatter_class=fmt, epilog="examples:\n  ambit status\n  ambit status --node node-a\n"
+                       "exit status: 0 healthy, 4 a pod is not redirected, 1 error")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("version", help="print the ambit version")
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_version)
