@@ -24,7 +24,8 @@ demo: setup
 	@$(PY) -m agent.demo
 
 bench: setup
-	@$(PY) -m bench.run
+	@command -v stunnel4 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 >/dev/null
+	@$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
