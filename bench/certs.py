@@ -17,7 +17,7 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey,
           ca: bool) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
