@@ -1,0 +1,240 @@
+"""Network namespaces, veths, bridges, addresses and routes (pyroute2), and entering a netns.
+
+The only module of the agent that calls setns or pyroute2 (besides the BCC
+loader's TC attach). Every link is created directly inside the namespace it
+belongs to (a veth's peer is created straight into its target namespace), so
+nothing ever appears, even briefly, in the machine's own network namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as _pr_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent import AgentError
+
+NETNS_RUN_DIR = Path("/run/netns")
+# `ip netns exec NAME` bind-mounts every file of /etc/netns/NAME/ over /etc/.
+NETNS_ETC_DIR = Path("/etc/netns")
+CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(AgentError):
+    """A namespace, link, address or route operation failed; names the namespace and object."""
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_RUN_DIR / name
+
+
+def exists(name: str) -> bool:
+    return netns_path(name).exists()
+
+
+def list_netns(prefix: str = "") -> list[str]:
+    """Names of the named network namespaces (those under /run/netns) starting with `prefix`."""
+    if not NETNS_RUN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def create(name: str) -> None:
+    """Create a named network namespace with its loopback up; fails if it exists."""
+    if exists(name):
+        raise NetnsError(f"network namespace {name} already exists (left over from another run? try `ambit local down`)")
+    try:
+        _pr_netns.create(name)
+    except OSError as e:
+        raise NetnsError(f"cannot create network namespace {name}: {e}") from e
+    with _ipr(name) as ip:
+        lo = ip.link_lookup(ifname="lo")
+        if lo:
+            ip.link("set", index=lo[0], state="up")
+
+
+def remove(name: str) -> None:
+    """Remove a named namespace and its /etc/netns/<name> directory; a missing one is fine."""
+    if exists(name):
+        try:
+            _pr_netns.remove(name)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise NetnsError(f"cannot remove network namespace {name}: {e}") from e
+    shutil.rmtree(NETNS_ETC_DIR / name, ignore_errors=True)
+
+
+def _ipr(name: str) -> IPRoute:
+    try:
+        return IPRoute(netns=name)
+    except Exception as e:  # pyroute2 raises assorted types when the netns is unusable
+        raise NetnsError(f"cannot open network namespace {name}: {e}") from e
+
+
+def _index(ip: IPRoute, ns: str, ifname: str) -> int:
+    found = ip.link_lookup(ifname=ifname)
+    if not found:
+        raise NetnsError(f"interface {ifname} not found in network namespace {ns}")
+    return int(found[0])
+
+
+def add_bridge(ns: str, ifname: str) -> None:
+    with _ipr(ns) as ip:
+        try:
+            ip.link("add", ifname=ifname, kind="bridge")
+            ip.link("set", index=_index(ip, ns, ifname), state="up")
+        except NetlinkError as e:
+            raise NetnsError(f"cannot create bridge {ifname} in {ns}: {e}") from e
+
+
+def add_veth(ns: str, ifname: str, peer_ns: str, peer_ifname: str, *, master: str | None = None) -> None:
+    """A veth pair: `ifname` in `ns` (optionally enslaved to bridge `master`), `peer_ifname` in `peer_ns`; both up."""
+    with _ipr(ns) as ip:
+        try:
+            ip.link(
+                "add",
+                ifname=ifname,
+                kind="veth",
+                peer={"ifname": peer_ifname, "net_ns_fd": str(netns_path(peer_ns))},
+            )
+            idx = _index(ip, ns, ifname)
+            if master is not None:
+                ip.link("set", index=idx, master=_index(ip, ns, master))
+            ip.link("set", index=idx, state="up")
+        except NetlinkError as e:
+            raise NetnsError(f"cannot create veth {ifname} in {ns} (peer {peer_ifname} in {peer_ns}): {e}") from e
+    with _ipr(peer_ns) as ip:
+        ip.link("set", index=_index(ip, peer_ns, peer_ifname), state="up")
+
+
+def delete_link(ns: str, ifname: str) -> None:
+    """Delete a link if it exists (deleting one end of a veth deletes both)."""
+    if not exists(ns):
+        return
+    with _ipr(ns) as ip:
+        found = ip.link_lookup(ifname=ifname)
+        if found:
+            ip.link("del", index=found[0])
+
+
+def add_address(ns: str, ifname: str, address: str, prefixlen: int) -> None:
+    with _ipr(ns) as ip:
+        try:
+            ip.addr("add", index=_index(ip, ns, ifname), address=address, prefixlen=prefixlen)
+        except NetlinkError as e:
+            raise NetnsError(f"cannot add {address}/{prefixlen} to {ifname} in {ns}: {e}") from e
+
+
+def add_route(ns: str, dst: str, gateway: str) -> None:
+    """Add a route to `dst` (CIDR or "default") via `gateway` inside `ns`."""
+    with _ipr(ns) as ip:
+        try:
+            if dst == "default":
+                ip.route("add", dst="0.0.0.0/0", gateway=gateway)
+            else:
+                ip.route("add", dst=dst, gateway=gateway)
+        except NetlinkError as e:
+            raise NetnsError(f"cannot add route {dst} via {gateway} in {ns}: {e}") from e
+
+
+def addresses(ns: str) -> list[tuple[str, str, int]]:
+    """(interface, address, prefixlen) of every IPv4 address in `ns`."""
+    out = []
+    with _ipr(ns) as ip:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ip.get_links()}
+        for a in ip.get_addr(family=2):
+            out.append((str(names.get(a["index"], "?")), str(a.get_attr("IFA_ADDRESS")), int(a["prefixlen"])))
+    return out
+
+
+def set_sysctl(ns: str, key: str, value: str) -> None:
+    """Write a per-namespace sysctl (e.g. net.ipv4.ip_forward) inside `ns`."""
+    path = "/proc/sys/" + key.replace(".", "/")
+    # /proc/sys/net follows the netns of the writing task, so a short child that
+    # entered the namespace does it; no mount tricks needed.
+    pid = os.fork()
+    if pid == 0:  # child: never returns
+        code = 0
+        try:
+            enter(ns)
+            with open(path, "w") as f:
+                f.write(value)
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise NetnsError(f"cannot set {key}={value} in network namespace {ns}")
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def enter(ns: str) -> None:
+    """Move the calling thread into network namespace `ns` (setns(2)).
+
+    Python 3.11 has no os.setns, hence ctypes. Meant for a freshly forked child
+    (preexec) or a short-lived helper process: the thread stays in `ns`.
+    """
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetnsError(f"setns into {ns} failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
+    """argv that runs `argv` inside `ns` through `ip netns exec` (which also bind-mounts /etc/netns/<ns>/*).
+
+    `ip netns exec` remounts /sys for the namespace, so /sys/fs/cgroup and
+    /sys/fs/bpf are not visible to the command: fine for pods, not for node
+    processes (use `enter` in a preexec hook for those).
+    """
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def write_etc_file(ns: str, filename: str, content: str) -> Path:
+    """Write /etc/netns/<ns>/<filename>, in place so already-running commands see the new content.
+
+    A bind mount pins the inode, so replacing the file by rename would hide the
+    update from processes started earlier; truncate-and-write keeps the inode.
+    """
+    d = NETNS_ETC_DIR / ns
+    d.mkdir(parents=True, exist_ok=True)
+    p = d / filename
+    with open(p, "a+") as f:
+        f.seek(0)
+        f.truncate()
+        f.write(content)
+    return p
+
+
+def preexec(ns: str | None, cgroup_procs: Path | None) -> Callable[[], None]:
+    """A preexec_fn for subprocess: join a cgroup (by its cgroup.procs file) and then a netns."""
+
+    def hook() -> None:
+        if cgroup_procs is not None:
+            with open(cgroup_procs, "w") as f:
+                f.write("0")
+        if ns is not None:
+            enter(ns)
+
+    return hook
+
+
+def run_in(ns: str, argv: Sequence[str], timeout: float = 10.0) -> subprocess.CompletedProcess[str]:
+    """Run a short command in `ns` and capture its output (diagnostics and tests)."""
+    return subprocess.run(exec_argv(ns, argv), capture_output=True, text=True, timeout=timeout, check=False)
