@@ -1,0 +1,202 @@
+"""The CA server: `IstioCertificateService/CreateCertificate` over gRPC with TLS client-cert auth.
+
+Per request: authenticate the calling node from its client certificate (a node
+credential issued by this CA; else UNAUTHENTICATED), read what the CSR asks
+for (`authz.inspect_csr`), decide against the current cluster state
+(`authz.authorize`), sign, and write one JSON audit line for every issuance
+and refusal. Usable in-process (`CaServer.start()/stop()`, `.port`) by tests
+and the local cluster, and by `ambit ca run`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import grpc
+import grpc.aio
+from cryptography import x509
+
+from agent.cluster.source import ClusterSource
+from controlplane import ControlPlaneError, authz
+from controlplane.pki import (
+    NODE_NAMESPACE,
+    NODE_SERVICE_ACCOUNT,
+    CaMaterial,
+    cert_pem,
+    key_pem,
+    node_of,
+)
+from ztunnel.identity import caproto
+from ztunnel.identity.svid import SvidError, verify_svid
+
+log = logging.getLogger("ambit.ca")
+
+DEFAULT_PORT = 15012
+DEFAULT_MAX_TTL = 86400
+
+
+class CaServerError(ControlPlaneError):
+    """The CA server could not start (address in use, bad listen address)."""
+
+
+class AuditLog:
+    """One JSON object per line, to a stream; thread-safe (gRPC handlers may run concurrently)."""
+
+    def __init__(self, stream: TextIO | None = None, clock: Callable[[], dt.datetime] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        self._lock = threading.Lock()
+
+    def write(self, **fields: Any) -> None:
+        record = {"ts": self.clock().isoformat(), "component": "ambit-ca", **fields}
+        line = json.dumps(record, sort_keys=False, default=str)
+        with self._lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, node: str | None = None) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.node = code, reason, node
+
+
+_CODES = {
+    authz.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    authz.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    authz.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+}
+
+
+class CaServer:
+    """The CA as an object: `await start()`, `.port`, `await stop()`."""
+
+    def __init__(
+        self,
+        material: CaMaterial,
+        source: ClusterSource,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        max_ttl: int = DEFAULT_MAX_TTL,
+        audit: AuditLog | None = None,
+    ) -> None:
+        self.material = material
+        self.source = source
+        self.host = host
+        self.max_ttl = max_ttl
+        self.audit = audit or AuditLog()
+        self._requested_port = port
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Bind and serve; returns the bound port (useful with port 0)."""
+        key, chain = self.material.server_credential([self.host])
+        creds = grpc.ssl_server_credentials(
+            [(key_pem(key), b"".join(cert_pem(c) for c in chain if c != self.material.root))],
+            root_certificates=cert_pem(self.material.root),
+            # grpcio can only either not ask for a client certificate or require
+            # and verify one; it cannot "request and verify if sent". So a caller
+            # with no or a foreign certificate is refused in the TLS handshake
+            # (it sees UNAVAILABLE); one whose certificate chains to our root but
+            # is no node credential gets UNAUTHENTICATED from authenticate().
+            require_client_auth=True,
+        )
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._create_certificate,
+            request_deserializer=None,  # raw bytes: decoded by caproto so decode errors map to INVALID_ARGUMENT
+            response_serializer=caproto.encode_response,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(caproto.SERVICE, {"CreateCertificate": handler}),)
+        )
+        target = f"[{self.host}]:{self._requested_port}" if ":" in self.host else f"{self.host}:{self._requested_port}"
+        try:
+            port = server.add_secure_port(target, creds)
+        except RuntimeError as e:
+            raise CaServerError(f"cannot listen on {target}: {e} (address in use or not local?)") from e
+        if port == 0:
+            raise CaServerError(f"cannot listen on {target} (address in use or not local?)")
+        await server.start()
+        self._server, self.port = server, port
+        log.info("CA for trust domain %s serving on %s:%d", self.material.trust_domain, self.host, port)
+        return port
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # -- the RPC ----------------------------------------------------------------
+
+    def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The node name of the caller's verified node credential, else _Refused(UNAUTHENTICATED)."""
+        auth = context.auth_context()
+        pems = list(auth.get("x509_pem_cert") or [])
+        if not pems:
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no client certificate: call with a node credential (ambit ca node-credential)",
+            )
+        try:
+            leaf = x509.load_pem_x509_certificate(pems[0])
+            # gRPC verified the chain to our root; re-check it as an SVID of our
+            # trust domain, so a credential from another CA or an expired one never passes.
+            ident = verify_svid([leaf, *self.material.intermediates], self.material.bundle)
+        except (ValueError, SvidError) as e:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, f"client certificate rejected: {e}") from e
+        node = node_of(leaf)
+        if ident.namespace != NODE_NAMESPACE or ident.service_account != NODE_SERVICE_ACCOUNT or node is None:
+            raise _Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"client certificate of {ident} is not a node credential (O=ambit:nodes, CN=ambit:node:<node>)",
+            )
+        return node
+
+    async def _create_certificate(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
+        node: str | None = None
+        ident = None
+        peer = context.peer()
+        try:
+            node = self.authenticate(context)
+            try:
+                csr, ttl, meta = caproto.decode_request(request)
+            except Exception as e:  # protobuf raises DecodeError and friends
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"request is not an IstioCertificateRequest: {e}", node) from e
+            facts = authz.inspect_csr(csr, self.material.trust_domain)
+            if isinstance(facts, authz.Verdict):
+                raise _Refused(_CODES[facts.code], facts.reason, node)
+            ident = facts.identity
+            verdict = authz.authorize(node, ident, self.source.current())
+            if not verdict.allowed:
+                raise _Refused(_CODES[verdict.code], verdict.reason, node)
+            granted = min(ttl, self.max_ttl) if ttl > 0 else self.max_ttl
+            chain = self.material.sign_leaf(facts.public_key, ident, dt.timedelta(seconds=granted))
+        except _Refused as r:
+            self.audit.write(
+                event="refused", node=r.node or node, identity=str(ident) if ident else None,
+                code=r.code.name, reason=r.reason, peer=peer,
+            )
+            await context.abort(r.code, r.reason)
+            raise AssertionError("unreachable") from None  # abort() raises
+        leaf = chain[0]
+        self.audit.write(
+            event="issued", node=node, identity=str(ident), serial=f"{leaf.serial_number:x}",
+            not_before=leaf.not_valid_before_utc.isoformat(), not_after=leaf.not_valid_after_utc.isoformat(),
+            requested_ttl=ttl, granted_ttl=granted, peer=peer, metadata=meta or None,
+        )
+        return [cert_pem(c).decode() for c in chain]
