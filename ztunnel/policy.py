@@ -362,6 +362,13 @@ def _close_match(name: str, allowed: Sequence[str]) -> str:
     return ""
 
 
+def _enum_error(v: object, allowed: Sequence[str]) -> str:
+    msg = f"{v!r} is not one of {', '.join(allowed)}"
+    if isinstance(v, bool):
+        msg += " (YAML reads unquoted on/off/yes/no as booleans; write one of the values above)"
+    return msg
+
+
 def _str_list(w: _Where, path: str, v: object) -> list[str]:
     if not isinstance(v, list):
         raise w.error(path, f"expected a list of strings, got {_type_name(v)}")
@@ -617,9 +624,11 @@ def compile_policy(obj: PolicyObject) -> CompiledPolicy:
 
 def _compile_authz(w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any]) -> CompiledAuthz:
     _known(w, "spec", spec, ("selector", "targetRef", "targetRefs", "action", "provider", "rules"))
-    action = str(spec.get("action") or "ALLOW")
+    action = spec.get("action")
+    if action is None:
+        action = "ALLOW"
     if action not in ACTIONS:
-        raise w.error("spec.action", f"{action!r} is not one of {', '.join(ACTIONS)}")
+        raise w.error("spec.action", _enum_error(action, ACTIONS))
     if action == "CUSTOM":
         # Istio's ztunnel also refuses CUSTOM; ambit has no external authorizer,
         # and silently skipping the policy would leave traffic unguarded.
@@ -656,9 +665,11 @@ def _mode(w: _Where, path: str, raw: object) -> str:
         return "UNSET"
     m = _mapping(w, path, raw)
     _known(w, path, m, ("mode",))
-    mode = m.get("mode") or "UNSET"
+    mode = m.get("mode")
+    if mode is None:
+        return "UNSET"
     if mode not in MTLS_MODES:
-        raise w.error(f"{path}.mode", f"{mode!r} is not one of {', '.join(MTLS_MODES)}")
+        raise w.error(f"{path}.mode", _enum_error(mode, MTLS_MODES))
     return str(mode)
 
 

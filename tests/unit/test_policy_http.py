@@ -1,0 +1,110 @@
+"""authorize_http: the same policies evaluated with HTTP attributes, as a waypoint does."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.cluster.model import build_state, load_documents
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.policy import ConnectionFacts, HttpFacts, authorize_http
+from ztunnel.state import build_snapshot
+
+CLUSTER = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web, ambit.dev/use-waypoint: shop-wp}}
+spec: {nodeName: node-a, serviceAccountName: web}
+status: {podIP: 10.1.0.5, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+"""
+
+
+def op(field: str, values: str, action: str = "ALLOW") -> str:
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: shop}\n"
+        f"spec:\n  action: {action}\n  rules:\n  - to:\n    - operation:\n        {field}: {values}\n"
+    )
+
+
+def when(key: str, field: str, values: str) -> str:
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: shop}\n"
+        f"spec:\n  rules:\n  - when:\n    - key: {key}\n      {field}: {values}\n"
+    )
+
+
+def src(field: str, values: str) -> str:
+    return (
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n"
+        "metadata: {name: p, namespace: shop}\n"
+        f"spec:\n  rules:\n  - from:\n    - source:\n        {field}: {values}\n"
+    )
+
+
+GATEWAY_ONLY = (
+    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n"
+    "spec:\n  targetRefs:\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: shop-wp}\n"
+    "  rules:\n  - to:\n    - operation: {methods: [GET]}\n"
+)
+
+# (id, policies, method, path, host, headers, allowed, reason piece)
+CASES: list[tuple[str, str, str, str, str, dict[str, str], bool, str]] = [
+    ("method", op("methods", "[GET, HEAD]"), "HEAD", "/", "web", {}, True, "method HEAD matches methods[1]"),
+    ("method-miss", op("methods", "[GET]"), "POST", "/", "web", {}, False, "none matched"),
+    ("method-case-sensitive", op("methods", "[GET]"), "get", "/", "web", {}, False, "none matched"),
+    ("not-methods", op("notMethods", "[DELETE]"), "DELETE", "/", "web", {}, False, "none matched"),
+    ("path-exact", op("paths", "[/health]"), "GET", "/health", "web", {}, True, "paths[0]"),
+    ("path-exact-miss", op("paths", "[/health]"), "GET", "/healthz", "web", {}, False, "none matched"),
+    ("path-query-ignored", op("paths", "[/health]"), "GET", "/health?verbose=1", "web", {}, True, "paths[0]"),
+    ("path-prefix", op("paths", '["/api/*"]'), "GET", "/api/v1/items", "web", {}, True, "paths[0]"),
+    ("path-prefix-miss", op("paths", '["/api/*"]'), "GET", "/apiv1", "web", {}, False, "none matched"),
+    ("path-suffix", op("paths", '["*.js"]'), "GET", "/static/app.js", "web", {}, True, "paths[0]"),
+    ("path-presence", op("paths", '["*"]'), "GET", "/anything", "web", {}, True, "paths[0]"),
+    ("path-template", op("paths", '["/v1/{*}/items"]'), "GET", "/v1/shop/items", "web", {}, True, "paths[0]"),
+    ("path-template-one-segment", op("paths", '["/v1/{*}/items"]'), "GET", "/v1/a/b/items", "web", {}, False, "none matched"),
+    ("path-template-multi", op("paths", '["/v1/{**}"]'), "GET", "/v1/a/b/c", "web", {}, True, "paths[0]"),
+    ("not-paths", op("notPaths", '["/admin*"]'), "GET", "/admin/users", "web", {}, False, "none matched"),
+    ("not-paths-other", op("notPaths", '["/admin*"]'), "GET", "/shop", "web", {}, True, "not in notPaths"),
+    ("host-case-insensitive", op("hosts", "[Web.Shop.svc]"), "GET", "/", "web.shop.SVC", {}, True, "hosts[0]"),
+    ("host-with-port", op("hosts", "[web.shop.svc]"), "GET", "/", "web.shop.svc:80", {}, True, "hosts[0]"),
+    ("host-wildcard-prefix", op("hosts", '["*.example.com"]'), "GET", "/", "api.example.com", {}, True, "hosts[0]"),
+    ("host-miss", op("hosts", '["*.example.com"]'), "GET", "/", "example.org", {}, False, "none matched"),
+    ("not-hosts", op("notHosts", "[admin.example.com]"), "GET", "/", "ADMIN.example.com", {}, False, "none matched"),
+    ("header-value", when("request.headers[X-User]", "values", "[alice]"), "GET", "/", "web", {"x-user": "alice"}, True, "header x-user alice matches values[0]"),
+    ("header-missing", when("request.headers[X-User]", "values", "[alice]"), "GET", "/", "web", {}, False, "none matched"),
+    ("header-prefix", when("request.headers[x-user]", "values", '["adm*"]'), "GET", "/", "web", {"X-User": "admin"}, True, "values[0]"),
+    ("header-not-values", when("request.headers[x-user]", "notValues", "[mallory]"), "GET", "/", "web", {"x-user": "mallory"}, False, "none matched"),
+    ("request-principals-never", src("requestPrincipals", '["*"]'), "GET", "/", "web", {}, False, "none matched"),
+    ("not-request-principals-always", src("notRequestPrincipals", '["*"]'), "GET", "/", "web", {}, True, "no request principal"),
+    ("remote-ip-xff", src("remoteIpBlocks", '["203.0.113.0/24"]'), "GET", "/", "web", {"X-Forwarded-For": "203.0.113.9, 10.1.0.1"}, True, "remote IP 203.0.113.9"),
+    ("remote-ip-peer", src("remoteIpBlocks", '["10.9.0.0/16"]'), "GET", "/", "web", {}, True, "remote IP 10.9.0.1"),
+    ("deny-is-precise-at-l7", op("methods", "[DELETE]", action="DENY"), "GET", "/", "web", {}, True, "no ALLOW or DENY"),
+    ("deny-matches-at-l7", op("methods", "[DELETE]", action="DENY"), "DELETE", "/", "web", {}, False, "denied by DENY policy shop/p rule 0"),
+    ("target-ref-gateway", GATEWAY_ONLY, "POST", "/", "web", {}, False, "shop/p"),
+    ("target-ref-gateway-ok", GATEWAY_ONLY, "GET", "/", "web", {}, True, "shop/p rule 0"),
+    ("l4-fields-still-apply", src("principals", "[cluster.local/ns/shop/sa/frontend]"), "GET", "/", "web", {}, True, "principals[0]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("policies", "method", "path", "host", "headers", "allowed", "reason"),
+    [pytest.param(*c[1:], id=c[0]) for c in CASES],
+)
+def test_authorize_http(
+    policies: str, method: str, path: str, host: str, headers: dict[str, str], allowed: bool, reason: str
+) -> None:
+    snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")
+    assert not snap.errors, snap.errors
+    wl = snap.workload("shop/web")
+    assert wl is not None
+    facts = ConnectionFacts("10.9.0.1", SpiffeId("cluster.local", "shop", "frontend"), wl, 8080, True)
+    d = authorize_http(facts, HttpFacts(method, path, host, headers), snap.policies)
+    assert d.allowed is allowed, d
+    assert reason in d.reason, d
