@@ -554,7 +554,7 @@ def _entries(
 
 def _rule(w: _Where, path: str, index: int, raw: object, ns: str) -> CompiledRule:
     if raw is None:
-        raw = {}
+        raise w.error(path, "empty list item; write `- {}` for a rule that matches everything")
     r = _mapping(w, path, raw)
     _known(w, path, r, ("from", "to", "when"))
     when_raw = r.get("when")
@@ -1039,9 +1039,16 @@ def _evaluate(
             notes.append(f"{p.ref} has no rules: it allows nothing")
     n = len(allows)
     noun = "policy applies" if n == 1 else "policies apply"
+    skipped = sum(1 for p in allows for r in p.rules if l4 and r.l7_fields)
+    hint = ""
+    if skipped:
+        hint = (
+            f" ({skipped} ALLOW rule{'s need' if skipped > 1 else ' needs'} HTTP attributes; "
+            "give the destination a waypoint to enforce them)"
+        )
     return Decision(
         False, "DEFAULT", None, None,
-        f"no ALLOW policy matched: {n} ALLOW {noun} ({_refs(allows)}) and none matched",
+        f"no ALLOW policy matched: {n} ALLOW {noun} ({_refs(allows)}) and none matched{hint}",
         tuple(notes),
     )
 

@@ -177,7 +177,7 @@ CASES: list[tuple[str, str, str | None, dict[str, object], bool, str | None, str
     ("when-source-namespace", allow_when("source.namespace", "values", "[legacy]"), "legacy/x", {}, True, "shop/allow#0", "values[0]"),
     ("when-source-principal", allow_when("source.principal", "values", '["*/sa/x"]'), "legacy/x", {}, True, "shop/allow#0", "values[0]"),
     ("when-destination-ip", allow_when("destination.ip", "values", '["10.1.0.0/24"]'), "legacy/x", {}, True, "shop/allow#0", "destination IP 10.1.0.5"),
-    ("l7-allow-without-waypoint-denies", allow_to("methods", "[GET]"), "shop/x", {}, False, None, "none matched"),
+    ("l7-allow-without-waypoint-denies", allow_to("methods", "[GET]"), "shop/x", {}, False, None, "none matched (1 ALLOW rule needs HTTP attributes; give the destination a waypoint"),
     ("l7-allow-mixed-rules", ap("allow", "  rules:\n  - to:\n    - operation: {methods: [GET]}\n  - from:\n    - source: {namespaces: [shop]}"), "shop/x", {}, True, "shop/allow#1", "namespaces[0]"),
     ("l7-allow-request-principals", allow_from("requestPrincipals", '["*"]'), "shop/x", {}, False, None, "none matched"),
     ("l7-allow-header-when", allow_when("request.headers[x-user]", "values", "[alice]"), "shop/x", {}, False, None, "none matched"),

@@ -53,6 +53,7 @@ BAD: list[tuple[str, str, str, str, str]] = [
     ("principals-not-list", src("principals", "cluster.local/ns/a/sa/b"), AP, "spec.rules[0].from[0].source.principals", "expected a list of strings, got a string"),
     ("principal-not-string", src("principals", "[{a: b}]"), AP, "spec.rules[0].from[0].source.principals[0]", "expected a string"),
     ("rules-not-list", authz("  rules: {from: []}"), AP, "spec.rules", "expected a list"),
+    ("null-rule", authz("  rules:\n  -"), AP, "spec.rules[0]", "write `- {}`"),
     ("empty-from", authz("  rules:\n  - from: []"), AP, "spec.rules[0].from", "must not be an empty list"),
     ("empty-source", authz("  rules:\n  - from:\n    - source: {}"), AP, "spec.rules[0].from[0].source", "at least one field"),
     ("missing-source", authz("  rules:\n  - from:\n    - {}"), AP, "spec.rules[0].from[0].source", "is required"),
