@@ -1,0 +1,679 @@
+"""HBONE connection state machines (client and server), sans-IO over h2.
+
+The I/O layer owns the socket: it calls ``receive_data(bytes, now)`` and acts
+on the returned events, writes ``data_to_send()`` to the socket and calls
+``handle_timeout(now)`` at ``next_deadline()``. Nothing here blocks, sleeps or
+reads a clock.
+
+Received bytes are split into frames here before h2 sees them: that is where
+flood limits are counted (cheap: 9 header bytes per frame, payloads untouched),
+where a graceful GOAWAY is taken out (h2 would close the connection at once,
+killing the streams the peer asked to finish) and where runs of frames are cut
+after SETTINGS (h2 checks frame sizes with the limit in force at the start of
+each receive_data call, so a SETTINGS ACK followed by a large frame in one call
+would otherwise be refused).
+"""
+
+from __future__ import annotations
+
+import binascii
+import itertools
+from collections.abc import Sequence
+
+import h2.events as h2e
+import hyperframe.frame
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import NoSuchStreamError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
+
+from ztunnel.hbone.config import HboneConfig, HboneError
+from ztunnel.hbone.events import (
+    ConnectionTerminated,
+    ConnectRequest,
+    HboneEvent,
+    RequestRejected,
+    StreamData,
+    StreamEnded,
+    StreamReset,
+    TunnelResponse,
+    WindowOpened,
+)
+from ztunnel.hbone.flood import (
+    CONTINUATION,
+    FLAG_END_HEADERS,
+    GOAWAY,
+    HEADERS,
+    PUSH_PROMISE,
+    SETTINGS,
+    Flood,
+    FloodGuard,
+)
+from ztunnel.hbone.wire import (
+    BadRequest,
+    build_connect_headers,
+    header_list_size,
+    parse_connect_request,
+)
+
+
+def _short_data_repr(data: bytes | None) -> str:
+    if not data:
+        return "None"
+    shown = binascii.hexlify(data[:10]).decode("ascii")
+    return "<hex:" + shown + ("..." if len(data) > 10 else "") + ">"
+
+
+# h2 formats repr(frame) for its trace log on every received frame, and
+# hyperframe's repr hex-encodes the whole payload before cutting it to 20
+# characters: a third of the CPU of a bulk transfer. This replacement returns
+# the identical string from the first 10 bytes only.
+hyperframe.frame._raw_data_repr = _short_data_repr
+
+_PREAMBLE_LEN = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_DEFAULT_MAX_FRAME = 16_384
+_DEFAULT_WINDOW = 65_535  # RFC 9113 6.9.2: every connection window starts here
+_MAX_STREAM_ID = 2**31 - 1
+
+
+class _HboneConnection:
+    """What client and server share: framing, flow control, keepalive, drain, floods."""
+
+    _server = False
+
+    def __init__(self, config: HboneConfig | None = None, now: float = 0.0) -> None:
+        self._config = config or HboneConfig()
+        self._h2 = H2Connection(
+            H2Configuration(
+                client_side=not self._server,
+                header_encoding=None,
+                # The server checks CONNECT requests itself (wire.parse_connect_request)
+                # so that a malformed request is answered 400 instead of killing
+                # the whole pooled connection.
+                validate_inbound_headers=not self._server,
+            )
+        )
+        self._guard = FloodGuard(self._config, server=self._server)
+        self._inbuf = bytearray()
+        self._out = bytearray()
+        self._preamble_left = _PREAMBLE_LEN if self._server else 0
+        self._initiated = False
+        self._closed = False
+        self._now = now
+        self._last_received = now
+        self._ping_sent: float | None = None
+        self._ping_payload = b""
+        self._ping_ids = itertools.count(1)
+        self._draining = False
+        self._drain_last_id = _MAX_STREAM_ID
+        self._peer_draining = False
+        self._peer_last_id = _MAX_STREAM_ID
+        self._block_stream: int | None = None
+        self._block_frames = 0
+        self._block_bytes = 0
+        self._highest_peer_stream = 0
+        self._blocked: set[int] = set()
+        self._unacked: dict[int, int] = {}
+        # Streams already answered/closed by us whose late events are swallowed.
+        self._finished: set[int] = set()
+
+    # ------------------------------------------------------------------ setup
+
+    def initiate(self) -> None:
+        """Queue the connection preface: SETTINGS and the connection window increase."""
+        if self._initiated:
+            raise HboneError("initiate() called twice on the same HBONE connection")
+        self._initiated = True
+        cfg = self._config
+        self._h2.initiate_connection()
+        settings: dict[SettingCodes | int, int] = {
+            SettingCodes.INITIAL_WINDOW_SIZE: cfg.stream_window,
+            SettingCodes.MAX_FRAME_SIZE: cfg.max_frame_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: cfg.max_header_list_size,
+        }
+        if self._server:
+            settings[SettingCodes.MAX_CONCURRENT_STREAMS] = cfg.server_max_concurrent_streams
+        else:
+            settings[SettingCodes.ENABLE_PUSH] = 0
+        self._h2.update_settings(settings)
+        increment = cfg.connection_window - _DEFAULT_WINDOW
+        if increment > 0:
+            self._h2.increment_flow_control_window(increment)
+
+    # --------------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float) -> list[HboneEvent]:
+        """Feed bytes read from the peer; return what happened. Never raises on peer input."""
+        if not self._initiated:
+            raise HboneError("receive_data() before initiate(): send the preface first")
+        if self._closed:
+            return []
+        self._now = now
+        self._last_received = now
+        events: list[HboneEvent] = []
+        try:
+            self._ingest(data, events)
+        except Flood as flood:
+            self._abort(flood.code, flood.reason, events)
+        except ProtocolError as exc:
+            # h2 has queued a GOAWAY with the matching code already.
+            code = int(getattr(exc, "error_code", ErrorCodes.PROTOCOL_ERROR))
+            self._closed = True
+            events.append(ConnectionTerminated(code, f"peer violated HTTP/2: {exc}"))
+        except Exception as exc:  # hostile input must never crash the I/O layer
+            self._abort(ErrorCodes.INTERNAL_ERROR, f"error handling peer data: {exc!r}", events)
+        if not self._closed:
+            self._maybe_finish(events)
+        return events
+
+    def _ingest(self, data: bytes | bytearray | memoryview, events: list[HboneEvent]) -> None:
+        buf = self._inbuf
+        buf += data
+        pos = 0
+        with memoryview(buf) as view:
+            if self._preamble_left:
+                take = min(self._preamble_left, len(buf))
+                self._feed(view[:take], events)  # h2 checks the preamble bytes
+                self._preamble_left -= take
+                pos = take
+            run_start = pos
+            end = len(buf)
+            limit = max(self._config.max_frame_size, _DEFAULT_MAX_FRAME)
+            while end - pos >= 9 and not self._closed:
+                length = int.from_bytes(view[pos : pos + 3], "big")
+                ftype = view[pos + 3]
+                flags = view[pos + 4]
+                sid = int.from_bytes(view[pos + 5 : pos + 9], "big") & 0x7FFF_FFFF
+                if length > limit:
+                    raise Flood(
+                        ErrorCodes.FRAME_SIZE_ERROR,
+                        f"peer sent a {length}-byte frame; SETTINGS_MAX_FRAME_SIZE is {limit}",
+                    )
+                frame_end = pos + 9 + length
+                if frame_end > end:
+                    break
+                payload = view[pos + 9 : frame_end]
+                self._guard.frame(ftype, flags, length, payload, self._now)
+                self._account_header_block(ftype, flags, sid, length)
+                if ftype == GOAWAY and self._block_stream is None and length >= 8 and (
+                    int.from_bytes(payload[4:8], "big") == ErrorCodes.NO_ERROR
+                ):
+                    self._feed(view[run_start:pos], events)
+                    run_start = frame_end
+                    last_id = int.from_bytes(payload[:4], "big") & 0x7FFF_FFFF
+                    self._peer_goaway(last_id, events)
+                elif ftype == HEADERS and self._server and sid > self._highest_peer_stream:
+                    self._feed(view[run_start:pos], events)
+                    run_start = pos
+                    self._check_stream_limit()
+                    self._highest_peer_stream = sid
+                payload.release()
+                pos = frame_end
+                if ftype == SETTINGS:
+                    self._feed(view[run_start:pos], events)
+                    run_start = pos
+            if not self._closed:
+                self._feed(view[run_start:pos], events)
+        del buf[:pos]
+
+    def _account_header_block(self, ftype: int, flags: int, sid: int, length: int) -> None:
+        """Bound a header block (HEADERS + CONTINUATION) in frames and bytes."""
+        cap = 4 * self._config.max_header_list_size  # HPACK may expand at most ~4x
+        if self._block_stream is not None:
+            if ftype != CONTINUATION or sid != self._block_stream:
+                return  # h2 rejects the interleaved frame as PROTOCOL_ERROR
+            self._block_frames += 1
+            self._block_bytes += length
+            if self._block_frames > self._config.max_continuation_frames:
+                raise Flood(
+                    ErrorCodes.ENHANCE_YOUR_CALM,
+                    f"header block on stream {sid} split into more than "
+                    f"{self._config.max_continuation_frames} CONTINUATION frames",
+                )
+            if flags & FLAG_END_HEADERS:
+                self._block_stream = None
+        elif ftype in (HEADERS, PUSH_PROMISE):
+            self._block_bytes = length
+            self._block_frames = 0
+            if not flags & FLAG_END_HEADERS:
+                self._block_stream = sid
+        else:
+            return
+        if self._block_bytes > cap:
+            raise Flood(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"header block on stream {sid} exceeds {cap} bytes "
+                f"(SETTINGS_MAX_HEADER_LIST_SIZE is {self._config.max_header_list_size})",
+            )
+
+    def _check_stream_limit(self) -> None:
+        limit = min(
+            self._config.server_max_concurrent_streams,
+            self._h2.local_settings.max_concurrent_streams,
+        )
+        if self._h2.open_inbound_streams >= limit:
+            raise Flood(
+                ErrorCodes.ENHANCE_YOUR_CALM,
+                f"peer opened more than {limit} concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS)",
+            )
+
+    def _feed(self, chunk: memoryview, events: list[HboneEvent]) -> None:
+        with chunk:
+            if not len(chunk) or self._closed:
+                return
+            for ev in self._h2.receive_data(chunk):
+                self._translate(ev, events)
+                if self._closed:
+                    return
+
+    def _translate(self, ev: h2e.Event, events: list[HboneEvent]) -> None:
+        if isinstance(ev, h2e.DataReceived):
+            self._on_data(ev, events)
+        elif isinstance(ev, h2e.RequestReceived):
+            self._on_request(ev, events)
+        elif isinstance(ev, h2e.ResponseReceived):
+            self._on_response(ev, events)
+        elif isinstance(ev, h2e.StreamEnded):
+            if ev.stream_id not in self._finished:
+                events.append(StreamEnded(ev.stream_id))
+        elif isinstance(ev, h2e.StreamReset):
+            sid = ev.stream_id
+            self._release(sid)
+            if sid not in self._finished:
+                events.append(StreamReset(sid, int(ev.error_code or 0)))
+            self._finished.discard(sid)
+        elif isinstance(ev, h2e.WindowUpdated):
+            self._on_window(ev.stream_id, events)
+        elif isinstance(ev, h2e.RemoteSettingsChanged):
+            change = ev.changed_settings.get(SettingCodes.INITIAL_WINDOW_SIZE)
+            if change is not None and (change.new_value or 0) > (change.original_value or 0):
+                self._on_window(0, events)
+        elif isinstance(ev, h2e.PingAckReceived):
+            if self._ping_sent is not None and ev.ping_data == self._ping_payload:
+                self._ping_sent = None
+        elif isinstance(ev, h2e.ConnectionTerminated):
+            self._closed = True
+            detail = (ev.additional_data or b"").decode("utf-8", "replace")
+            code = int(ev.error_code or 0)
+            events.append(
+                ConnectionTerminated(
+                    code, f"peer sent GOAWAY({_code_name(code)})" + (f": {detail}" if detail else "")
+                )
+            )
+        # Other h2 events (SETTINGS ACK, PING from the peer (h2 answers it),
+        # trailers, 1xx, PRIORITY, unknown frames) need nothing from the I/O layer.
+
+    def _on_data(self, ev: h2e.DataReceived, events: list[HboneEvent]) -> None:
+        sid = ev.stream_id
+        data = ev.data or b""
+        flow = ev.flow_controlled_length or 0
+        if sid in self._finished:
+            self._h2.acknowledge_received_data(flow, sid)
+            return
+        if flow > len(data):  # padding is ours to hand back at once
+            self._h2.acknowledge_received_data(flow - len(data), sid)
+        if data:
+            self._unacked[sid] = self._unacked.get(sid, 0) + len(data)
+            events.append(StreamData(sid, data))
+
+    def _on_request(self, ev: h2e.RequestReceived, events: list[HboneEvent]) -> None:
+        raise AssertionError("h2 client connections do not receive requests")
+
+    def _on_response(self, ev: h2e.ResponseReceived, events: list[HboneEvent]) -> None:
+        raise AssertionError("h2 server connections do not receive responses")
+
+    def _on_window(self, sid: int | None, events: list[HboneEvent]) -> None:
+        if not sid:
+            if self._blocked:
+                self._blocked.clear()
+                events.append(WindowOpened(None))
+        elif sid in self._blocked:
+            self._blocked.discard(sid)
+            events.append(WindowOpened(sid))
+
+    def _peer_goaway(self, last_id: int, events: list[HboneEvent]) -> None:
+        """A graceful GOAWAY: streams up to last_id finish, later ones were never seen."""
+        self._peer_draining = True
+        self._peer_last_id = min(self._peer_last_id, last_id)
+        if self._server:
+            return
+        for sid in sorted(self._h2.streams):
+            stream = self._h2.streams[sid]
+            if sid > self._peer_last_id and not stream.closed:
+                self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+                self._release(sid)
+                self._blocked.discard(sid)
+                events.append(StreamReset(sid, int(ErrorCodes.REFUSED_STREAM)))
+
+    # ------------------------------------------------------------ local actions
+
+    def _check_usable(self, what: str) -> None:
+        if not self._initiated:
+            raise HboneError(f"{what}: call initiate() first")
+        if self._closed:
+            raise HboneError(f"{what}: the HBONE connection is closed")
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
+        """Queue up to len(data) bytes within the flow-control windows; return how many.
+
+        The rest must wait for a WindowOpened event for this stream (or None).
+        """
+        self._check_usable("send_data")
+        total = len(data)
+        if total == 0:
+            return 0
+        try:
+            window = self._h2.local_flow_control_window(stream_id)
+        except (NoSuchStreamError, StreamClosedError):
+            raise HboneError(f"send_data: stream {stream_id} does not exist or is closed") from None
+        take = min(total, window)
+        if take <= 0:
+            self._blocked.add(stream_id)
+            return 0
+        frame = self._h2.max_outbound_frame_size
+        frames = 0
+        with memoryview(data) as view:
+            try:
+                for off in range(0, take, frame):
+                    self._h2.send_data(stream_id, view[off : min(off + frame, take)])
+                    frames += 1
+            except ProtocolError as exc:
+                raise HboneError(
+                    f"send_data: stream {stream_id} is not open for sending "
+                    f"(already ended, reset, or no 200 response yet): {exc}"
+                ) from None
+        self._guard.data_frames_sent(frames, self._now)
+        if take < total:
+            self._blocked.add(stream_id)
+        return take
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our side (END_STREAM); the peer may keep sending."""
+        self._check_usable("end_stream")
+        try:
+            self._h2.end_stream(stream_id)
+        except (ProtocolError, KeyError) as exc:
+            raise HboneError(f"end_stream: stream {stream_id} is not open for sending: {exc}") from None
+        self._blocked.discard(stream_id)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort a stream (RST_STREAM); resetting an already closed stream is a no-op."""
+        self._check_usable("reset_stream")
+        try:
+            self._h2.reset_stream(stream_id, error_code)
+        except StreamClosedError:
+            pass
+        except NoSuchStreamError:
+            raise HboneError(f"reset_stream: stream {stream_id} was never opened") from None
+        except ProtocolError as exc:
+            raise HboneError(f"reset_stream: stream {stream_id}: {exc}") from None
+        self._release(stream_id)
+        self._blocked.discard(stream_id)
+        self._finished.add(stream_id)
+
+    def acknowledge_received(self, stream_id: int, n: int) -> None:
+        """The application consumed n bytes of StreamData: give the peer that credit back."""
+        if n < 0:
+            raise HboneError(f"acknowledge_received: negative byte count {n}")
+        pending = self._unacked.get(stream_id)
+        if not n or pending is None or self._closed:
+            return  # stream reset (credit already returned) or connection gone
+        n = min(n, pending)
+        if n == pending:
+            del self._unacked[stream_id]
+        else:
+            self._unacked[stream_id] = pending - n
+        self._h2.acknowledge_received_data(n, stream_id)
+
+    def _release(self, stream_id: int) -> None:
+        """Return the connection credit of data the application will never consume."""
+        pending = self._unacked.pop(stream_id, 0)
+        if pending and not self._closed:
+            self._h2.acknowledge_received_data(pending, stream_id)
+
+    def start_drain(self) -> None:
+        """Graceful GOAWAY: streams already open finish, new ones are refused.
+
+        When the last stream closes, a ConnectionTerminated(NO_ERROR) follows
+        (from receive_data or handle_timeout: next_deadline() turns due).
+        """
+        self._check_usable("start_drain")
+        if self._draining:
+            return
+        last = self._h2.highest_inbound_stream_id if self._server else 0
+        self._draining = True
+        self._drain_last_id = last
+        # h2 only knows the final GOAWAY (it closes its state machine at once),
+        # so the first, graceful one is written here.
+        frame = GoAwayFrame(0, last_stream_id=last, error_code=0, additional_data=b"draining")
+        self._out += self._h2.data_to_send()
+        self._out += frame.serialize()
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
+        """Send the final GOAWAY and stop; nothing is accepted afterwards."""
+        if self._closed or not self._initiated:
+            self._closed = True
+            return
+        self._closed = True
+        if self._h2.state_machine.state != ConnectionState.CLOSED:
+            self._h2.close_connection(error_code=error_code)
+
+    def _abort(self, code: int, reason: str, events: list[HboneEvent]) -> None:
+        if self._h2.state_machine.state != ConnectionState.CLOSED:
+            try:
+                self._h2.close_connection(error_code=code, additional_data=reason.encode()[:512])
+            except ProtocolError:
+                pass
+        self._closed = True
+        events.append(ConnectionTerminated(int(code), reason))
+
+    def _drained(self) -> bool:
+        return (self._draining or self._peer_draining) and self.open_streams == 0
+
+    def _maybe_finish(self, events: list[HboneEvent]) -> None:
+        if self._drained():
+            who = "we drained" if self._draining else "peer drained (GOAWAY)"
+            self._closed = True
+            if self._h2.state_machine.state != ConnectionState.CLOSED:
+                self._h2.close_connection(error_code=ErrorCodes.NO_ERROR)
+            events.append(ConnectionTerminated(int(ErrorCodes.NO_ERROR), f"{who}; no streams left"))
+
+    # ---------------------------------------------------------------- output/time
+
+    def data_to_send(self) -> bytes:
+        """All bytes queued for the peer, in order, batched into one buffer."""
+        self._guard.output_taken()
+        pending = self._h2.data_to_send()
+        if self._out:
+            pending = bytes(self._out) + pending
+            self._out.clear()
+        return pending
+
+    def next_deadline(self) -> float | None:
+        """When handle_timeout() must run next (keepalive, drain done), or None."""
+        if self._closed or not self._initiated:
+            return None
+        if self._drained():
+            return self._now
+        interval = self._config.keepalive_interval
+        if interval <= 0:
+            return None
+        if self._ping_sent is not None:
+            return self._ping_sent + self._config.keepalive_timeout
+        return self._last_received + interval
+
+    def handle_timeout(self, now: float) -> list[HboneEvent]:
+        """Send a keepalive PING, end on a missing PING ACK, or finish a drain."""
+        events: list[HboneEvent] = []
+        if self._closed or not self._initiated:
+            return events
+        self._now = max(self._now, now)
+        if self._drained():
+            self._maybe_finish(events)
+            return events
+        cfg = self._config
+        if cfg.keepalive_interval <= 0:
+            return events
+        if self._ping_sent is not None:
+            if now >= self._ping_sent + cfg.keepalive_timeout:
+                self._abort(
+                    ErrorCodes.NO_ERROR,
+                    f"keepalive timeout: no PING ACK within {cfg.keepalive_timeout:g}s "
+                    "(peer or network path dead)",
+                    events,
+                )
+        elif now >= self._last_received + cfg.keepalive_interval:
+            self._ping_payload = next(self._ping_ids).to_bytes(8, "big")
+            self._h2.ping(self._ping_payload)
+            self._ping_sent = now
+        return events
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def open_streams(self) -> int:
+        """Streams not yet closed in both directions."""
+        if self._closed:
+            return 0
+        return int(self._h2.open_inbound_streams + self._h2.open_outbound_streams)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def draining(self) -> bool:
+        """Either side sent a graceful GOAWAY: no new streams on this connection."""
+        return self._draining or self._peer_draining
+
+
+class HboneServer(_HboneConnection):
+    """The inbound side (port 15008): receives CONNECT requests and answers them."""
+
+    _server = True
+
+    def _on_request(self, ev: h2e.RequestReceived, events: list[HboneEvent]) -> None:
+        sid = ev.stream_id
+        if self._draining and sid > self._drain_last_id:
+            # Opened after our GOAWAY: the client retries it on a new connection.
+            self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            self._finished.add(sid)
+            return
+        try:
+            target = parse_connect_request(ev.headers or [])
+        except BadRequest as exc:
+            self._answer_and_close(sid, 400)
+            events.append(RequestRejected(sid, 400, str(exc)))
+            return
+        events.append(
+            ConnectRequest(
+                stream_id=sid,
+                authority=target.authority,
+                host=target.host,
+                port=target.port,
+                forwarded_for=target.forwarded_for,
+                baggage=target.baggage,
+                traceparent=target.traceparent,
+            )
+        )
+
+    def _answer_and_close(self, sid: int, status: int) -> None:
+        self._h2.send_headers(sid, [(b":status", str(status).encode())], end_stream=True)
+        self._finished.add(sid)
+        stream = self._h2.streams.get(sid)
+        if stream is not None and not stream.closed:
+            # RFC 9113 8.1: a complete response lets us stop the request with NO_ERROR,
+            # which frees the stream slot on both sides at once.
+            self._h2.reset_stream(sid, ErrorCodes.NO_ERROR)
+        self._release(sid)
+
+    def respond(self, stream_id: int, status: int) -> None:
+        """Answer a ConnectRequest: 200 opens the tunnel, anything else closes the stream."""
+        self._check_usable("respond")
+        if not 200 <= status <= 599:
+            raise HboneError(f"respond: status {status} is not a final HTTP status")
+        try:
+            if status == 200:
+                self._h2.send_headers(stream_id, [(b":status", b"200")], end_stream=False)
+            else:
+                self._answer_and_close(stream_id, status)
+        except (ProtocolError, KeyError) as exc:
+            raise HboneError(
+                f"respond: stream {stream_id} cannot be answered (unknown, reset or "
+                f"already answered): {exc}"
+            ) from None
+
+
+class HboneClient(_HboneConnection):
+    """The outbound side: opens CONNECT streams to a peer's port 15008."""
+
+    _server = False
+
+    def can_open_stream(self) -> bool:
+        """True when open_stream() will succeed: a slot is free and nobody is draining."""
+        if self._closed or not self._initiated or self.draining:
+            return False
+        if self._h2.highest_outbound_stream_id >= _MAX_STREAM_ID - 2:
+            return False
+        limit = min(
+            self._config.client_max_concurrent_streams,
+            self._h2.remote_settings.max_concurrent_streams,
+        )
+        return bool(self._h2.open_outbound_streams < limit)
+
+    def open_stream(
+        self,
+        authority: str,
+        forwarded_for: str | None = None,
+        baggage: str | None = None,
+        traceparent: str | None = None,
+    ) -> int:
+        """Send a CONNECT for `ip:port`; return the stream id. Raise HboneError when no slot."""
+        self._check_usable("open_stream")
+        if not self.can_open_stream():
+            why = (
+                "the connection is draining (GOAWAY)"
+                if self.draining
+                else f"all {self._config.client_max_concurrent_streams} stream slots are in use "
+                "(or the peer's SETTINGS_MAX_CONCURRENT_STREAMS is reached)"
+            )
+            raise HboneError(f"open_stream: no stream slot: {why}; use another connection")
+        headers = build_connect_headers(authority, forwarded_for, baggage, traceparent)
+        peer_limit = self._h2.remote_settings.max_header_list_size
+        if peer_limit is not None and header_list_size(headers) > peer_limit:
+            raise HboneError(
+                f"open_stream: headers are {header_list_size(headers)} bytes, over the peer's "
+                f"SETTINGS_MAX_HEADER_LIST_SIZE {peer_limit}; shorten baggage/traceparent"
+            )
+        sid = int(self._h2.get_next_available_stream_id())
+        self._h2.send_headers(sid, headers, end_stream=False)
+        return sid
+
+    def _on_response(self, ev: h2e.ResponseReceived, events: list[HboneEvent]) -> None:
+        sid = ev.stream_id
+        status = _status(ev.headers or [])
+        events.append(TunnelResponse(sid, status))
+        if status != 200:
+            self._finished.add(sid)
+            stream = self._h2.streams.get(sid)
+            if stream is not None and not stream.closed and not ev.stream_ended:
+                self._h2.reset_stream(sid, ErrorCodes.CANCEL)
+            elif stream is not None and not stream.closed:
+                self._h2.end_stream(sid)  # a refusal with END_STREAM: close our side too
+            self._release(sid)
+
+
+def _status(headers: Sequence[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b":status":
+            return int(value)
+    return 0  # h2 validates responses: unreachable in practice
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return f"0x{code:x}"
