@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from agent import AgentError
 from agent.cli import CliError
-from agent.local import LocalError
 from agent.local.layout import DEFAULT_STATE_DIR
 
 EXAMPLES_UP = """examples:
@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _guard(fn: Any, *args: Any, **kw: Any) -> Any:
     try:
         return fn(*args, **kw)
-    except LocalError as e:
+    except AgentError as e:
         raise CliError(str(e)) from e
 
 

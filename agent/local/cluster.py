@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 import logging
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -168,12 +166,10 @@ def _up_steps(layout: Layout, undo: Undo, report: UpReport, wait: float) -> None
     sup.spawn(layout)
     # Let the node processes get going, so a unit that dies at once is reported now.
     deadline = time.monotonic() + wait
-    units: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        units = sup.request(layout, {"op": "status"}).get("units", [])
-        if all(u["state"] in ("running", "unavailable") for u in units) and time.monotonic() > deadline - wait / 2:
-            break
+    units: list[dict[str, Any]] = sup.request(layout, {"op": "status"}).get("units", [])
+    while time.monotonic() < deadline and any(u["state"] not in ("unavailable", "failed") for u in units):
         time.sleep(0.2)
+        units = sup.request(layout, {"op": "status"}).get("units", [])
     report.units = units
     undo.clear()
 
@@ -185,26 +181,20 @@ def _rm(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _ca_available() -> bool:
-    try:
-        return importlib.util.find_spec("controlplane.cli") is not None
-    except ModuleNotFoundError:
-        return False
-
-
 def _init_ca(layout: Layout, report: UpReport) -> None:
-    """`ambit ca init` and one node credential per node (the CA's own CLI, as subprocesses)."""
-    if not _ca_available():
-        report.notes.append("CA: controlplane.cli is not part of this build yet; no CA, no node credentials")
+    """Create the cluster CA in <state>/ca and one node credential per node (the CA's in-process API)."""
+    try:
+        from controlplane import pki
+    except ImportError as e:
+        report.notes.append(f"CA: controlplane.pki is not part of this build ({e}); no CA, no node credentials")
         return
-    ambit = [sys.executable, "-m", "agent.cli", "ca"]
-    _run([*ambit, "init", "--dir", str(layout.ca_dir), "--trust-domain", L.TRUST_DOMAIN], "ambit ca init")
-    for n in layout.nodes:
-        _run(
-            [*ambit, "node-credential", "--dir", str(layout.ca_dir), "--node", n.name,
-             "--out", str(layout.node_credential_dir(n.name))],
-            f"ambit ca node-credential for {n.name}",
-        )
+    try:
+        material = pki.CaMaterial.generate(L.TRUST_DOMAIN)
+        material.write(layout.ca_dir)
+        for n in layout.nodes:
+            pki.write_node_credential(material, n.name, layout.node_credential_dir(n.name))
+    except pki.PkiError as e:
+        raise LocalError(f"creating the cluster CA in {layout.ca_dir}: {e}") from e
 
 
 def _stop_supervisor(layout: Layout, timeout: float = 10.0) -> None:
@@ -458,7 +448,10 @@ def _teardown_pod(layout: Layout, ns: str, name: str, node: str) -> None:
     with contextlib.suppress(LocalError):
         sup.request(layout, {"op": "pod_stop", "namespace": ns, "name": name}, timeout=15)
     cgroups.remove(layout.pod_cgroup(node, ns, name))
-    # Deleting the pod's netns deletes its veth pair, the node side included.
+    # The kernel frees a netns (and the veths in it) asynchronously; delete the
+    # node side now so the same pod can be applied again at once.
+    with contextlib.suppress(LocalError, KeyError):
+        nsops.delete_link(layout.node(node).netns, L.host_veth_name(ns, name))
     nsops.remove(layout.pod_netns(ns, name))
     (layout.pids_dir / f"pod.{ns}.{name}.pid").unlink(missing_ok=True)
 

@@ -67,13 +67,14 @@ def write_pidfile(path: Path, pid: int) -> None:
 
 
 def pidfile_alive(path: Path) -> int | None:
-    """The pid recorded in `path` if that very process still runs, else None."""
+    """The pid recorded in `path` if that very process still runs (a zombie does not), else None."""
     try:
         pid_s, start = path.read_text().split()
         pid = int(pid_s)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, ValueError):
         return None
-    return pid if proc_starttime(pid) == start else None
+    return pid if fields[19] == start and fields[0] != "Z" else None
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def system_units(layout: Layout) -> list[UnitSpec]:
     cluster = f"local:{layout.cluster_dir}"
     units = []
     ca_missing = _module_missing("controlplane.cli")
-    if ca_missing is None and not (layout.ca_dir / "ca.crt").exists():
+    if ca_missing is None and not (layout.ca_dir / "root-cert.pem").exists():
         ca_missing = f"the CA was not initialised in {layout.ca_dir}"
     units.append(
         UnitSpec(
