@@ -49,6 +49,8 @@ def validate_trust_domain(td: str) -> str:
 def _validate_segment(seg: str, uri: str) -> None:
     if not seg:
         raise SpiffeError(f"{uri!r}: path has an empty segment")
+    if "/" in seg:
+        raise SpiffeError(f"{uri!r}: segment {seg!r} contains '/' (characters outside [A-Za-z0-9.-_])")
     if seg in (".", ".."):
         raise SpiffeError(f"{uri!r}: path has a {seg!r} segment")
     if "%" in seg:
@@ -102,6 +104,9 @@ class SpiffeId:
     def __post_init__(self) -> None:
         # Construction goes through the same rules as parsing, so no invalid
         # SpiffeId can exist anywhere in the process.
+        validate_trust_domain(self.trust_domain)
+        _validate_segment(self.namespace, self.uri)
+        _validate_segment(self.service_account, self.uri)
         validate_uri(self.uri)
 
     @classmethod
