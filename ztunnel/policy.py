@@ -222,6 +222,22 @@ class FieldMatch:
     l7: bool  # needs HTTP parsing (a waypoint) to be evaluated
     values: tuple[Matcher, ...]
 
+    @cached_property
+    def exact(self) -> Mapping[object, int] | None:
+        """value -> first index, when every value is an exact match: one dict lookup per field."""
+        out: dict[object, int] = {}
+        for i, m in enumerate(self.values):
+            if isinstance(m, PortMatch):
+                key: object = m.port
+            elif isinstance(m, StringMatch) and m.kind == "exact" and not m.ignore_case:
+                key = m.value
+            elif isinstance(m, ServiceAccountMatch):
+                key = (m.namespace, m.service_account)
+            else:
+                return None
+            out.setdefault(key, i)
+        return out
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -941,17 +957,25 @@ def _show(v: object) -> str:
 def _match_field(fm: FieldMatch, attrs: _Attrs) -> str | None:
     """Explanation when the field matches, None when it does not."""
     value = attrs.get(fm.attr)
-    words = _attr_words(fm.attr)
-    for i, m in enumerate(fm.values):
-        if m.matches(value):
-            if fm.negate:
-                return None
-            return f"{words} {_show(value)} matches {fm.name}[{i}]"
+    hit: int | None = None
+    exact = fm.exact
+    if exact is not None:
+        # Empty strings never match, as in the slow path.
+        hit = exact.get(value) if value != "" else None
+    else:
+        for i, m in enumerate(fm.values):
+            if m.matches(value):
+                hit = i
+                break
+    if hit is not None:
+        if fm.negate:
+            return None
+        return f"{_attr_words(fm.attr)} {_show(value)} matches {fm.name}[{hit}]"
     if not fm.negate:
         return None
     if value is None:
-        return f"no {words}, so {fm.name} does not exclude it"
-    return f"{words} {_show(value)} is not in {fm.name}"
+        return f"no {_attr_words(fm.attr)}, so {fm.name} does not exclude it"
+    return f"{_attr_words(fm.attr)} {_show(value)} is not in {fm.name}"
 
 
 def _match_entry(e: Entry, attrs: _Attrs, l4_only: bool) -> str | None:
