@@ -133,7 +133,8 @@ int ambit_sockops(struct bpf_sock_ops *skops)
     ev.saddr = lip;
     ev.daddr = rip;
     ev.sport = (__u16)skops->local_port;
-    ev.dport = bpf_ntohl(skops->remote_port) >> 16;
+    /* the kernel presents remote_port as the network-order port shifted into the upper half */
+    ev.dport = bpf_ntohs((__u16)(skops->remote_port >> 16));
     ev.srtt_us = skops->srtt_us >> 3;
     ev.bytes_acked = skops->bytes_acked;
     ev.bytes_received = skops->bytes_received;
