@@ -284,7 +284,7 @@ class CompiledAuthz:
     name: str
     api_version: str
     action: Action
-    match_labels: Mapping[str, str] | None  # None: no selector
+    match_labels: Mapping[str, str] | None = field(hash=False)  # None: no selector
     target_refs: tuple[TargetRef, ...]
     rules: tuple[CompiledRule, ...]
     resource_version: str = ""
@@ -309,9 +309,9 @@ class CompiledPeerAuthn:
     namespace: str
     name: str
     api_version: str
-    match_labels: Mapping[str, str] | None
+    match_labels: Mapping[str, str] | None = field(hash=False)
     mode: str  # one of MTLS_MODES
-    port_modes: Mapping[int, str]
+    port_modes: Mapping[int, str] = field(hash=False)
     resource_version: str = ""
 
     kind = "PeerAuthentication"
@@ -770,12 +770,27 @@ class PolicySet:
         """AuthorizationPolicies that apply to `dst`: mesh-wide, its namespace's, selector-scoped
         (a selector in the root namespace selects across namespaces), and targetRefs to one of its
         Services (or, at its waypoint, to that waypoint). Order: mesh, namespace, then by name."""
+        services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
+        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, at_waypoint)
+        hit = self._applicable_cache.get(key)
+        if hit is None:
+            hit = tuple(self._applicable(dst, services, at_waypoint))
+            # Bounded by the distinct (namespace, labels, services) shapes in the cluster.
+            self._applicable_cache[key] = hit
+        return list(hit)
+
+    @cached_property
+    def _applicable_cache(self) -> dict[object, tuple[CompiledAuthz, ...]]:
+        return {}
+
+    def _applicable(
+        self, dst: Workload, services: tuple[str, ...], at_waypoint: bool
+    ) -> list[CompiledAuthz]:
         root = self.root_namespace
         out: list[CompiledAuthz] = []
         candidates = self._authz_by_ns.get(root, ())
         if dst.namespace != root:
             candidates = candidates + self._authz_by_ns.get(dst.namespace, ())
-        services = getattr(dst, "services", ())
         for p in candidates:
             if p.target_refs:
                 if p.namespace != dst.namespace:
@@ -855,7 +870,7 @@ class HttpFacts:
     method: str
     path: str
     host: str
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)

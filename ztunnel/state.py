@@ -49,7 +49,8 @@ class Workload:
     ip: str
     node: str
     node_address: str | None
-    labels: Mapping[str, str]
+    # Mappings are left out of the hash so Workloads (and facts holding them) stay hashable.
+    labels: Mapping[str, str] = field(hash=False)
     identity: SpiffeId
     waypoint: str | None
     enrolled: bool
@@ -62,7 +63,7 @@ class ServiceInfo:
     namespace: str
     name: str
     vip: str
-    ports: Mapping[int, int]  # service port -> target port
+    ports: Mapping[int, int] = field(hash=False)  # service port -> target port
     endpoints: tuple[str, ...]  # workload uids, sorted
 
     @property
@@ -76,9 +77,9 @@ class Snapshot:
 
     node: str
     trust_domain: str
-    workloads: Mapping[str, Workload]  # by IP
-    services: Mapping[str, ServiceInfo]  # by VIP
-    nodes: Mapping[str, str]  # node name -> address
+    workloads: Mapping[str, Workload] = field(hash=False)  # by IP
+    services: Mapping[str, ServiceInfo] = field(hash=False)  # by VIP
+    nodes: Mapping[str, str] = field(hash=False)  # node name -> address
     policies: PolicySet
     errors: tuple[str, ...] = ()
     version: int = 0

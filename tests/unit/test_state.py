@@ -225,3 +225,15 @@ async def test_local_state_source_follows_directory(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+def test_snapshot_objects_are_hashable_and_cache_applicable_policies() -> None:
+    snap = build_snapshot(state(DENY_LEGACY), "node-a")
+    w = snap.workload("shop/web-1")
+    assert w is not None
+    facts = ConnectionFacts("10.9.0.1", None, w, 80, False)
+    assert len({w, snap.workload("shop/web-1")}) == 1 and hash(facts) == hash(facts)
+    hash(snap)
+    hash(snap.service_by_vip("10.96.0.10"))
+    first = snap.policies.applicable(w)
+    assert snap.policies.applicable(w) == first and [p.ref for p in first] == ["istio-system/deny-legacy"]
