@@ -25,6 +25,7 @@ import pytest
 from agent.bpf import (
     BpfError,
     Datapath,
+    FlowEvent,
     cgroup2_root,
     cgroup_attachments,
     check_bpffs,
@@ -286,7 +287,7 @@ def test_flow_events_with_bytes(env: Env, client: Proc) -> None:
     env.enroll(True)
     env.dp.poll_events(0)
     assert client.ask("tcp 10.77.9.10 443").startswith("ORIG 10.77.9.10:443")
-    events: list = []
+    events: list[FlowEvent] = []
     deadline = time.monotonic() + 2
     while time.monotonic() < deadline and not any(e.kind == "close" for e in events):
         events += env.dp.poll_events(100)
