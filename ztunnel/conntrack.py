@@ -1,0 +1,138 @@
+"""The ztunnel's connection table: one record per proxied (or refused) TCP connection.
+
+Live records are visible at the admin `/connections`; a closed record moves to a
+bounded ring of recent ones, and is reported once to the metrics and the access
+log. Byte counters are plain ints bumped by the copy path; metrics read them in
+batches (on close and on a periodic flush), never per chunk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+OUTBOUND = "outbound"
+INBOUND = "inbound"
+INBOUND_PLAINTEXT = "inbound_plaintext"
+
+
+@dataclass
+class ByteCounters:
+    """Bytes each way, shared by the records of one proxied connection."""
+
+    # Istio's meaning: received = request bytes (source -> destination), sent = response bytes
+    received: int = 0
+    sent: int = 0
+
+
+@dataclass
+class ConnRecord:
+    """What the ztunnel knows about one connection, for /connections, metrics and logs."""
+
+    direction: str
+    src_ip: str
+    src_port: int
+    dst_ip: str
+    dst_port: int
+    id: int = 0
+    original_dst: str | None = None  # what the client dialed, when it differs (a VIP)
+    client_ip: str | None = None  # inbound: the `forwarded: for=` of the HBONE request (logs only)
+    src_workload: str | None = None  # "ns/name"
+    dst_workload: str | None = None
+    src_identity: str | None = None
+    dst_identity: str | None = None
+    dst_service: str | None = None  # "ns/name" when dialed through a service VIP
+    mtls: bool = False
+    route: str = ""  # hbone | same-node | passthrough | plaintext
+    decision: str = "pending"  # allow | deny | pending
+    policy: str | None = None
+    rule: int | None = None
+    reason: str = ""
+    response_flags: str = "-"
+    state: str = "connecting"  # connecting | open | closed | refused
+    error: str | None = None
+    counters: ByteCounters = field(default_factory=ByteCounters)
+    started_wall: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+    # counters already reported to metrics (batched deltas)
+    reported_received: int = 0
+    reported_sent: int = 0
+
+    @property
+    def duration(self) -> float:
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "direction": self.direction,
+            "src": f"{self.src_ip}:{self.src_port}",
+            "dst": f"{self.dst_ip}:{self.dst_port}",
+            "original_dst": self.original_dst,
+            "client_ip": self.client_ip,
+            "src_workload": self.src_workload,
+            "dst_workload": self.dst_workload,
+            "src_identity": self.src_identity,
+            "dst_identity": self.dst_identity,
+            "dst_service": self.dst_service,
+            "mtls": self.mtls,
+            "route": self.route,
+            "decision": self.decision,
+            "policy": self.policy,
+            "rule": self.rule,
+            "reason": self.reason,
+            "response_flags": self.response_flags,
+            "state": self.state,
+            "error": self.error,
+            "bytes_received": self.counters.received,
+            "bytes_sent": self.counters.sent,
+            "age_s": round(self.duration, 3),
+        }
+
+
+Listener = Callable[[ConnRecord], None]
+
+
+class ConnectionTable:
+    """Live records plus a ring of recently closed ones; notifies observers on open/close."""
+
+    def __init__(self, recent: int = 256) -> None:
+        self._ids = itertools.count(1)
+        self.live: dict[int, ConnRecord] = {}
+        self.recent: deque[ConnRecord] = deque(maxlen=recent)
+        self.on_open: list[Listener] = []
+        self.on_close: list[Listener] = []
+
+    def open(self, rec: ConnRecord) -> ConnRecord:
+        rec.id = next(self._ids)
+        self.live[rec.id] = rec
+        for f in self.on_open:
+            f(rec)
+        return rec
+
+    def close(self, rec: ConnRecord, error: str | None = None) -> None:
+        """Finish a record (idempotent): state, end time, observers, move to recent."""
+        if self.live.pop(rec.id, None) is None:
+            return
+        rec.ended = time.monotonic()
+        if error and rec.error is None:
+            rec.error = error
+        if rec.decision == "deny":
+            rec.state = "refused"
+        elif rec.state == "connecting":
+            rec.state = "failed"
+            if rec.response_flags == "-":
+                rec.response_flags = "UF"  # Envoy's flag: upstream connection failure
+        else:
+            rec.state = "closed"
+        self.recent.append(rec)
+        for f in self.on_close:
+            f(rec)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [r.to_json() for r in (*self.live.values(), *self.recent)]

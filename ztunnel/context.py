@@ -1,0 +1,57 @@
+"""What every proxy path shares: config, state, certificates, connection table, metrics, tasks.
+
+A plain holder built by `ztunnel.server.Ztunnel`; the inbound and outbound
+paths and the pool read it, nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ztunnel.accesslog import AccessLog
+from ztunnel.config import ZtunnelConfig
+from ztunnel.conntrack import ConnectionTable, ConnRecord
+from ztunnel.hbone import HboneConfig
+from ztunnel.identity.manager import CertManager
+from ztunnel.identity.svid import TrustBundle
+from ztunnel.metrics import Metrics
+from ztunnel.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from ztunnel.state import Snapshot
+
+log = logging.getLogger("ambit.ztunnel")
+
+
+@dataclass
+class ProxyContext:
+    config: ZtunnelConfig
+    snapshot: Callable[[], Snapshot]
+    certs: CertManager
+    bundle: TrustBundle
+    hbone: HboneConfig
+    metrics: Metrics
+    access_log: AccessLog
+    conns: ConnectionTable = field(default_factory=ConnectionTable)
+    tasks: TaskSet = field(default_factory=lambda: TaskSet("conn"))
+    draining: bool = False
+
+    def refuse(self, rec: ConnRecord, reason_key: str, reason: str, *, flags: str = "-") -> None:
+        """Close a refused (never proxied) connection's record: log, count, access-log."""
+        rec.reason = reason
+        if flags != "-":
+            rec.response_flags = flags
+        self.metrics.refuse(reason_key)
+        log.info("refused %s %s:%d -> %s:%d: %s", rec.direction, rec.src_ip, rec.src_port,
+                 rec.dst_ip, rec.dst_port, reason)
+        self.conns.close(rec, None if rec.decision == "deny" else reason)
+
+    async def sleep_until_drained(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.conns.live and loop.time() < end:
+            await asyncio.sleep(0.05)

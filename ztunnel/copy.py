@@ -1,0 +1,280 @@
+"""The byte pumps: a `Splice` joins two legs (a TCP socket, or an HBONE stream) both ways.
+
+Hot path notes:
+- `TcpLeg` is an asyncio `BufferedProtocol`: the loop reads straight into one
+  reused 64 KiB buffer (`recv_into`), no per-read allocation.
+- A chunk is handed to the other leg as a memoryview of that buffer. An HBONE
+  leg gives it to h2, which frames (copies) it anyway; a TCP leg must copy it
+  once (`bytes(view)`) because transports may keep a reference to what they
+  could not send at once (uvloop queues memoryviews without copying).
+- Back-pressure both ways: when a leg cannot take more (its transport buffer
+  is over the high-water mark, or the HBONE stream window is exhausted) the
+  other leg stops reading until it drains; an HBONE leg "stops reading" by
+  withholding its WINDOW_UPDATEs.
+- Half-close: EOF one way becomes shutdown(SHUT_WR) or END_STREAM on the
+  other leg; the splice is done when both directions are done, or at once
+  when either leg fails (the other one is then reset).
+- Byte counts are plain int additions; metrics read them in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from ztunnel.conntrack import ByteCounters
+
+log = logging.getLogger("ambit.ztunnel.copy")
+
+BUFFER_SIZE = 256 * 1024
+# transport write buffer limits: pause the other leg's reads above HIGH
+WRITE_HIGH = 512 * 1024
+WRITE_LOW = 128 * 1024
+
+
+class Leg(Protocol):
+    """One side of a splice."""
+
+    def attach(self, splice: Splice) -> None: ...
+    def send(self, data: bytes | memoryview) -> None: ...
+    def send_eof(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+class Splice:
+    """Joins a downstream leg (the client's side) to an upstream leg, both ways."""
+
+    def __init__(
+        self,
+        down: Leg,
+        up: Leg,
+        counters: ByteCounters,
+        on_done: Callable[[str | None], None] | None = None,
+    ) -> None:
+        self.down, self.up = down, up
+        self.counters = counters
+        self._on_done = on_done
+        self._eof_from: set[int] = set()
+        self.done = False
+        self.error: str | None = None
+        self.finished: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        """Attach both legs; each replays what it received before the splice existed."""
+        self.down.attach(self)
+        if not self.done:
+            self.up.attach(self)
+
+    def other(self, leg: Leg) -> Leg:
+        return self.up if leg is self.down else self.down
+
+    # -- callbacks from the legs
+
+    def on_data(self, leg: Leg, data: bytes | memoryview) -> None:
+        if self.done:
+            return
+        if leg is self.down:
+            self.counters.received += len(data)
+            self.up.send(data)
+        else:
+            self.counters.sent += len(data)
+            self.down.send(data)
+
+    def on_eof(self, leg: Leg) -> None:
+        if self.done or id(leg) in self._eof_from:
+            return
+        self._eof_from.add(id(leg))
+        self.other(leg).send_eof()
+        if len(self._eof_from) == 2:
+            self._finish(None)
+            self.down.close()
+            self.up.close()
+
+    def on_lost(self, leg: Leg, error: str | None) -> None:
+        """A leg is gone. A clean close ends the other side gracefully; an error resets it."""
+        if self.done:
+            return
+        other = self.other(leg)
+        if error is None:
+            if id(leg) not in self._eof_from:
+                self._eof_from.add(id(leg))
+                other.send_eof()
+            other.close()
+        else:
+            other.abort()
+        self._finish(error)
+
+    def on_write_paused(self, leg: Leg) -> None:
+        self.other(leg).pause_reading()
+
+    def on_write_resumed(self, leg: Leg) -> None:
+        self.other(leg).resume_reading()
+
+    def abort(self, error: str) -> None:
+        """Tear both legs down (shutdown, or a failure elsewhere)."""
+        if self.done:
+            return
+        self.down.abort()
+        self.up.abort()
+        self._finish(error)
+
+    def _finish(self, error: str | None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.error = error
+        if not self.finished.done():
+            self.finished.set_result(error)
+        if self._on_done is not None:
+            self._on_done(error)
+
+
+class TcpLeg(asyncio.BufferedProtocol):
+    """A TCP socket as a splice leg. Before attach, received bytes and EOF are kept."""
+
+    def __init__(self, buffer_size: int = BUFFER_SIZE,
+                 on_connected: Callable[[TcpLeg], None] | None = None) -> None:
+        self._on_connected = on_connected
+        self._buf = bytearray(buffer_size)
+        self._view = memoryview(self._buf)
+        self.transport: asyncio.Transport | None = None
+        self.splice: Splice | None = None
+        self.early = bytearray()
+        self.early_eof = False
+        self.lost: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reading = True
+        self._write_paused = False
+        # optional hook for a pre-splice handshake (SOCKS5): called after early bytes arrive
+        self.on_early: Callable[[TcpLeg], None] | None = None
+
+    # -- asyncio protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        set_nodelay(transport)
+        transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+        if not self.connected.done():
+            self.connected.set_result(None)
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.splice is not None:
+            self.splice.on_data(self, self._view[:nbytes])
+        else:
+            self.early += self._view[:nbytes]
+            if len(self.early) >= len(self._buf):
+                self.pause_reading()  # nobody to forward to yet: bound what we hold
+            if self.on_early is not None:
+                self.on_early(self)
+
+    def eof_received(self) -> bool:
+        if self.splice is not None:
+            self.splice.on_eof(self)
+        else:
+            self.early_eof = True
+            if self.on_early is not None:
+                self.on_early(self)
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        err = None if exc is None else (str(exc) or type(exc).__name__)
+        if not self.lost.done():
+            self.lost.set_result(err)
+        if self.splice is not None:
+            self.splice.on_lost(self, err)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.splice is not None:
+            self.splice.on_write_paused(self)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.splice is not None:
+            self.splice.on_write_resumed(self)
+
+    # -- leg
+
+    @property
+    def peername(self) -> tuple[str, int]:
+        assert self.transport is not None
+        p = self.transport.get_extra_info("peername")
+        return (str(p[0]), int(p[1]))
+
+    @property
+    def sockname(self) -> tuple[str, int]:
+        assert self.transport is not None
+        p = self.transport.get_extra_info("sockname")
+        return (str(p[0]), int(p[1]))
+
+    def attach(self, splice: Splice) -> None:
+        self.splice = splice
+        self.on_early = None
+        if self.early:
+            data, self.early = bytes(self.early), bytearray()
+            splice.on_data(self, data)
+        if self.early_eof:
+            splice.on_eof(self)
+        if self.lost.done():
+            splice.on_lost(self, self.lost.result())
+            return
+        if self._write_paused:
+            splice.on_write_paused(self)
+        self.resume_reading()
+
+    def take_early(self, n: int) -> bytes:
+        """Consume `n` pre-splice bytes (a handshake parser took them)."""
+        data = bytes(self.early[:n])
+        del self.early[:n]
+        return data
+
+    def send(self, data: bytes | memoryview) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        t.write(bytes(data) if isinstance(data, memoryview) else data)
+
+    def send_eof(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing() and t.can_write_eof():
+            t.write_eof()
+
+    def pause_reading(self) -> None:
+        if self._reading and self.transport is not None and not self.transport.is_closing():
+            self._reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and self.transport is not None and not self.transport.is_closing():
+            self._reading = True
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            # RST, so the client sees the failure instead of a clean end of stream
+            self.transport.abort()

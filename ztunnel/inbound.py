@@ -1,0 +1,345 @@
+"""The inbound paths: HBONE on 15008 (mTLS) and plaintext on 15006 (PERMISSIVE), to local workloads.
+
+`check_inbound` is the pure decision (is the authority a local workload, does
+the certificate the client asked for belong to it, does L4 policy allow it);
+`InboundConnection` drives one HBONE server connection; `deliver` dials the
+workload and splices. The same decision and delivery serve same-node traffic
+from the outbound path (no TLS inside the process, same policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnRecord
+from ztunnel.context import ProxyContext
+from ztunnel.copy import Leg, Splice, TcpLeg
+from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.identity.svid import SvidError
+from ztunnel.identity.tls import identity_from_sni, peer_identity, server_context_selector
+from ztunnel.origdst import OrigDstError, original_dst
+from ztunnel.policy import ConnectionFacts, Decision, authorize
+from ztunnel.tunnel import HboneProtocol, StreamLeg
+
+if TYPE_CHECKING:
+    from ztunnel.state import Snapshot, Workload
+
+log = logging.getLogger("ambit.ztunnel.inbound")
+
+
+class UpstreamError(Exception):
+    """Dialing a workload failed; the message names the address and the likely cause."""
+
+
+@dataclass(frozen=True)
+class InboundCheck:
+    status: int  # 200 allowed, 400 bad/unknown destination, 401 denied by policy
+    workload: Workload | None
+    port: int
+    decision: Decision | None
+    reason: str
+
+
+def parse_authority(authority: str) -> tuple[str, int] | None:
+    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); None if it is not that."""
+    host, sep, port_s = authority.rpartition(":")
+    if not sep or not port_s.isdigit():
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+    port = int(port_s)
+    return (ip, port) if 0 < port < 65536 else None
+
+
+def parse_forwarded(value: str | None) -> str | None:
+    """The client IP the HBONE layer took from `forwarded: for=...`, if it is an IP."""
+    if not value:
+        return None
+    try:
+        return str(ipaddress.ip_address(value.strip("[]")))
+    except ValueError:
+        return None
+
+
+def via_waypoint(dst: Workload, src_identity: SpiffeId | None) -> bool:
+    """The verified peer is the destination's waypoint (same namespace, service account = waypoint name)."""
+    return (
+        dst.waypoint is not None
+        and src_identity is not None
+        and src_identity.namespace == dst.namespace
+        and src_identity.service_account == dst.waypoint
+    )
+
+
+def check_inbound(
+    snap: Snapshot,
+    dst_ip: str,
+    dst_port: int,
+    *,
+    src_ip: str,
+    src_identity: SpiffeId | None,
+    mtls: bool,
+    tls_identity: SpiffeId | None = None,
+) -> InboundCheck:
+    """Pure: may this connection reach local workload dst_ip:dst_port? (HBONE status semantics)."""
+    w = snap.workload_by_ip(dst_ip)
+    if w is None or w.node != snap.node:
+        return InboundCheck(400, None, dst_port, None,
+                            f"{dst_ip}:{dst_port} is not a workload on node {snap.node}")
+    if not w.enrolled:
+        return InboundCheck(400, w, dst_port, None, f"{w.uid} is not enrolled in the mesh")
+    if tls_identity is not None and tls_identity != w.identity:
+        return InboundCheck(
+            400, w, dst_port, None,
+            f"{dst_ip} is {w.uid} ({w.identity}) but the TLS connection was opened for {tls_identity}",
+        )
+    facts = ConnectionFacts(src_ip, src_identity, w, dst_port, mtls)
+    d = authorize(facts, snap.policies, via_waypoint=via_waypoint(w, src_identity))
+    if not d.allowed:
+        return InboundCheck(401, w, dst_port, d, d.reason)
+    return InboundCheck(200, w, dst_port, d, d.reason)
+
+
+def apply_check(rec: ConnRecord, chk: InboundCheck) -> None:
+    if chk.workload is not None:
+        rec.dst_workload = chk.workload.uid
+        rec.dst_identity = str(chk.workload.identity)
+    if chk.decision is not None:
+        rec.policy, rec.rule = chk.decision.policy, chk.decision.rule
+    rec.reason = chk.reason
+    rec.decision = "allow" if chk.status == 200 else "deny" if chk.status == 401 else "pending"
+
+
+async def dial(ip: str, port: int, timeout: float) -> TcpLeg:
+    """Connect to a workload (or a passthrough destination) as a splice leg."""
+    loop = asyncio.get_running_loop()
+    try:
+        _, leg = await asyncio.wait_for(loop.create_connection(TcpLeg, ip, port), timeout)
+    except TimeoutError:
+        raise UpstreamError(f"connect to {ip}:{port} timed out after {timeout:g}s: is the workload "
+                            "running, or is a firewall dropping the SYN?") from None
+    except ConnectionRefusedError:
+        raise UpstreamError(f"connect to {ip}:{port} refused: nothing listens on that port "
+                            "in the workload") from None
+    except OSError as e:
+        raise UpstreamError(f"connect to {ip}:{port} failed: {e.strerror or e}") from None
+    return leg
+
+
+async def splice_and_wait(ctx: ProxyContext, down: Leg, up: Leg, records: list[ConnRecord],
+                          counters: ByteCounters) -> None:
+    """Join two legs, mark the records open, and close them when the splice is done."""
+    def done(err: str | None) -> None:
+        for r in records:
+            ctx.conns.close(r, err)
+
+    for r in records:
+        r.state = "open"
+        ctx.metrics.connection_opened(r)
+    sp = Splice(down, up, counters, done)
+    sp.start()
+    await sp.finished
+
+
+def local_record(ctx: ProxyContext, direction: str, src_ip: str, src_port: int, dst_ip: str,
+                 dst_port: int, **kw: Any) -> ConnRecord:
+    return ctx.conns.open(ConnRecord(direction, src_ip, src_port, dst_ip, dst_port, **kw))
+
+
+class Inbound:
+    """Serves 15008 and 15006 for this node's workloads."""
+
+    def __init__(self, ctx: ProxyContext) -> None:
+        self.ctx = ctx
+        self.connections: set[InboundConnection] = set()
+
+    # -- HBONE
+
+    def tls_context(self) -> ssl.SSLContext:
+        selector_ctx = server_context_selector(self._lookup, self.ctx.bundle)
+        inner = selector_ctx.sni_callback
+        assert inner is not None
+
+        def remember_sni(sslobj: Any, server_name: str | None, c: ssl.SSLContext) -> int | None:
+            r = inner(sslobj, server_name, c)  # type: ignore[arg-type]
+            if r is None:
+                # which workload's certificate we presented: the CONNECT must target it
+                sslobj.ambit_server_name = server_name
+            return r
+
+        selector_ctx.sni_callback = remember_sni  # type: ignore[assignment]
+        return selector_ctx
+
+    def _lookup(self, identity: SpiffeId) -> Any:
+        snap = self.ctx.snapshot()
+        if not any(w.identity == identity for w in snap.local_workloads()):
+            return None  # never present a certificate for an identity this node does not host
+        return self.ctx.certs.current(identity)
+
+    def protocol_factory(self) -> InboundConnection:
+        return InboundConnection(self)
+
+    async def handle_connect(self, conn: InboundConnection, leg: StreamLeg, req: ConnectRequest) -> None:
+        ctx = self.ctx
+        peer_ip, peer_port = conn.peer
+        target = parse_authority(req.authority) if req.host else None
+        if target is None:
+            target = parse_authority(f"{req.host}:{req.port}") if req.host else None
+        rec = local_record(
+            ctx, INBOUND, peer_ip, peer_port, target[0] if target else "-", target[1] if target else 0,
+            src_identity=str(conn.identity) if conn.identity else None, mtls=True, route="hbone",
+            client_ip=parse_forwarded(req.forwarded_for),
+        )
+        snap = ctx.snapshot()
+        if rec.client_ip:
+            src_w = snap.workload_by_ip(rec.client_ip)
+            if src_w is not None and src_w.identity == conn.identity:
+                rec.src_workload = src_w.uid
+        if target is None:
+            conn.respond(leg, 400)
+            ctx.refuse(rec, "bad_authority", f"CONNECT authority {req.authority!r} is not IP:PORT")
+            return
+        if ctx.draining:
+            conn.respond(leg, 503)
+            ctx.refuse(rec, "draining", "the ztunnel is shutting down", flags="DR")
+            return
+        chk = check_inbound(snap, target[0], target[1], src_ip=peer_ip, src_identity=conn.identity,
+                            mtls=True, tls_identity=conn.tls_identity)
+        apply_check(rec, chk)
+        if chk.status != 200:
+            conn.respond(leg, chk.status)
+            ctx.refuse(rec, "policy_denied" if chk.status == 401 else "unknown_destination",
+                       chk.reason, flags="DENY" if chk.status == 401 else "NR")
+            return
+        try:
+            up = await dial(target[0], target[1], ctx.config.timeouts.connect)
+        except UpstreamError as e:
+            conn.respond(leg, 503)
+            rec.reason = str(e)
+            ctx.metrics.refuse("upstream_unreachable")
+            log.warning("inbound %s -> %s: %s", conn.identity, req.authority, e)
+            ctx.conns.close(rec, str(e))
+            return
+        if leg.closed:
+            up.abort()
+            ctx.conns.close(rec, "client reset the stream before the workload answered")
+            return
+        conn.respond(leg, 200)
+        await splice_and_wait(ctx, leg, up, [rec], rec.counters)
+
+    # -- plaintext (PERMISSIVE)
+
+    def plaintext_factory(self) -> TcpLeg:
+        return TcpLeg(on_connected=self._plaintext_accepted)
+
+    def _plaintext_accepted(self, leg: TcpLeg) -> None:
+        leg.pause_reading()
+        self.ctx.tasks.spawn("inbound-plaintext", self.handle_plaintext(leg))
+
+    async def handle_plaintext(self, leg: TcpLeg) -> None:
+        ctx = self.ctx
+        assert leg.transport is not None
+        src_ip, src_port = leg.peername
+        try:
+            dst_ip, dst_port = original_dst(leg.transport.get_extra_info("socket"))
+        except OrigDstError as e:
+            rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, "-", 0, route="plaintext")
+            ctx.refuse(rec, "no_original_dst", str(e), flags="NR")
+            leg.abort()
+            return
+        snap = ctx.snapshot()
+        rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, dst_ip, dst_port, route="plaintext")
+        src_w = snap.workload_by_ip(src_ip)
+        if src_w is not None:
+            rec.src_workload = src_w.uid
+        chk = check_inbound(snap, dst_ip, dst_port, src_ip=src_ip, src_identity=None, mtls=False)
+        apply_check(rec, chk)
+        if chk.status != 200:
+            leg.abort()
+            key = "strict_mtls" if chk.decision is not None and "STRICT" in chk.reason else (
+                "policy_denied" if chk.status == 401 else "unknown_destination")
+            ctx.refuse(rec, key, chk.reason, flags="DENY" if chk.status == 401 else "NR")
+            return
+        try:
+            up = await dial(dst_ip, dst_port, ctx.config.timeouts.connect)
+        except UpstreamError as e:
+            leg.abort()
+            rec.reason = str(e)
+            ctx.metrics.refuse("upstream_unreachable")
+            ctx.conns.close(rec, str(e))
+            return
+        await splice_and_wait(ctx, leg, up, [rec], rec.counters)
+
+    def drain(self) -> None:
+        for c in list(self.connections):
+            c.drain()
+
+
+class InboundConnection(HboneProtocol):
+    """One HBONE server connection on 15008: verify the peer, then serve its CONNECTs."""
+
+    def __init__(self, inbound: Inbound) -> None:
+        super().__init__(HboneServer(inbound.ctx.hbone, asyncio.get_running_loop().time()), "inbound")
+        self.inbound = inbound
+        self.identity: SpiffeId | None = None
+        self.tls_identity: SpiffeId | None = None
+        self.peer: tuple[str, int] = ("-", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        p = transport.get_extra_info("peername")
+        self.peer = (str(p[0]), int(p[1]))
+        self.label = f"inbound HBONE from {self.peer[0]}:{self.peer[1]}"
+        ssl_obj = transport.get_extra_info("ssl_object")
+        try:
+            if ssl_obj is None:
+                raise SvidError("the connection is not TLS")
+            self.identity = peer_identity(ssl_obj, self.inbound.ctx.bundle)
+        except SvidError as e:
+            log.warning("%s: rejected peer certificate: %s", self.label, e)
+            self.inbound.ctx.metrics.refuse("peer_certificate")
+            assert isinstance(transport, asyncio.Transport)
+            transport.abort()
+            return
+        name = getattr(ssl_obj, "ambit_server_name", None)
+        if name:
+            self.tls_identity = identity_from_sni(name, self.inbound.ctx.bundle.trust_domain)
+        self.label = f"inbound HBONE from {self.identity} at {self.peer[0]}:{self.peer[1]}"
+        self.inbound.connections.add(self)
+        super().connection_made(transport)
+        if self.inbound.ctx.draining:
+            self.drain()
+
+    def handle_other(self, ev: Any) -> None:
+        if isinstance(ev, ConnectRequest):
+            leg = StreamLeg(self, ev.stream_id)
+            self.streams[ev.stream_id] = leg
+            self.inbound.ctx.tasks.spawn(f"inbound-stream-{ev.stream_id}",
+                                         self.inbound.handle_connect(self, leg, ev))
+        elif isinstance(ev, RequestRejected):
+            log.info("%s: rejected stream %d with %d: %s", self.label, ev.stream_id, ev.status, ev.reason)
+            self.inbound.ctx.metrics.refuse("bad_request")
+        else:
+            super().handle_other(ev)
+
+    def respond(self, leg: StreamLeg, status: int) -> None:
+        if self.closed or leg.closed:
+            return
+        try:
+            self.proto.respond(leg.stream_id, status)
+        except Exception as e:  # an already-reset stream: nothing left to answer
+            log.debug("%s: respond %d on stream %d: %s", self.label, status, leg.stream_id, e)
+        if status != 200:
+            self.forget(leg.stream_id)
+        self.flush()
+
+    def on_closed(self) -> None:
+        self.inbound.connections.discard(self)

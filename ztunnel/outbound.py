@@ -1,0 +1,329 @@
+"""The outbound path: a local workload's TCP connection (15001, or SOCKS5 on 15080) to its destination.
+
+`plan_outbound` is the pure routing decision over a snapshot (who is the
+source, is the destination a mesh workload, a service VIP, or outside the
+mesh, on which node); `Outbound` does the socket work: HBONE through the pool
+with the source workload's certificate, same-node delivery through the inbound
+policy in-process, or a logged plain-TCP passthrough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ztunnel import socks5
+from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord
+from ztunnel.context import ProxyContext
+from ztunnel.copy import TcpLeg
+from ztunnel.identity.manager import CertNotReady
+from ztunnel.inbound import (
+    UpstreamError,
+    apply_check,
+    check_inbound,
+    dial,
+    local_record,
+    splice_and_wait,
+)
+from ztunnel.origdst import OrigDstError, original_dst
+from ztunnel.pool import Pool, PoolError
+
+if TYPE_CHECKING:
+    from ztunnel.state import ServiceInfo, Snapshot, Workload
+
+log = logging.getLogger("ambit.ztunnel.outbound")
+
+HBONE, LOCAL, PASSTHROUGH, REFUSE = "hbone", "same-node", "passthrough", "refuse"
+
+# Reply sent to a SOCKS5 client once the upstream side is known: (ok, socks5 code)
+Reply = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class OutboundPlan:
+    kind: str  # hbone | same-node | passthrough | refuse
+    reason: str
+    src: Workload | None = None
+    dst: Workload | None = None
+    dst_ip: str = ""
+    dst_port: int = 0
+    service: ServiceInfo | None = None
+    node_address: str | None = None
+    refuse_key: str = ""
+
+
+def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick: int = 0) -> OutboundPlan:
+    """Pure: where a local workload's connection to dst_ip:dst_port goes. `pick` chooses the endpoint."""
+    src = snap.workload_by_ip(src_ip)
+    if src is None:
+        return OutboundPlan(REFUSE, f"source {src_ip} is not a known workload", refuse_key="unknown_source")
+    if src.node != snap.node:
+        return OutboundPlan(REFUSE, f"source {src.uid} runs on {src.node}, not on {snap.node}",
+                            src=src, refuse_key="unknown_source")
+    svc = snap.service_by_vip(dst_ip)
+    if svc is not None:
+        target = svc.ports.get(dst_port)
+        if target is None:
+            return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no port {dst_port}",
+                                src=src, service=svc, refuse_key="no_service_port")
+        eps = [w for w in (snap.workload(uid) for uid in svc.endpoints) if w is not None and w.ip]
+        if not eps:
+            return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no ready endpoints",
+                                src=src, service=svc, refuse_key="no_endpoints")
+        dst: Workload | None = eps[pick % len(eps)]
+        assert dst is not None
+        dst_ip, dst_port = dst.ip, target
+    else:
+        dst = snap.workload_by_ip(dst_ip)
+    if dst is None or not dst.enrolled:
+        why = "not a mesh workload" if dst is None else f"{dst.uid} is not enrolled"
+        return OutboundPlan(PASSTHROUGH, f"{dst_ip}:{dst_port}: {why}: plain TCP passthrough",
+                            src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=svc)
+    if dst.node == snap.node:
+        return OutboundPlan(LOCAL, f"{dst.uid} is on this node", src=src, dst=dst, dst_ip=dst_ip,
+                            dst_port=dst_port, service=svc)
+    addr = dst.node_address or snap.nodes.get(dst.node)
+    if not addr:
+        return OutboundPlan(REFUSE, f"{dst.uid} runs on node {dst.node}, whose address is unknown",
+                            src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=svc,
+                            refuse_key="unknown_node")
+    return OutboundPlan(HBONE, f"{dst.uid} on node {dst.node} ({addr})", src=src, dst=dst,
+                        dst_ip=dst_ip, dst_port=dst_port, service=svc, node_address=addr)
+
+
+SERVICE_SUFFIXES = (".svc.cluster.local", ".svc")
+
+
+def resolve_name(snap: Snapshot, name: str) -> str | None:
+    """A service's VIP for `<svc>.<ns>[.svc[.cluster.local]]`, or an IP literal; None if unknown."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    n = name.lower().rstrip(".")
+    for suf in SERVICE_SUFFIXES:
+        if n.endswith(suf):
+            n = n.removesuffix(suf)
+            break
+    parts = n.split(".")
+    if len(parts) != 2:
+        return None
+    svc_name, ns = parts
+    for vip, s in snap.services.items():
+        if s.name == svc_name and s.namespace == ns:
+            return vip
+    return None
+
+
+class Outbound:
+    """Serves 15001 (original destination from SO_ORIGINAL_DST) and the optional SOCKS5 listener."""
+
+    def __init__(self, ctx: ProxyContext, pool: Pool) -> None:
+        self.ctx = ctx
+        self.pool = pool
+        self._rr: dict[str, int] = {}
+
+    # -- 15001
+
+    def protocol_factory(self) -> TcpLeg:
+        return TcpLeg(on_connected=self._accepted)
+
+    def _accepted(self, leg: TcpLeg) -> None:
+        leg.pause_reading()  # nothing to forward to until the route is known
+        self.ctx.tasks.spawn("outbound", self._handle_captured(leg))
+
+    async def _handle_captured(self, leg: TcpLeg) -> None:
+        assert leg.transport is not None
+        src_ip, src_port = leg.peername
+        try:
+            dst_ip, dst_port = original_dst(leg.transport.get_extra_info("socket"))
+        except OrigDstError as e:
+            rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, "-", 0)
+            self.ctx.refuse(rec, "no_original_dst", str(e), flags="NR")
+            leg.abort()
+            return
+        if (dst_ip, dst_port) == leg.sockname:
+            rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, dst_ip, dst_port)
+            self.ctx.refuse(rec, "loop", "connection addressed to the outbound listener itself", flags="NR")
+            leg.abort()
+            return
+        await self.proxy(leg, src_ip, src_port, dst_ip, dst_port, None)
+
+    # -- SOCKS5
+
+    def socks5_factory(self) -> TcpLeg:
+        done: asyncio.Future[socks5.Socks5Request | None] = asyncio.get_running_loop().create_future()
+        leg = TcpLeg(on_connected=lambda lg: self._socks5_accepted(lg, done))
+        hs = socks5.Socks5Handshake()
+
+        def on_early(lg: TcpLeg) -> None:
+            if hs.request is not None:
+                return
+            try:
+                out, used = hs.feed(bytes(lg.early))
+            except socks5.Socks5Error as e:
+                if lg.transport is not None:
+                    if e.reply:
+                        lg.transport.write(e.reply)
+                    lg.transport.close()
+                log.info("socks5 client %s: %s", lg.peername if lg.transport else "?", e)
+                self.ctx.metrics.refuse("socks5_protocol")
+                lg.on_early = None
+                return
+            lg.take_early(used)
+            if out and lg.transport is not None:
+                lg.transport.write(out)
+            if hs.request is not None:
+                lg.on_early = None
+                lg.pause_reading()
+                if not done.done():
+                    done.set_result(hs.request)
+            elif lg.early_eof and not done.done():
+                done.set_result(None)
+
+        leg.on_early = on_early
+        return leg
+
+    def _socks5_accepted(self, leg: TcpLeg, done: asyncio.Future[socks5.Socks5Request | None]) -> None:
+        self.ctx.tasks.spawn("socks5", self._handle_socks5(leg, done))
+
+    async def _handle_socks5(self, leg: TcpLeg, done: asyncio.Future[socks5.Socks5Request | None]) -> None:
+        try:
+            req = await asyncio.wait_for(asyncio.shield(done), self.ctx.config.timeouts.socks5_handshake)
+        except TimeoutError:
+            leg.abort()
+            self.ctx.metrics.refuse("socks5_timeout")
+            return
+        if req is None:
+            leg.close()
+            return
+        src_ip, src_port = leg.peername
+        dst_ip = resolve_name(self.ctx.snapshot(), req.host) if req.is_domain else req.host
+        assert leg.transport is not None
+        transport = leg.transport
+
+        def send_reply(code: int) -> None:
+            if not transport.is_closing():
+                transport.write(socks5.reply(code))
+
+        if dst_ip is None:
+            rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, req.host, req.port)
+            send_reply(socks5.HOST_UNREACHABLE)
+            self.ctx.refuse(rec, "unknown_name", f"{req.host} is not a service known to the mesh", flags="NR")
+            leg.close()
+            return
+        await self.proxy(leg, src_ip, src_port, dst_ip, req.port, send_reply)
+
+    # -- the path
+
+    async def proxy(self, leg: TcpLeg, src_ip: str, src_port: int, dst_ip: str, dst_port: int,
+                    reply: Reply | None) -> None:
+        ctx = self.ctx
+        snap = ctx.snapshot()
+        pick = self._rr.get(dst_ip, 0)
+        self._rr[dst_ip] = pick + 1
+        plan = plan_outbound(snap, src_ip, dst_ip, dst_port, pick)
+        rec = local_record(ctx, OUTBOUND, src_ip, src_port, plan.dst_ip or dst_ip, plan.dst_port or dst_port,
+                           route=plan.kind)
+        if plan.dst_ip and (plan.dst_ip, plan.dst_port) != (dst_ip, dst_port):
+            rec.original_dst = f"{dst_ip}:{dst_port}"
+        if plan.src is not None:
+            rec.src_workload, rec.src_identity = plan.src.uid, str(plan.src.identity)
+        if plan.dst is not None:
+            rec.dst_workload, rec.dst_identity = plan.dst.uid, str(plan.dst.identity)
+        if plan.service is not None:
+            rec.dst_service = f"{plan.service.name}.{plan.service.namespace}.svc.cluster.local"
+
+        def fail(code: int, key: str, reason: str, flags: str) -> None:
+            if reply is not None:
+                reply(code)
+                leg.close()  # the client reads the SOCKS5 error, then EOF
+            else:
+                leg.abort()
+            ctx.refuse(rec, key, reason, flags=flags)
+
+        if ctx.draining:
+            fail(socks5.GENERAL_FAILURE, "draining", "the ztunnel is shutting down", "DR")
+            return
+        if plan.kind == REFUSE:
+            fail(socks5.NOT_ALLOWED if plan.refuse_key == "unknown_source" else socks5.HOST_UNREACHABLE,
+                 plan.refuse_key, plan.reason, "NR")
+            return
+        if plan.kind == PASSTHROUGH:
+            rec.decision, rec.reason = "allow", plan.reason
+            log.info("outbound %s:%d -> %s:%d: %s", src_ip, src_port, plan.dst_ip, plan.dst_port, plan.reason)
+            try:
+                up = await dial(plan.dst_ip, plan.dst_port, ctx.config.timeouts.connect)
+            except UpstreamError as e:
+                fail(socks5.CONNECTION_REFUSED, "upstream_unreachable", str(e), "UF")
+                return
+            if reply is not None:
+                reply(socks5.SUCCEEDED)
+            await splice_and_wait(ctx, leg, up, [rec], rec.counters)
+            return
+        assert plan.src is not None and plan.dst is not None
+        if plan.kind == LOCAL:
+            await self._same_node(leg, plan, rec, fail, reply)
+            return
+        rec.mtls = True
+        try:
+            cert = await ctx.certs.get(plan.src.identity, timeout=ctx.config.timeouts.cert)
+        except CertNotReady as e:
+            fail(socks5.GENERAL_FAILURE, "cert_not_ready", f"no certificate for the source: {e}", "UAEX")
+            return
+        assert plan.node_address is not None
+        port = ctx.config.hbone_port_for(plan.node_address)
+        authority = f"[{plan.dst_ip}]:{plan.dst_port}" if ":" in plan.dst_ip else f"{plan.dst_ip}:{plan.dst_port}"
+        try:
+            up_leg = await self.pool.open_stream(cert, plan.dst.identity, plan.node_address, port,
+                                                 authority, src_ip)
+        except PoolError as e:
+            if e.status == 401:
+                rec.decision = "deny"
+            code = {401: socks5.NOT_ALLOWED, 400: socks5.HOST_UNREACHABLE}.get(e.status or 0, socks5.CONNECTION_REFUSED)
+            log.warning("outbound %s -> %s: %s", rec.src_workload, authority, e)
+            fail(code, {401: "policy_denied", 400: "peer_bad_request"}.get(e.status or 0, "upstream_unreachable"),
+                 str(e), e.flags)
+            return
+        rec.decision, rec.reason = "allow", plan.reason
+        if leg.lost.done():
+            up_leg.abort()
+            ctx.conns.close(rec, "client went away before the tunnel opened")
+            return
+        if reply is not None:
+            reply(socks5.SUCCEEDED)
+        await splice_and_wait(ctx, leg, up_leg, [rec], rec.counters)
+
+    async def _same_node(self, leg: TcpLeg, plan: OutboundPlan, rec: ConnRecord,
+                         fail: Callable[[int, str, str, str], None], reply: Reply | None) -> None:
+        """Same node: no TLS, but the destination's inbound policy with the source's identity."""
+        ctx = self.ctx
+        assert plan.src is not None and plan.dst is not None
+        snap = ctx.snapshot()
+        rec.mtls = True
+        in_rec = local_record(ctx, INBOUND, plan.src.ip, rec.src_port, plan.dst_ip, plan.dst_port,
+                              src_workload=plan.src.uid, src_identity=str(plan.src.identity), mtls=True,
+                              route=LOCAL, dst_service=rec.dst_service, counters=rec.counters)
+        chk = check_inbound(snap, plan.dst_ip, plan.dst_port, src_ip=plan.src.ip,
+                            src_identity=plan.src.identity, mtls=True)
+        apply_check(in_rec, chk)
+        apply_check(rec, chk)
+        if chk.status != 200:
+            ctx.refuse(in_rec, "policy_denied" if chk.status == 401 else "unknown_destination", chk.reason,
+                       flags="DENY" if chk.status == 401 else "NR")
+            fail(socks5.NOT_ALLOWED, "policy_denied" if chk.status == 401 else "unknown_destination",
+                 chk.reason, "DENY" if chk.status == 401 else "NR")
+            return
+        try:
+            up = await dial(plan.dst_ip, plan.dst_port, ctx.config.timeouts.connect)
+        except UpstreamError as e:
+            ctx.conns.close(in_rec, str(e))
+            fail(socks5.CONNECTION_REFUSED, "upstream_unreachable", str(e), "UF")
+            return
+        if reply is not None:
+            reply(socks5.SUCCEEDED)
+        await splice_and_wait(ctx, leg, up, [rec, in_rec], rec.counters)
