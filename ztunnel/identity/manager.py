@@ -234,6 +234,10 @@ class CertManager:
             if left <= 0:
                 why = f": last CA error: {entry.last_error}" if entry.last_error else ""
                 raise CertNotReady(f"{identity}: no valid certificate after {timeout:g}s{why}")
+            if entry.task is None:
+                # In backoff: wake for the next attempt (made here, so get() works
+                # without run()), or give up at the deadline.
+                left = min(left, max(0.0, entry.next_attempt - self.clock()))
             entry.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(entry.changed.wait(), left)
