@@ -1177,3 +1177,29 @@ def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> str:
 def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
     """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided, if any."""
     return _effective_mtls(dst, port, policies)
+
+
+def check(
+    facts: ConnectionFacts,
+    policies: PolicySet,
+    *,
+    http: HttpFacts | None = None,
+    via_waypoint: bool = False,
+) -> Decision:
+    """`ambit policy check`: decide where the mesh would. A destination with a waypoint is
+    judged as its waypoint judges (with `http`, all fields; without, as an empty request, so
+    HTTP-only rules do not match); one without is judged by its ztunnel at L4, and `http` is
+    ignored with a note, since no proxy on the path sees HTTP."""
+    dst = facts.dst
+    if dst.waypoint and not via_waypoint:
+        mtls = authorize(facts, policies, via_waypoint=True)
+        if not mtls.allowed:
+            return mtls  # refused before any waypoint logic (STRICT mTLS)
+        d = authorize_http(facts, http or HttpFacts("", "", ""), policies)
+        note = f"judged at waypoint {dst.waypoint}, which enforces {dst.uid}'s policies"
+        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (note, *d.notes))
+    d = authorize(facts, policies, via_waypoint=via_waypoint)
+    if http is not None and (http.method or http.path or http.host):
+        note = f"{dst.uid} has no waypoint: the method/path/host were not evaluated (L4 only)"
+        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (*d.notes, note))
+    return d

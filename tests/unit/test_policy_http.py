@@ -108,3 +108,21 @@ def test_authorize_http(
     d = authorize_http(facts, HttpFacts(method, path, host, headers), snap.policies)
     assert d.allowed is allowed, d
     assert reason in d.reason, d
+
+
+def test_check_judges_at_the_waypoint_or_the_ztunnel() -> None:
+    from ztunnel.policy import check
+
+    policies = op("methods", "[GET]")
+    snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")
+    wl = snap.workload("shop/web")
+    assert wl is not None and wl.waypoint == "shop-wp"
+    facts = ConnectionFacts("10.9.0.1", SpiffeId("cluster.local", "shop", "frontend"), wl, 8080, True)
+    get = check(facts, snap.policies, http=HttpFacts("GET", "/", "web"))
+    assert get.allowed and get.policy == "shop/p" and "waypoint shop-wp" in get.notes[0]
+    assert not check(facts, snap.policies, http=HttpFacts("POST", "/", "web")).allowed
+    assert not check(facts, snap.policies).allowed  # no method given: the GET rule cannot match
+    no_wp = type(wl)(**{**wl.__dict__, "waypoint": None})
+    l4 = check(ConnectionFacts("10.9.0.1", facts.src_identity, no_wp, 8080, True), snap.policies,
+               http=HttpFacts("GET", "/", "web"))
+    assert not l4.allowed and "not evaluated (L4 only)" in l4.notes[-1]
