@@ -251,10 +251,12 @@ class _Reflector:
         md = obj.get("metadata") or {}
         rv = md.get("resourceVersion")
         if kind in ("ADDED", "MODIFIED"):
-            self.objects[self._key(obj)] = self._complete(obj)
+            with self.owner._lock:
+                self.objects[self._key(obj)] = self._complete(obj)
             self.owner._changed()
         elif kind == "DELETED":
-            self.objects.pop(self._key(obj), None)
+            with self.owner._lock:
+                self.objects.pop(self._key(obj), None)
             self.owner._changed()
         elif kind != "BOOKMARK":
             log.warning("%s: ignoring unknown watch event type %r", self.name, kind)
@@ -278,7 +280,9 @@ class _Reflector:
         return out
 
     def _replace(self, items: list[dict[str, Any]]) -> None:
-        self.objects = {self._key(o): self._complete(o) for o in items}
+        objects = {self._key(o): self._complete(o) for o in items}
+        with self.owner._lock:
+            self.objects = objects
         self.owner._changed()
 
     def stop(self) -> None:
@@ -483,7 +487,9 @@ class KubernetesSource:
                 self._refresh_last_error()
 
     def _snapshot(self) -> dict[str, list[dict[str, Any]]]:
-        return {r.name: list(r.objects.values()) for r in self._reflectors}
+        # The reflector threads mutate their dicts; copy them under the lock.
+        with self._lock:
+            return {r.name: list(r.objects.values()) for r in self._reflectors}
 
     def _build(self) -> None:
         raw = self._snapshot()
