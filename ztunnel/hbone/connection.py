@@ -25,8 +25,9 @@ import hyperframe.frame
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import NoSuchStreamError, ProtocolError, StreamClosedError
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hyperframe.frame import GoAwayFrame
 
 from ztunnel.hbone.config import HboneConfig, HboneError
@@ -355,19 +356,37 @@ class _HboneConnection:
         if self._closed:
             raise HboneError(f"{what}: the HBONE connection is closed")
 
+    def _check_sendable(self, what: str, stream_id: int) -> None:
+        """Raise HboneError unless we may send on the stream.
+
+        Checked before calling h2: h2 answers a send in the wrong state by
+        closing the stream, which would turn our own bug into a reset.
+        """
+        self._check_usable(what)
+        stream = self._h2.streams.get(stream_id)
+        if stream is None:
+            raise HboneError(f"{what}: stream {stream_id} does not exist or is closed")
+        state = stream.state_machine.state
+        if state not in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE):
+            raise HboneError(
+                f"{what}: stream {stream_id} is not open for sending "
+                f"(state {state.name}: already ended or reset)"
+            )
+        if self._server and not stream.state_machine.headers_sent:
+            raise HboneError(
+                f"{what}: stream {stream_id} is not open for sending: respond(200) first"
+            )
+
     def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> int:
         """Queue up to len(data) bytes within the flow-control windows; return how many.
 
         The rest must wait for a WindowOpened event for this stream (or None).
         """
-        self._check_usable("send_data")
+        self._check_sendable("send_data", stream_id)
         total = len(data)
         if total == 0:
             return 0
-        try:
-            window = self._h2.local_flow_control_window(stream_id)
-        except (NoSuchStreamError, StreamClosedError):
-            raise HboneError(f"send_data: stream {stream_id} does not exist or is closed") from None
+        window = self._h2.local_flow_control_window(stream_id)
         take = min(total, window)
         if take <= 0:
             self._blocked.add(stream_id)
@@ -380,10 +399,7 @@ class _HboneConnection:
                     self._h2.send_data(stream_id, view[off : min(off + frame, take)])
                     frames += 1
             except ProtocolError as exc:
-                raise HboneError(
-                    f"send_data: stream {stream_id} is not open for sending "
-                    f"(already ended, reset, or no 200 response yet): {exc}"
-                ) from None
+                raise HboneError(f"send_data: stream {stream_id}: {exc}") from None
         self._guard.data_frames_sent(frames, self._now)
         if take < total:
             self._blocked.add(stream_id)
@@ -391,7 +407,7 @@ class _HboneConnection:
 
     def end_stream(self, stream_id: int) -> None:
         """Half-close our side (END_STREAM); the peer may keep sending."""
-        self._check_usable("end_stream")
+        self._check_sendable("end_stream", stream_id)
         try:
             self._h2.end_stream(stream_id)
         except (ProtocolError, KeyError) as exc:
@@ -401,14 +417,16 @@ class _HboneConnection:
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """Abort a stream (RST_STREAM); resetting an already closed stream is a no-op."""
         self._check_usable("reset_stream")
-        try:
-            self._h2.reset_stream(stream_id, error_code)
-        except StreamClosedError:
-            pass
-        except NoSuchStreamError:
-            raise HboneError(f"reset_stream: stream {stream_id} was never opened") from None
-        except ProtocolError as exc:
-            raise HboneError(f"reset_stream: stream {stream_id}: {exc}") from None
+        stream = self._h2.streams.get(stream_id)
+        if stream is None:
+            highest = max(self._h2.highest_inbound_stream_id, self._h2.highest_outbound_stream_id)
+            if stream_id <= 0 or stream_id > highest:
+                raise HboneError(f"reset_stream: stream {stream_id} was never opened")
+        elif not stream.closed:
+            try:
+                self._h2.reset_stream(stream_id, error_code)
+            except ProtocolError as exc:
+                raise HboneError(f"reset_stream: stream {stream_id}: {exc}") from None
         self._release(stream_id)
         self._blocked.discard(stream_id)
         self._finished.add(stream_id)
@@ -594,6 +612,12 @@ class HboneServer(_HboneConnection):
         self._check_usable("respond")
         if not 200 <= status <= 599:
             raise HboneError(f"respond: status {status} is not a final HTTP status")
+        stream = self._h2.streams.get(stream_id)
+        if stream is None or stream.closed or stream.state_machine.headers_sent:
+            raise HboneError(
+                f"respond: stream {stream_id} cannot be answered (unknown, reset or "
+                "already answered)"
+            )
         try:
             if status == 200:
                 self._h2.send_headers(stream_id, [(b":status", b"200")], end_stream=False)
