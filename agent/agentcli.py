@@ -1,0 +1,100 @@
+"""`ambit agent run`: the node agent's command line (parses flags, builds the
+runtime, the datapath and the agent, runs it until interrupted)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+from pathlib import Path
+from typing import Any
+
+from agent import AgentError
+from agent.cli import CliError
+from agent.runtime import parse_runtime_spec
+
+EXAMPLE = """example:
+  ambit agent run --node node-a --cluster local:/run/ambit/local/cluster --runtime local:/run/ambit/local \\
+      --bpf-dir /sys/fs/bpf/ambit/node-a --ztunnel-outbound 10.101.0.1:15001 --ztunnel-addresses 10.101.0.1,10.200.0.11
+"""
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="run the node agent", epilog=EXAMPLE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--node", required=True, help="this node's name")
+    p.add_argument("--cluster", required=True, help="cluster source, e.g. local:DIR")
+    p.add_argument("--runtime", required=True, help="pod runtime, e.g. local:STATE_DIR")
+    p.add_argument("--bpf-dir", type=Path, help="where maps are pinned (default /sys/fs/bpf/ambit/<node>)")
+    p.add_argument("--ztunnel-outbound", help="IP:PORT of the ztunnel's outbound listener (15001)")
+    p.add_argument("--ztunnel-inbound", help="IP:PORT of its inbound plaintext listener (default: outbound IP, 15006)")
+    p.add_argument("--ztunnel-addresses", help="comma-separated addresses the ztunnel talks to pods from")
+    p.add_argument("--ztunnel-cgroup", type=Path, help="the ztunnel's cgroup v2 dir (SO_ORIGINAL_DST answers)")
+    p.add_argument("--admin", default="127.0.0.1:15010", help="admin HTTP listen address, '' to disable")
+    p.add_argument("--trust-domain", default="cluster.local")
+    p.add_argument("--root-namespace", default="istio-system")
+    p.set_defaults(func=run)
+
+
+def hostport(value: str, flag: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"{flag} {value!r}: expected IP:PORT, e.g. 10.101.0.1:15001")
+    return host, int(port)
+
+
+def make_runtime(spec: str, node: str) -> Any:
+    try:
+        kind, arg = parse_runtime_spec(spec)
+    except ValueError as e:
+        raise CliError(f"--runtime: {e}") from e
+    if kind != "local":
+        raise CliError(f"--runtime {spec!r}: unknown kind {kind!r} (supported: local:STATE_DIR)")
+    try:
+        mod = importlib.import_module("agent.local.runtime")
+    except ModuleNotFoundError as e:
+        raise CliError("--runtime local: agent.local.runtime is not installed") from e
+    return mod.LocalPodRuntime(Path(arg), node)
+
+
+def run(args: argparse.Namespace) -> int:
+    from agent.agentd import Agent, AgentConfig
+    from agent.bpf import Datapath
+    from agent.cluster.source import open_source
+
+    try:
+        runtime = make_runtime(args.runtime, args.node)
+        if args.ztunnel_outbound:
+            outbound = hostport(args.ztunnel_outbound, "--ztunnel-outbound")
+        elif hasattr(runtime, "ztunnel_outbound"):
+            outbound = runtime.ztunnel_outbound()
+        else:
+            raise CliError("--ztunnel-outbound is required with this runtime")
+        if args.ztunnel_inbound:
+            inbound = hostport(args.ztunnel_inbound, "--ztunnel-inbound")
+        elif hasattr(runtime, "ztunnel_inbound_plaintext"):
+            inbound = runtime.ztunnel_inbound_plaintext()
+        else:
+            inbound = (outbound[0], 15006)
+        if args.ztunnel_addresses:
+            addrs = [a.strip() for a in args.ztunnel_addresses.split(",") if a.strip()]
+        else:
+            addrs = list(runtime.ztunnel_addresses()) if hasattr(runtime, "ztunnel_addresses") else [outbound[0]]
+        zcg = args.ztunnel_cgroup or (runtime.ztunnel_cgroup() if hasattr(runtime, "ztunnel_cgroup") else None)
+        admin = hostport(args.admin, "--admin") if args.admin else None
+        bpf_dir = args.bpf_dir or Path("/sys/fs/bpf/ambit") / args.node
+        source = open_source(args.cluster)
+        datapath = Datapath(bpf_dir)
+    except AgentError as e:
+        raise CliError(str(e)) from e
+    config = AgentConfig(
+        node=args.node, ztunnel_outbound=outbound, ztunnel_inbound=inbound, ztunnel_addresses=addrs,
+        ztunnel_cgroup=zcg, admin=admin, trust_domain=args.trust_domain, root_namespace=args.root_namespace,
+    )
+    annotator = runtime if hasattr(runtime, "set_annotation") else None
+    agent = Agent(source=source, runtime=runtime, annotator=annotator, datapath=datapath, config=config)
+    try:
+        asyncio.run(agent.run())
+    except AgentError as e:
+        raise CliError(str(e)) from e
+    return 0

@@ -1,0 +1,285 @@
+"""The node agent process: follows the cluster, reconciles this node's pods into
+the eBPF datapath, owns the loaded programs and maps, reads flow events, and
+serves a small admin API (/pods, /flows, /bypass, /healthz).
+
+Reconciling is planned by `agent.enroll.plan` and executed here; every pass is
+idempotent, so a restarted agent converges by re-running it (attachments made
+by its predecessor are adopted by `Datapath`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent import AgentError
+from agent.bpf import Datapath
+from agent.cluster.model import REDIRECTION, ClusterState, Pod
+from agent.cluster.source import ClusterSource
+from agent.enroll import (
+    Action,
+    Actual,
+    Annotate,
+    Attach,
+    Desired,
+    Detach,
+    Forget,
+    Retry,
+    WriteSettings,
+    plan,
+)
+from agent.flows import FlowTable
+from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
+
+log = logging.getLogger("ambit.agent")
+
+RETRY_INTERVAL = 1.0
+
+
+@dataclass
+class AgentConfig:
+    node: str
+    ztunnel_outbound: tuple[str, int]
+    ztunnel_inbound: tuple[str, int]
+    ztunnel_addresses: list[str]
+    ztunnel_cgroup: Path | None
+    admin: tuple[str, int] | None = None
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    node_netns: Path | None = None  # None: the agent already runs in the node's netns
+
+
+def pod_mode(cluster: ClusterState, pod: Pod, node: str, trust_domain: str, root_namespace: str) -> str:
+    """The pod's inbound plaintext mode from PeerAuthentication (workload level; DISABLE acts as PERMISSIVE)."""
+    from ztunnel.policy import mtls_mode
+    from ztunnel.state import build_snapshot
+
+    if not pod.ip:
+        return "PERMISSIVE"
+    snap = build_snapshot(cluster, node, trust_domain=trust_domain, root_namespace=root_namespace)
+    w = snap.workload_by_ip(pod.ip)
+    if w is None:
+        return "PERMISSIVE"
+    return "STRICT" if mtls_mode(w, 0, snap.policies) == "STRICT" else "PERMISSIVE"
+
+
+@dataclass
+class Agent:
+    source: ClusterSource
+    runtime: PodRuntime
+    annotator: PodAnnotator | None
+    datapath: Datapath
+    config: AgentConfig
+    flows: FlowTable = field(default_factory=FlowTable)
+    actual: dict[str, Actual] = field(default_factory=dict)
+    retries: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    _pods: dict[str, Pod] = field(default_factory=dict)
+    _ifaces: set[str] = field(default_factory=set)
+    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: bool = False
+
+    # -- one reconcile pass ------------------------------------------------------
+
+    def desired(self, cluster: ClusterState) -> dict[str, Desired]:
+        out: dict[str, Desired] = {}
+        for pod in cluster.pods_on_node(self.config.node):
+            if pod.phase in ("Succeeded", "Failed"):
+                continue
+            enrolled = cluster.is_enrolled(pod)
+            mode = "PERMISSIVE"
+            if enrolled:
+                try:
+                    mode = pod_mode(cluster, pod, self.config.node, self.config.trust_domain, self.config.root_namespace)
+                except Exception as e:  # a policy bug must not stop redirection; PERMISSIVE still goes via 15006
+                    self.errors.append(f"{pod.key}: computing mTLS mode: {e}")
+            out[pod.key] = Desired(
+                key=pod.key,
+                ip=pod.ip,
+                cgroup=self.runtime.cgroup_path(pod),
+                enrolled=enrolled,
+                mode=mode,
+                annotated=pod.meta.annotations.get(REDIRECTION) == REDIRECTION_ENABLED,
+            )
+        return out
+
+    def reconcile(self, cluster: ClusterState) -> list[Action]:
+        self._pods = {p.key: p for p in cluster.pods_on_node(self.config.node)}
+        self._attach_interfaces()
+        actions = plan(self.desired(cluster), self.actual)
+        self.retries = {}
+        for act in actions:
+            try:
+                self._execute(act)
+            except AgentError as e:
+                log.warning("%s: %s", act.key, e)
+                self.retries[act.key] = str(e)
+        return actions
+
+    def _attach_interfaces(self) -> None:
+        wanted = list(self.runtime.node_interfaces())
+        for pod in self._pods.values():
+            host_if = self.runtime.host_interface(pod)
+            if host_if:
+                wanted.append(host_if)
+        for ifname in wanted:
+            if ifname in self._ifaces:
+                continue
+            try:
+                self.datapath.attach_interface(ifname, self.config.node_netns)
+                self._ifaces.add(ifname)
+            except AgentError as e:
+                self.retries[f"iface/{ifname}"] = str(e)
+
+    def _execute(self, act: Action) -> None:
+        if isinstance(act, WriteSettings):
+            root_id = self.datapath.set_pod(
+                act.cgroup, act.ip, enrolled=act.enrolled, mode=act.mode, port_exceptions=act.port_exceptions
+            )
+            prev = self.actual.get(act.key)
+            self.actual[act.key] = Actual(
+                key=act.key,
+                cgroup=act.cgroup,
+                cgroup_ids=(root_id,),
+                ip=act.ip,
+                attached=prev.attached if prev and prev.cgroup == act.cgroup else False,
+                enrolled=act.enrolled,
+                mode=act.mode,
+                port_exceptions=act.port_exceptions,
+            )
+        elif isinstance(act, Attach):
+            done = self.datapath.attach_pod(act.cgroup)
+            log.info("%s: %s", act.key, ", ".join(done))
+            cur = self.actual[act.key]
+            self.actual[act.key] = Actual(**{**cur.__dict__, "attached": True})
+        elif isinstance(act, Detach):
+            with contextlib.suppress(AgentError):  # cgroup already gone: its programs went with it
+                self.datapath.detach_pod(act.cgroup)
+            old = self.actual.get(act.key)
+            if old is not None and old.cgroup == act.cgroup:
+                self.actual[act.key] = Actual(**{**old.__dict__, "attached": False})
+        elif isinstance(act, Forget):
+            self.datapath.remove_pod(act.cgroup_ids, act.ip)
+            gone = self.actual.get(act.key)
+            if gone is not None and act.cgroup_ids and set(gone.cgroup_ids) <= set(act.cgroup_ids):
+                del self.actual[act.key]
+        elif isinstance(act, Annotate):
+            pod = self._pods.get(act.key)
+            if pod is not None and self.annotator is not None:
+                self.annotator.set_annotation(pod, REDIRECTION, act.value)
+        elif isinstance(act, Retry):
+            self.retries[act.key] = act.reason
+
+    # -- the process -------------------------------------------------------------
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks[name] = asyncio.create_task(coro, name=name)
+
+    async def run(self) -> None:
+        self.datapath.set_config(self.config.ztunnel_outbound, self.config.ztunnel_inbound)
+        self.datapath.set_ztunnel_addresses(self.config.ztunnel_addresses)
+        if self.config.ztunnel_cgroup is not None:
+            self.datapath.attach_ztunnel(self.config.ztunnel_cgroup)
+        self._spawn("agent-follow", self._follow())
+        self._spawn("agent-events", self._events())
+        if self.config.admin:
+            server = await asyncio.start_server(self._admin, *self.config.admin)
+            self._spawn("agent-admin", self._serve(server))
+        try:
+            await asyncio.gather(*self._tasks.values())
+        finally:
+            await self.close()
+
+    async def _follow(self) -> None:
+        changes = self.source.changes()
+        latest: list[ClusterState] = []
+
+        async def pull() -> None:
+            async for state in changes:
+                latest.append(state)
+                self._wake.set()
+
+        self._spawn("agent-source", pull())
+        while not self._stop:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RETRY_INTERVAL if self.retries else 30)
+            self._wake.clear()
+            if latest:
+                state = latest[-1]
+                latest.clear()
+                self._state = state
+            if getattr(self, "_state", None) is not None:
+                self.reconcile(self._state)
+
+    async def _events(self) -> None:
+        while not self._stop:
+            events = await asyncio.to_thread(self.datapath.poll_events, 200)
+            by_ip = {p.ip: p.key for p in self._pods.values() if p.ip}
+            for ev in events:
+                self.flows.ingest(ev, by_ip.get)
+
+    async def _serve(self, server: asyncio.base_events.Server) -> None:
+        async with server:
+            await server.serve_forever()
+
+    def admin_view(self, path: str) -> tuple[int, Any]:
+        if path == "/healthz":
+            return 200, {"ok": True, "pods": len(self.actual), "retries": self.retries}
+        if path == "/pods":
+            return 200, [self._pod_view(k) for k in sorted(set(self.actual) | set(self.retries))]
+        if path == "/flows":
+            return 200, self.flows.snapshot()
+        if path == "/bypass":
+            counts = self.datapath.drop_counts()
+            out = []
+            for key, a in sorted(self.actual.items()):
+                c = counts.get(a.cgroup_ids[0]) if a.cgroup_ids else None
+                out.append({"pod": key, "egress": c.egress if c else 0, "ingress": c.ingress if c else 0,
+                            "inbound_strict": c.inbound_strict if c else 0})
+            return 200, out
+        return 404, {"error": f"no such path {path}: try /pods, /flows, /bypass, /healthz"}
+
+    def _pod_view(self, key: str) -> dict[str, Any]:
+        a = self.actual.get(key)
+        view: dict[str, Any] = {"pod": key, "retry": self.retries.get(key)}
+        if a is not None:
+            attached: dict[str, bool] = {}
+            with contextlib.suppress(AgentError):
+                attached = self.datapath.pod_attached(a.cgroup)
+            view.update(cgroup=str(a.cgroup), ip=a.ip, enrolled=a.enrolled, mode=a.mode,
+                        attached=a.attached and bool(attached) and all(attached.values()), programs=attached)
+        return view
+
+    async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Four read-only JSON paths on the node's loopback do not justify a web framework.
+        try:
+            line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace").split()
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass
+            status, body = (405, {"error": "GET only"}) if not line or line[0] != "GET" else self.admin_view(
+                line[1].split("?")[0])
+            data = json.dumps(body, indent=1).encode()
+            writer.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                         "Connection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        """Stop tasks and release handles; programs stay attached and maps pinned (fail closed)."""
+        self._stop = True
+        for t in self._tasks.values():
+            t.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self.source.close()
+        self.datapath.close()
+
