@@ -91,6 +91,7 @@ class UnitSpec:
     netns: str | None = None  # entered with setns before exec
     restart: bool = True
     unavailable: str | None = None  # why it cannot start in this build
+    stop_grace: float = STOP_GRACE  # seconds between SIGTERM and killing the unit's cgroup
     on_start: Callable[[], None] | None = None
     on_exit: Callable[[int], None] | None = None
 
@@ -204,9 +205,9 @@ class Unit:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE)
+                await asyncio.wait_for(proc.wait(), self.spec.stop_grace)
             except TimeoutError:
-                log.warning("%s: did not stop within %gs; killing", self.spec.name, STOP_GRACE)
+                log.warning("%s: did not stop within %gs; killing", self.spec.name, self.spec.stop_grace)
         # Whatever it left behind (its children) goes too.
         await asyncio.to_thread(cgroups.kill, self.spec.cgroup)
         if proc is not None:
