@@ -85,6 +85,7 @@ class StreamLeg:
         self.pending.clear()
         if not self.response.done():
             self.response.set_exception(ConnectionResetError(error))
+            self.response.exception()  # only the pool awaits it; never "unretrieved"
         if self.splice is not None:
             self.splice.on_lost(self, error)
 
