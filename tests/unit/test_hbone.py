@@ -24,6 +24,7 @@ from ztunnel.hbone import (
     TunnelResponse,
     WindowOpened,
 )
+from ztunnel.hbone.wire import BadRequest, format_authority, parse_authority, parse_forwarded
 
 
 def open_tunnel(pair: Pair, authority: str = "10.1.0.5:8080", **kw: str) -> int:
@@ -333,3 +334,54 @@ def test_preface_is_settings_and_big_connection_window() -> None:
     client = HboneClient(HboneConfig(), 0.0)
     client.initiate()
     assert client.data_to_send().startswith(PREFACE)
+
+
+def test_bytes_arriving_one_at_a_time() -> None:
+    pair = Pair()
+    sid = pair.client.open_stream("10.1.0.5:80", forwarded_for="10.2.0.1")
+    wire = pair.client.data_to_send()
+    events = []
+    for i in range(len(wire)):
+        events += pair.server.receive_data(wire[i : i + 1], pair.now)
+    assert events == [ConnectRequest(sid, "10.1.0.5:80", "10.1.0.5", 80, "10.2.0.1", None, None)]
+    pair.server.respond(sid, 200)
+    pair.pump()
+    pair.client.send_data(sid, b"x" * 70_000)  # spans frames and reads
+    wire = pair.client.data_to_send()
+    got = b""
+    for off in range(0, len(wire), 777):
+        for ev in pair.server.receive_data(memoryview(wire)[off : off + 777], pair.now):
+            assert isinstance(ev, StreamData)
+            got += ev.data
+    assert got == b"x" * 70_000
+
+
+@pytest.mark.parametrize(
+    ("value", "ip"),
+    [
+        ("for=10.1.2.3", "10.1.2.3"),
+        ('for="10.1.2.3:4711"', "10.1.2.3"),
+        ('For="[2001:db8::1]"', "2001:db8::1"),
+        ('for="[2001:db8::1]:80";proto=https', "2001:db8::1"),
+        ("proto=http;for=10.0.0.9, for=10.0.0.1", "10.0.0.9"),
+        ("proto=http", None),
+    ],
+)
+def test_parse_forwarded(value: str, ip: str | None) -> None:
+    assert parse_forwarded(value) == ip
+
+
+@pytest.mark.parametrize("value", ["for=unknown", "for=_hidden", 'for="[2001:db8::1"', "for=10.1.2"])
+def test_parse_forwarded_rejects(value: str) -> None:
+    with pytest.raises(BadRequest, match="forwarded"):
+        parse_forwarded(value)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "authority"),
+    [("10.0.0.1", 80, "10.0.0.1:80"), ("fd00::1", 443, "[fd00::1]:443"),
+     ("FD00:0::1", 443, "[fd00::1]:443")],
+)
+def test_authority_round_trip(host: str, port: int, authority: str) -> None:
+    assert format_authority(host, port) == authority
+    assert parse_authority(authority) == (host.lower().replace(":0:", ":"), port)

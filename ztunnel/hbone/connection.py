@@ -170,17 +170,20 @@ class _HboneConnection:
         return events
 
     def _ingest(self, data: bytes | bytearray | memoryview, events: list[HboneEvent]) -> None:
-        buf = self._inbuf
-        buf += data
+        # Parse straight from `data` when nothing is pending: only a trailing
+        # partial frame is copied into the buffer.
+        buffered = bool(self._inbuf)
+        if buffered:
+            self._inbuf += data
         pos = 0
-        with memoryview(buf) as view:
+        with memoryview(self._inbuf if buffered else data) as view:
             if self._preamble_left:
-                take = min(self._preamble_left, len(buf))
+                take = min(self._preamble_left, len(view))
                 self._feed(view[:take], events)  # h2 checks the preamble bytes
                 self._preamble_left -= take
                 pos = take
             run_start = pos
-            end = len(buf)
+            end = len(view)
             limit = max(self._config.max_frame_size, _DEFAULT_MAX_FRAME)
             while end - pos >= 9 and not self._closed:
                 length = int.from_bytes(view[pos : pos + 3], "big")
@@ -217,7 +220,10 @@ class _HboneConnection:
                     run_start = pos
             if not self._closed:
                 self._feed(view[run_start:pos], events)
-        del buf[:pos]
+            if not buffered:
+                self._inbuf += view[pos:]
+        if buffered:
+            del self._inbuf[:pos]
 
     def _account_header_block(self, ftype: int, flags: int, sid: int, length: int) -> None:
         """Bound a header block (HEADERS + CONTINUATION) in frames and bytes."""
