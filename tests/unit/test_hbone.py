@@ -385,3 +385,15 @@ def test_parse_forwarded_rejects(value: str) -> None:
 def test_authority_round_trip(host: str, port: int, authority: str) -> None:
     assert format_authority(host, port) == authority
     assert parse_authority(authority) == (host.lower().replace(":0:", ":"), port)
+
+
+def test_thousands_of_refused_streams_keep_bookkeeping_bounded() -> None:
+    pair = Pair()
+    for _ in range(1500):
+        sid = pair.client.open_stream("10.1.0.5:80")
+        pair.pump()
+        pair.server.respond(sid, 401)
+        c_events, _ = pair.pump()
+        assert c_events == [TunnelResponse(sid, 401)]
+    assert pair.client.open_streams == 0 and pair.server.open_streams == 0
+    assert len(pair.server._finished) <= 401 and len(pair.client._finished) <= 401

@@ -435,7 +435,7 @@ class _HboneConnection:
                 raise HboneError(f"reset_stream: stream {stream_id}: {exc}") from None
         self._release(stream_id)
         self._blocked.discard(stream_id)
-        self._finished.add(stream_id)
+        self._mark_finished(stream_id)
 
     def acknowledge_received(self, stream_id: int, n: int) -> None:
         """The application consumed n bytes of StreamData: give the peer that credit back."""
@@ -450,6 +450,14 @@ class _HboneConnection:
         else:
             self._unacked[stream_id] = pending - n
         self._h2.acknowledge_received_data(n, stream_id)
+
+    def _mark_finished(self, stream_id: int) -> None:
+        self._finished.add(stream_id)
+        if len(self._finished) > 2 * self._config.server_max_concurrent_streams:
+            # Long-lived pooled connections: forget streams h2 has cleaned up
+            # (late frames for them no longer reach us as events).
+            _ = self._h2.open_inbound_streams, self._h2.open_outbound_streams  # h2 cleanup
+            self._finished &= self._h2.streams.keys()
 
     def _release(self, stream_id: int) -> None:
         """Return the connection credit of data the application will never consume."""
@@ -583,7 +591,7 @@ class HboneServer(_HboneConnection):
         if self._draining and sid > self._drain_last_id:
             # Opened after our GOAWAY: the client retries it on a new connection.
             self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
-            self._finished.add(sid)
+            self._mark_finished(sid)
             return
         try:
             target = parse_connect_request(ev.headers or [])
@@ -605,7 +613,7 @@ class HboneServer(_HboneConnection):
 
     def _answer_and_close(self, sid: int, status: int) -> None:
         self._h2.send_headers(sid, [(b":status", str(status).encode())], end_stream=True)
-        self._finished.add(sid)
+        self._mark_finished(sid)
         stream = self._h2.streams.get(sid)
         if stream is not None and not stream.closed:
             # RFC 9113 8.1: a complete response lets us stop the request with NO_ERROR,
@@ -686,7 +694,7 @@ class HboneClient(_HboneConnection):
         status = _status(ev.headers or [])
         events.append(TunnelResponse(sid, status))
         if status != 200:
-            self._finished.add(sid)
+            self._mark_finished(sid)
             stream = self._h2.streams.get(sid)
             if stream is not None and not stream.closed and not ev.stream_ended:
                 self._h2.reset_stream(sid, ErrorCodes.CANCEL)
