@@ -23,7 +23,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from ztunnel.conntrack import ByteCounters
 
@@ -166,8 +166,9 @@ class TcpLeg(asyncio.BufferedProtocol):
     # -- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
         if not self.connected.done():

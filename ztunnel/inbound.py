@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnRecord
 from ztunnel.context import ProxyContext
@@ -306,8 +306,7 @@ class InboundConnection(HboneProtocol):
         except SvidError as e:
             log.warning("%s: rejected peer certificate: %s", self.label, e)
             self.inbound.ctx.metrics.refuse("peer_certificate")
-            assert isinstance(transport, asyncio.Transport)
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
             return
         name = getattr(ssl_obj, "ambit_server_name", None)
         if name:

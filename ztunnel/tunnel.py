@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from ztunnel.copy import WRITE_HIGH, WRITE_LOW, Splice, set_nodelay
 from ztunnel.hbone import (
@@ -214,8 +214,9 @@ class HboneProtocol(asyncio.Protocol):
     # -- asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its API
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         set_nodelay(transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH * 2, low=WRITE_LOW * 2)
         self.proto.initiate()
