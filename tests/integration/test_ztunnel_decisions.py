@@ -1,0 +1,139 @@
+"""The ztunnel's pure parts by table: outbound routing, inbound checks, SOCKS5, SO_ORIGINAL_DST, flags."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from agent.cluster.model import build_state, load_documents
+from tests.integration.ztunnel_harness import NAMESPACES, node_yaml, pod_yaml, service_yaml
+from ztunnel import socks5
+from ztunnel.config import ConfigError, Listen, parse_listen
+from ztunnel.identity.spiffe import SpiffeId
+from ztunnel.inbound import check_inbound, parse_authority
+from ztunnel.origdst import OrigDstError, parse_sockaddr
+from ztunnel.outbound import HBONE, LOCAL, PASSTHROUGH, REFUSE, plan_outbound, resolve_name
+from ztunnel.state import Snapshot, build_snapshot
+
+STRICT = """
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {"9090": {mode: PERMISSIVE}}}
+"""
+
+
+def snap(node: str = "node-a", extra: str = "") -> Snapshot:
+    text = NAMESPACES + node_yaml("node-a", "10.0.0.11") + node_yaml("node-b", "10.0.0.12")
+    text += pod_yaml("shop", "client", "node-a", "client", "10.1.0.1")
+    text += pod_yaml("shop", "local", "node-a", "local", "10.1.0.2")
+    text += pod_yaml("shop", "web-0", "node-b", "web", "10.2.0.1", {"app": "web"})
+    text += pod_yaml("shop", "web-1", "node-b", "web", "10.2.0.2", {"app": "web"})
+    text += pod_yaml("legacy", "old", "node-b", "default", "10.2.0.9")
+    text += service_yaml("shop", "web", "10.96.0.10", {"app": "web"}, 80, 8080)
+    text += service_yaml("shop", "empty", "10.96.0.11", {"app": "none"}, 80, 8080)
+    return build_snapshot(build_state(load_documents(text + extra)), node)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "port", "kind", "final"),
+    [
+        ("10.1.0.1", "10.2.0.1", 8080, HBONE, ("10.2.0.1", 8080)),
+        ("10.1.0.1", "10.1.0.2", 7000, LOCAL, ("10.1.0.2", 7000)),
+        ("10.1.0.1", "10.2.0.9", 5432, PASSTHROUGH, ("10.2.0.9", 5432)),
+        ("10.1.0.1", "192.0.2.1", 443, PASSTHROUGH, ("192.0.2.1", 443)),
+        ("10.1.0.1", "10.96.0.10", 80, HBONE, ("10.2.0.1", 8080)),
+        ("10.1.0.1", "10.96.0.10", 81, REFUSE, None),
+        ("10.1.0.1", "10.96.0.11", 80, REFUSE, None),
+        ("10.9.9.9", "10.2.0.1", 8080, REFUSE, None),
+        ("10.2.0.1", "10.1.0.1", 8080, REFUSE, None),  # a pod of another node
+    ],
+)
+def test_plan_outbound(src: str, dst: str, port: int, kind: str, final: tuple[str, int] | None) -> None:
+    p = plan_outbound(snap(), src, dst, port)
+    assert p.kind == kind, p.reason
+    if final is not None:
+        assert (p.dst_ip, p.dst_port) == final
+    if kind == HBONE:
+        assert p.node_address == "10.0.0.12"
+    if kind == REFUSE:
+        assert p.refuse_key and p.reason
+
+
+def test_vip_round_robin() -> None:
+    s = snap()
+    assert {plan_outbound(s, "10.1.0.1", "10.96.0.10", 80, pick=i).dst_ip for i in range(4)} == {"10.2.0.1", "10.2.0.2"}
+
+
+def test_resolve_name() -> None:
+    s = snap()
+    assert resolve_name(s, "web.shop.svc.cluster.local") == "10.96.0.10"
+    assert resolve_name(s, "web.shop") == "10.96.0.10"
+    assert resolve_name(s, "10.2.0.1") == "10.2.0.1"
+    assert resolve_name(s, "web.other.svc.cluster.local") is None
+    assert resolve_name(s, "example.com") is None
+
+
+def test_check_inbound() -> None:
+    s = snap("node-b", STRICT)
+    assert s.errors == ()
+    client = SpiffeId("cluster.local", "shop", "client")
+    ok = check_inbound(s, "10.2.0.1", 8080, src_ip="10.0.0.11", src_identity=client, mtls=True)
+    assert ok.status == 200
+    assert check_inbound(s, "10.1.0.1", 8080, src_ip="x", src_identity=client, mtls=True).status == 400
+    assert check_inbound(s, "10.2.0.9", 80, src_ip="x", src_identity=client, mtls=True).status == 400
+    wrong_sni = check_inbound(s, "10.2.0.1", 8080, src_ip="10.0.0.11", src_identity=client, mtls=True,
+                              tls_identity=SpiffeId("cluster.local", "shop", "other"))
+    assert wrong_sni.status == 400 and "TLS connection was opened for" in wrong_sni.reason
+    plain = check_inbound(s, "10.2.0.1", 8080, src_ip="10.1.0.1", src_identity=None, mtls=False)
+    assert plain.status == 401 and "STRICT" in plain.reason
+    assert check_inbound(s, "10.2.0.1", 9090, src_ip="10.1.0.1", src_identity=None, mtls=False).status == 200
+
+
+def test_parse_authority() -> None:
+    assert parse_authority("10.0.0.1:80") == ("10.0.0.1", 80)
+    assert parse_authority("[fd00::1]:443") == ("fd00::1", 443)
+    for bad in ("10.0.0.1", "host:80", "10.0.0.1:0", "10.0.0.1:99999", ":80"):
+        assert parse_authority(bad) is None
+
+
+def test_parse_sockaddr() -> None:
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 8080) + socket.inet_aton("10.1.2.3") + b"\0" * 8
+    assert parse_sockaddr(v4) == ("10.1.2.3", 8080)
+    v6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 443) + b"\0" * 4
+          + socket.inet_pton(socket.AF_INET6, "fd00::7") + b"\0" * 4)
+    assert parse_sockaddr(v6) == ("fd00::7", 443)
+    with pytest.raises(OrigDstError):
+        parse_sockaddr(b"\x01\x00")
+    with pytest.raises(OrigDstError, match="family"):
+        parse_sockaddr(struct.pack("=H", 99) + b"\0" * 14)
+
+
+def test_socks5_handshake() -> None:
+    hs = socks5.Socks5Handshake()
+    msg = b"\x05\x02\x00\x02" + b"\x05\x01\x00\x03\x05web.x" + struct.pack("!H", 80) + b"payload"
+    out, used = hs.feed(msg[:3])
+    assert (out, used) == (b"", 0)
+    out, used = hs.feed(msg)
+    assert out == b"\x05\x00" and msg[used:] == b"payload"
+    assert hs.request == socks5.Socks5Request("web.x", 80, True)
+    with pytest.raises(socks5.Socks5Error) as e:
+        socks5.Socks5Handshake().feed(b"\x05\x01\x02")
+    assert e.value.reply == b"\x05\xff"
+    with pytest.raises(socks5.Socks5Error, match="command 2") as e:
+        socks5.Socks5Handshake().feed(b"\x05\x01\x00\x05\x02\x00\x01" + b"\0" * 6)
+    assert e.value.reply[1] == socks5.COMMAND_NOT_SUPPORTED
+    with pytest.raises(socks5.Socks5Error, match="not SOCKS5"):
+        socks5.Socks5Handshake().feed(b"GET / HTTP/1.1\r\n")
+
+
+def test_parse_listen() -> None:
+    assert parse_listen("127.0.0.1:15000", "--admin") == Listen("127.0.0.1", 15000)
+    assert parse_listen("10.0.0.1", "--hbone", 15008) == Listen("10.0.0.1", 15008)
+    assert parse_listen("[::1]:80", "--x") == Listen("::1", 80)
+    for bad, why in (("host:80", "not an IP"), ("1.2.3.4:x", "not a number"), ("1.2.3.4:70000", "out of range")):
+        with pytest.raises(ConfigError, match=why):
+            parse_listen(bad, "--hbone")
