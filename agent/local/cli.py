@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("up", help="create a local cluster", epilog=EXAMPLES_UP, formatter_class=fmt)
     _state(p)
     p.add_argument("--nodes", type=int, default=2, help="number of nodes (default 2)")
+    p.add_argument(
+        "--without", action="append", default=[], choices=["ca", "agent", "ztunnel"],
+        help="do not run this component (repeatable), e.g. to run it by hand under a debugger",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="remove everything the cluster made (idempotent, also after a crash)")
@@ -94,7 +98,8 @@ def _guard(fn: Any, *args: Any, **kw: Any) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     from agent.local import cluster
 
-    report = _guard(cluster.up, args.state_dir, args.nodes)
+    components = [c for c in ("ca", "agent", "ztunnel") if c not in args.without]
+    report = _guard(cluster.up, args.state_dir, args.nodes, components=components)
     lay = report.layout
     print(f"cluster {lay.cid} up in {lay.state_dir}")
     for n in lay.nodes:

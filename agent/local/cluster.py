@@ -96,7 +96,9 @@ def supervisor_alive(layout: Layout) -> int | None:
     return sup.pidfile_alive(layout.pids_dir / "supervisor.pid")
 
 
-def up(state_dir: Path, nodes: int = 2, *, wait: float = 3.0) -> UpReport:
+def up(
+    state_dir: Path, nodes: int = 2, *, wait: float = 3.0, components: Iterable[str] = L.COMPONENTS
+) -> UpReport:
     """Create the cluster: fabric, control and node namespaces, the CA files, the supervisor."""
     state_dir = Path(os.path.realpath(state_dir))
     if (state_dir / "cluster.json").exists():
@@ -105,7 +107,7 @@ def up(state_dir: Path, nodes: int = 2, *, wait: float = 3.0) -> UpReport:
             raise LocalError(f"a local cluster is already up in {state_dir}; `ambit local down --state-dir {state_dir}` first")
         log.warning("a previous cluster in %s was not shut down; cleaning it up first", state_dir)
         down(state_dir)
-    layout = L.plan(state_dir, nodes, cgroups.find_root())
+    layout = L.plan(state_dir, nodes, cgroups.find_root(), components)
     report = UpReport(layout)
     undo = Undo()
     try:
@@ -471,21 +473,31 @@ def refresh_hosts(layout: Layout, store: Store) -> None:
 
 
 def delete(state_dir: Path, paths: Sequence[Path], ignore_not_found: bool = False) -> list[str]:
+    """Delete the named objects; a Namespace takes everything in it along (as in Kubernetes)."""
     layout = Layout.load(Path(os.path.realpath(state_dir)))
     store = store_of(layout)
     objs = read_manifests(paths)
     lines: list[str] = []
     missing: list[str] = []
+
+    def remove(key: tuple[str, str, str], old: Obj) -> None:
+        if key[0] == "Pod":
+            _teardown_pod(layout, key[1], key[2], str((old.get("spec") or {}).get("nodeName")))
+        if store.remove(key):
+            lines.append(f"{describe(key)} deleted")
+
     for o in sorted(objs, key=lambda o: -APPLY_ORDER.get(str(o.get("kind")), 9)):
         key = object_key(o)
         old = store.get(key)
         if old is None:
-            missing.append(describe(key))
+            if describe(key) + " deleted" not in lines:
+                missing.append(describe(key))
             continue
-        if key[0] == "Pod":
-            _teardown_pod(layout, key[1], key[2], str((old.get("spec") or {}).get("nodeName")))
-        store.remove(key)
-        lines.append(f"{describe(key)} deleted")
+        if key[0] == "Namespace":
+            inside = [x for x in store.list() if object_key(x)[1] == key[2]]
+            for x in sorted(inside, key=lambda x: -APPLY_ORDER.get(str(x.get("kind")), 9)):
+                remove(object_key(x), x)
+        remove(key, old)
     refresh_hosts(layout, store)
     if missing and not ignore_not_found:
         raise LocalError(f"not found: {', '.join(missing)} (the rest was deleted: {len(lines)} objects)")

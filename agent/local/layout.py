@@ -74,6 +74,8 @@ class Layout:
     control_netns: str
     control_address: str
     nodes: tuple[NodePlan, ...]
+    # which node processes the supervisor runs (`up --without` drops some)
+    components: tuple[str, ...] = ("ca", "agent", "ztunnel")
 
     # -- paths ---------------------------------------------------------------
     @property
@@ -141,6 +143,8 @@ class Layout:
     def from_json(cls, text: str) -> Layout:
         d: dict[str, Any] = json.loads(text)
         d["nodes"] = tuple(NodePlan(**n) for n in d["nodes"])
+        if "components" in d:
+            d["components"] = tuple(d["components"])
         return cls(**d)
 
     @classmethod
@@ -154,10 +158,17 @@ class Layout:
             raise LocalError(f"{p} is damaged ({e}); `ambit local down --state-dir {state_dir}` cleans up") from e
 
 
-def plan(state_dir: Path, nodes: int, cgroup_root: Path) -> Layout:
+COMPONENTS = ("ca", "agent", "ztunnel")
+
+
+def plan(state_dir: Path, nodes: int, cgroup_root: Path, components: Iterable[str] = COMPONENTS) -> Layout:
     """The naming and address plan of a cluster with `nodes` nodes in `state_dir`."""
     real = Path(os.path.realpath(state_dir))
     cid = cluster_id(real)
+    comps = tuple(components)
+    unknown = [c for c in comps if c not in COMPONENTS]
+    if unknown:
+        raise LocalError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}")
     k = 1 + int(cid, 16) % 95
     prefix = f"ambit-{cid}-"
     plans = []
@@ -183,6 +194,7 @@ def plan(state_dir: Path, nodes: int, cgroup_root: Path) -> Layout:
         control_netns=f"{prefix}control",
         control_address=f"10.200.{k}.2",
         nodes=tuple(plans),
+        components=comps,
     )
 
 

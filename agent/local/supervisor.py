@@ -236,12 +236,18 @@ def _ambit(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent.cli", *args]
 
 
+def _disabled(layout: Layout, component: str) -> str | None:
+    if component in layout.components:
+        return None
+    return f"left out by `ambit local up --without {component}`"
+
+
 def system_units(layout: Layout) -> list[UnitSpec]:
     """The CA and, per node, the agent and the ztunnel."""
     base = layout.cgroup_base
     cluster = f"local:{layout.cluster_dir}"
     units = []
-    ca_missing = _module_missing("controlplane.cli")
+    ca_missing = _disabled(layout, "ca") or _module_missing("controlplane.cli")
     if ca_missing is None and not (layout.ca_dir / "root-cert.pem").exists():
         ca_missing = f"the CA was not initialised in {layout.ca_dir}"
     units.append(
@@ -269,10 +275,10 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                 log=node_dir / "agent.log",
                 pidfile=layout.pids_dir / f"{n.name}.agent.pid",
                 netns=n.netns,
-                unavailable=_module_missing("agent.agentcli"),
+                unavailable=_disabled(layout, "agent") or _module_missing("agent.agentcli"),
             )
         )
-        zt_missing = _module_missing("ztunnel.cli")
+        zt_missing = _disabled(layout, "ztunnel") or _module_missing("ztunnel.cli")
         if zt_missing is None and not (cred / "tls.crt").exists():
             zt_missing = f"no node credential in {cred} (the CA could not issue one)"
         units.append(

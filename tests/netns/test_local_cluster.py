@@ -253,6 +253,16 @@ def test_delete_removes_the_pod(cluster: L.Layout, tmp_path: Path) -> None:
         C.delete(cluster.state, [m])
 
 
+def test_deleting_a_namespace_deletes_what_is_in_it(cluster: L.Layout, tmp_path: Path) -> None:
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tmpns"}}
+    m = write_manifest(tmp_path / "ns.yaml", ns, pod_yaml("tmpns", "p", "node-b", ["sleep", "600"]))
+    C.apply(cluster.state, [m])
+    only_ns = write_manifest(tmp_path / "only.yaml", ns)
+    assert C.delete(cluster.state, [only_ns]) == ["Pod tmpns/p deleted", "Namespace tmpns deleted"]
+    assert not nsops.exists(cluster.pod_netns("tmpns", "p"))
+    assert C.store_of(cluster).get(("Pod", "tmpns", "p")) is None
+
+
 def test_stop_and_start_units(cluster: L.Layout) -> None:
     units = {u["unit"]: u for u in C.unit_status(cluster.state)}
     assert set(units) >= {"ca", "node-a/agent", "node-a/ztunnel", "node-b/agent", "node-b/ztunnel"}
@@ -300,7 +310,7 @@ def test_down_removes_everything_even_after_a_crash(tmp_path: Path) -> None:
     state = tmp_path / "crash"
     before = root_net()
     try:
-        C.up(state, 2, wait=0.2)
+        C.up(state, 2, wait=0.2, components=["ca"])
         m = write_manifest(tmp_path / "p.yaml", pod_yaml("default", "p", "node-b", ["sleep", "600"]))
         C.apply(state, [m])
         lay = L.Layout.load(state)
@@ -319,8 +329,9 @@ def test_down_removes_everything_even_after_a_crash(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert _leftovers(state) == []
         assert not [p for p in pids if p and running(p)], "a process of the cluster survived down"
-        # idempotent
+        # idempotent, and a later up in the same state dir works
         C.down(state)
+        C.up(state, 1, wait=0.2, components=())
     finally:
         C.down(state)
     assert root_net() == before
@@ -344,7 +355,7 @@ def test_failed_up_leaves_nothing(tmp_path: Path) -> None:
 def test_two_clusters_side_by_side(cluster: L.Layout, tmp_path: Path) -> None:
     state2 = tmp_path / "second"
     try:
-        lay2 = C.up(state2, 1, wait=0.2).layout
+        lay2 = C.up(state2, 1, wait=0.2, components=()).layout
         assert lay2.cid != cluster.cid
         m = write_manifest(tmp_path / "p.yaml", pod_yaml("default", "solo", "node-a", ["sleep", "600"]))
         C.apply(state2, [m])

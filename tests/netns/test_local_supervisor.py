@@ -104,7 +104,7 @@ async def test_unavailable_unit_says_why(cg_base: Path, tmp_path: Path) -> None:
 def test_local_pod_runtime(tmp_path: Path) -> None:
     state = tmp_path / "rt"
     try:
-        lay = C.up(state, 2, wait=0.2).layout
+        lay = C.up(state, 2, wait=0.2, components=()).layout
         m = tmp_path / "p.yaml"
         m.write_text(
             "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: default}\n"

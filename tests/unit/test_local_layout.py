@@ -55,6 +55,14 @@ def test_load_without_cluster_names_the_fix(tmp_path: Path) -> None:
         L.Layout.load(tmp_path)
 
 
+def test_components(tmp_path: Path) -> None:
+    assert L.plan(tmp_path, 1, Path("/x")).components == ("ca", "agent", "ztunnel")
+    lay = L.plan(tmp_path, 1, Path("/x"), ["ca"])
+    assert L.Layout.from_json(lay.to_json()).components == ("ca",)
+    with pytest.raises(LocalError, match="unknown component"):
+        L.plan(tmp_path, 1, Path("/x"), ["waypoint"])
+
+
 def test_node_count_bounds() -> None:
     assert L.node_names(1) == ["node-a"]
     with pytest.raises(LocalError, match="1 to 16"):
