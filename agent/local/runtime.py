@@ -8,6 +8,8 @@ cgroup does not exist yet is answered with None.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from agent import netns as nsops
@@ -89,3 +91,16 @@ class LocalPodRuntime:
             return  # idempotent without rewriting the file (which would wake every watcher)
         if store.update(("Pod", pod.namespace, pod.name), fn) is None:
             raise LocalError(f"pod {pod.key} is gone; cannot set annotation {key}")
+
+
+def node_connector(state_dir: Path, node: str) -> Callable[[str, int, float], socket.socket]:
+    """connect(host, port, timeout) from inside `node`'s netns: reaches its 127.0.0.1 admin endpoints."""
+    layout = Layout.load(Path(state_dir))
+    ns = layout.node(node).netns
+    if not nsops.exists(ns):
+        raise LocalError(f"node {node} has no network namespace {ns}; is the cluster up?")
+
+    def connect(host: str, port: int, timeout: float) -> socket.socket:
+        return nsops.connect_in(ns, host, port, timeout)
+
+    return connect

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from agent import cgroups
+from agent import netns as nsops
 from agent.cluster.model import Meta, Pod
 from agent.local import LocalError
 from agent.local import cluster as C
 from agent.local import layout as L
 from agent.local import supervisor as S
-from agent.local.runtime import LocalPodRuntime
+from agent.local.runtime import LocalPodRuntime, node_connector
 
 
 @pytest.fixture
@@ -133,5 +135,21 @@ def test_local_pod_runtime(tmp_path: Path) -> None:
             rt_b.set_annotation(ghost, "k", "v")
         with pytest.raises(LocalError, match="unknown node"):
             LocalPodRuntime(state, "node-q")
+        # node_connector reaches 127.0.0.1 of the node's netns (the admin endpoints), not the machine's
+        code = (
+            "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); c, _ = s.accept(); c.sendall(b'node-b'); c.close()"
+        )
+        srv = subprocess.Popen(
+            nsops.exec_argv(lay.nodes[1].netns, [sys.executable, "-c", code]), stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert srv.stdout is not None
+            port = int(srv.stdout.readline())
+            with node_connector(state, "node-b")("127.0.0.1", port, 3.0) as sock:
+                assert sock.recv(10) == b"node-b"
+        finally:
+            srv.kill()
+            srv.wait()
     finally:
         C.down(state)
