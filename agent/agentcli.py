@@ -44,12 +44,17 @@ def hostport(value: str, flag: str) -> tuple[str, int]:
 
 
 def make_runtime(spec: str, node: str) -> Any:
+    if spec == "kubernetes":
+        # On a Kubernetes node: pods' cgroups from the kubelet's layout (systemd or cgroupfs driver).
+        from agent.kubecgroup import KubePodRuntime
+
+        return KubePodRuntime()
     try:
         kind, arg = parse_runtime_spec(spec)
     except ValueError as e:
         raise CliError(f"--runtime: {e}") from e
     if kind != "local":
-        raise CliError(f"--runtime {spec!r}: unknown kind {kind!r} (supported: local:STATE_DIR)")
+        raise CliError(f"--runtime {spec!r}: unknown kind {kind!r} (supported: local:STATE_DIR, kubernetes)")
     try:
         mod = importlib.import_module("agent.local.runtime")
     except ModuleNotFoundError as e:
@@ -91,7 +96,11 @@ def run(args: argparse.Namespace) -> int:
         node=args.node, ztunnel_outbound=outbound, ztunnel_inbound=inbound, ztunnel_addresses=addrs,
         ztunnel_cgroup=zcg, admin=admin, trust_domain=args.trust_domain, root_namespace=args.root_namespace,
     )
-    annotator = runtime if hasattr(runtime, "set_annotation") else None
+    annotator: Any = runtime if hasattr(runtime, "set_annotation") else None
+    if annotator is None and args.cluster.startswith("kubernetes"):
+        from agent.cluster.kube import KubePodAnnotator, api_client_from_spec
+
+        annotator = KubePodAnnotator(api_client_from_spec(args.cluster))
     agent = Agent(source=source, runtime=runtime, annotator=annotator, datapath=datapath, config=config)
     try:
         asyncio.run(agent.run())

@@ -355,6 +355,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
                   + (f" rule {data['rule']}" if data.get("rule") is not None else "")
                   + f"  [{data.get('action')}]")
         con.print(f"  why: {data.get('reason')}")
+        for note in data.get("notes") or []:
+            con.print(f"  note: {note}")
         if data.get("mtls_mode"):
             con.print(f"  mTLS mode of the destination port: {data['mtls_mode']}")
     return 0 if data.get("allowed") else 3
