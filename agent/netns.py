@@ -4,6 +4,9 @@ The only module of the agent that calls setns or pyroute2 (besides the BCC
 loader's TC attach). Every link is created directly inside the namespace it
 belongs to (a veth's peer is created straight into its target namespace), so
 nothing ever appears, even briefly, in the machine's own network namespace.
+
+Synchronous: from asyncio code call these through `asyncio.to_thread`
+(pyroute2 0.9's IPRoute refuses to start on a thread whose event loop runs).
 """
 
 from __future__ import annotations
