@@ -204,8 +204,21 @@ def cmd_exec(args: argparse.Namespace) -> int:
     from agent.local import cluster
 
     cmd = list(args.command)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
+    if "--" in cmd:
+        # argparse hands everything after the pod to REMAINDER, options included:
+        # `exec NS/POD --state-dir DIR -- CMD` is split here.
+        i = cmd.index("--")
+        opts, cmd = cmd[:i], cmd[i + 1 :]
+        if opts:
+            pre = argparse.ArgumentParser(prog="ambit local exec", add_help=False)
+            _state(pre)
+            pre.set_defaults(state_dir=args.state_dir)
+            try:
+                args.state_dir = pre.parse_args(opts).state_dir
+            except SystemExit as e:
+                raise CliError(f"exec: cannot parse {' '.join(opts)!r} before --") from e
+    if not cmd:
+        raise CliError("exec: give the command after --, e.g. ambit local exec shop/frontend -- cat /etc/hosts")
     status: int = _guard(cluster.exec_in_pod, args.state_dir, args.pod, cmd)
     return status
 

@@ -232,8 +232,13 @@ def _module_missing(module: str) -> str | None:
     return None if found else f"{module} is not part of this build yet"
 
 
+# Not `python -m agent.cli`: run as __main__, that module's CliError would be a
+# second class, and the user errors of the groups would surface as tracebacks.
+AMBIT = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"]
+
+
 def _ambit(*args: str) -> list[str]:
-    return [sys.executable, "-m", "agent.cli", *args]
+    return [*AMBIT, *args]
 
 
 def _disabled(layout: Layout, component: str) -> str | None:
@@ -475,7 +480,8 @@ def spawn(layout: Layout) -> int:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     with open(layout.logs_dir / "supervisor.log", "ab") as logf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.local.supervisor", "--state-dir", layout.state_dir],
+            [sys.executable, "-c", "import sys; from agent.local.supervisor import main; sys.exit(main(sys.argv[1:]))",
+             "--state-dir", layout.state_dir],
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=subprocess.STDOUT,

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from agent import netns as nsops
 from agent.local import LocalError
 from agent.local import cluster as C
 from agent.local import layout as L
-from agent.local.supervisor import pidfile_alive
+from agent.local.supervisor import AMBIT, pidfile_alive
 
 SERVER = (
     "import socket\n"
@@ -43,9 +42,9 @@ def root_net() -> tuple[str, str, list[str]]:
 
 def ambit(state: Path, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "local", *args, "--state-dir", str(state)]
+        [*AMBIT, "local", *args, "--state-dir", str(state)]
         if args[0] != "exec"
-        else [sys.executable, "-m", "agent.cli", "local", "exec", "--state-dir", str(state), *args[1:]],
+        else [*AMBIT, "local", "exec", *args[1:2], "--state-dir", str(state), *args[2:]],
         capture_output=True, text=True, timeout=timeout, check=False,
     )
     if check and r.returncode != 0:
@@ -323,7 +322,7 @@ def test_down_removes_everything_even_after_a_crash(tmp_path: Path) -> None:
         os.kill(sup_pid, signal.SIGKILL)
         (state / "cluster.json").write_text("{damaged")
         out = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "local", "down", "--state-dir", str(state)],
+            [*AMBIT, "local", "down", "--state-dir", str(state)],
             capture_output=True, text=True, timeout=60, check=False,
         )
         assert out.returncode == 0, out.stderr
