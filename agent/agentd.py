@@ -1,6 +1,8 @@
 """The node agent process: follows the cluster, reconciles this node's pods into
 the eBPF datapath, owns the loaded programs and maps, reads flow events, and
-serves a small admin API (/pods, /flows, /bypass, /healthz).
+serves a small admin API (/status, /pods, /flows, /bypass, /healthz). /flows joins
+the kernel's flow records with the ztunnel's connection records (agent.flowjoin),
+which the agent reads from the ztunnel's admin endpoint on the node's loopback.
 
 Reconciling is planned by `agent.enroll.plan` and executed here; every pass is
 idempotent, so a restarted agent converges by re-running it (attachments made
@@ -13,13 +15,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent import AgentError
-from agent.bpf import Datapath
+from agent.bpf import Datapath, DropCounts
 from agent.cluster.model import REDIRECTION, ClusterState, Pod
 from agent.cluster.source import ClusterSource
 from agent.enroll import (
@@ -34,6 +37,7 @@ from agent.enroll import (
     WriteSettings,
     plan,
 )
+from agent.flowjoin import join_flows
 from agent.flows import FlowTable
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 
@@ -53,6 +57,7 @@ class AgentConfig:
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     node_netns: Path | None = None  # None: the agent already runs in the node's netns
+    ztunnel_admin: tuple[str, int] = ("127.0.0.1", 15000)
 
 
 def pod_mode(cluster: ClusterState, pod: Pod, node: str, trust_domain: str, root_namespace: str) -> str:
@@ -85,6 +90,8 @@ class Agent:
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: bool = False
+    ztunnel_conns: list[dict[str, Any]] = field(default_factory=list)
+    ztunnel_ready: tuple[bool, str] = (False, "not asked yet")
 
     # -- one reconcile pass ------------------------------------------------------
 
@@ -189,6 +196,7 @@ class Agent:
             self.datapath.attach_ztunnel(self.config.ztunnel_cgroup)
         self._spawn("agent-follow", self._follow())
         self._spawn("agent-events", self._events())
+        self._spawn("agent-ztunnel-watch", self._watch_ztunnel())
         if self.config.admin:
             server = await asyncio.start_server(self._admin, *self.config.admin)
             self._spawn("agent-admin", self._serve(server))
@@ -216,7 +224,8 @@ class Agent:
                 latest.clear()
                 self._state = state
             if getattr(self, "_state", None) is not None:
-                self.reconcile(self._state)
+                # Netlink and BPF syscalls block; pyroute2 also refuses to run inside a running loop.
+                await asyncio.to_thread(self.reconcile, self._state)
 
     async def _events(self) -> None:
         while not self._stop:
@@ -224,6 +233,73 @@ class Agent:
             by_ip = {p.ip: p.key for p in self._pods.values() if p.ip}
             for ev in events:
                 self.flows.ingest(ev, by_ip.get)
+
+    async def _watch_ztunnel(self) -> None:
+        """Keep the ztunnel's readiness and connection records (for /status and /flows)."""
+        host, port = self.config.ztunnel_admin
+        while not self._stop:
+            try:
+                status, ready = await http_get_json(host, port, "/healthz/ready")
+                self.ztunnel_ready = (status == 200, "" if status == 200 else str(ready))
+                status, conns = await http_get_json(host, port, "/connections")
+                if status == 200:
+                    items = conns.get("items", conns) if isinstance(conns, dict) else conns
+                    self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
+            except (OSError, ValueError, TimeoutError) as e:
+                self.ztunnel_ready = (False, f"ztunnel admin {host}:{port} unreachable: {e}")
+            await asyncio.sleep(1.0)
+
+    def joined_flows(self) -> list[dict[str, Any]]:
+        pod_by_ip = {p.ip: p.key for p in self._pods.values() if p.ip}
+        return join_flows(self.flows.snapshot(), self.ztunnel_conns, time.monotonic_ns(), pod_by_ip)
+
+    def status_view(self) -> dict[str, Any]:
+        """`ambit status`: for each enrolled pod, is its traffic really going to the ztunnel?"""
+        kernel: dict[int, dict[str, Any]] = {}
+        counts: dict[int, DropCounts] = {}
+        with contextlib.suppress(AgentError):
+            kernel = self.datapath.pods()
+            counts = self.datapath.drop_counts()
+        ready, reason = self.ztunnel_ready
+        via_ztunnel: dict[str, int] = {}
+        for rec in self.ztunnel_conns:
+            if rec.get("direction") == "outbound" and rec.get("src_workload"):
+                via_ztunnel[rec["src_workload"]] = via_ztunnel.get(rec["src_workload"], 0) + 1
+        pods = []
+        for key, a in sorted(self.actual.items()):
+            if not a.enrolled:
+                continue
+            attached: dict[str, bool] = {}
+            with contextlib.suppress(AgentError):
+                attached = self.datapath.pod_attached(a.cgroup)
+            k = kernel.get(a.cgroup_ids[0]) if a.cgroup_ids else None
+            in_sync = k is not None and k["enrolled"] and k["mode"] == a.mode
+            all_attached = bool(attached) and all(attached.values())
+            c = counts.get(a.cgroup_ids[0]) if a.cgroup_ids else None
+            problem = None
+            if not all_attached:
+                missing = [n for n, ok in attached.items() if not ok] or ["all programs"]
+                problem = f"not attached: {', '.join(missing)}"
+            elif not in_sync:
+                problem = "the kernel's pod map differs from the cluster state (the agent will rewrite it)"
+            elif not ready:
+                problem = f"ztunnel not ready: {reason}"
+            elif key in self.retries:
+                problem = self.retries[key]
+            pods.append({
+                "pod": key, "ip": a.ip, "mode": a.mode, "attached": all_attached, "programs": attached,
+                "maps_in_sync": in_sync, "redirected": all_attached and in_sync and ready,
+                "bypass_drops": (c.egress + c.ingress + c.inbound_strict) if c else 0,
+                "connections_via_ztunnel": via_ztunnel.get(key, 0), "problem": problem,
+            })
+        pending = [{"pod": k, "problem": v} for k, v in sorted(self.retries.items()) if k not in self.actual]
+        return {
+            "node": self.config.node,
+            "pods": pods,
+            "pending": pending,
+            "ztunnel": {"ready": ready, "reason": reason},
+            "healthy": ready and all(p["redirected"] for p in pods) and not pending,
+        }
 
     async def _serve(self, server: asyncio.base_events.Server) -> None:
         async with server:
@@ -234,8 +310,12 @@ class Agent:
             return 200, {"ok": True, "pods": len(self.actual), "retries": self.retries}
         if path == "/pods":
             return 200, [self._pod_view(k) for k in sorted(set(self.actual) | set(self.retries))]
+        if path == "/status":
+            return 200, self.status_view()
         if path == "/flows":
-            return 200, self.flows.snapshot()
+            return 200, {"items": self.joined_flows()}
+        if path == "/flows/kernel":
+            return 200, {"items": self.flows.snapshot()}
         if path == "/bypass":
             counts = self.datapath.drop_counts()
             out = []
@@ -244,7 +324,7 @@ class Agent:
                 out.append({"pod": key, "egress": c.egress if c else 0, "ingress": c.ingress if c else 0,
                             "inbound_strict": c.inbound_strict if c else 0})
             return 200, out
-        return 404, {"error": f"no such path {path}: try /pods, /flows, /bypass, /healthz"}
+        return 404, {"error": f"no such path {path}: try /status, /pods, /flows, /flows/kernel, /bypass, /healthz"}
 
     def _pod_view(self, key: str) -> dict[str, Any]:
         a = self.actual.get(key)
@@ -283,3 +363,19 @@ class Agent:
         self.source.close()
         self.datapath.close()
 
+
+async def http_get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """GET a JSON document from a loopback admin endpoint (the ztunnel's); (status, body)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, body.decode(errors="replace")

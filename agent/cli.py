@@ -97,4 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy: subcommands raise
+    # agent.cli.CliError, which must be the class that main() catches.
+    from agent.cli import main as _main
+
+    sys.exit(_main())

@@ -46,6 +46,9 @@ class ConnRecord:
     src_identity: str | None = None
     dst_identity: str | None = None
     dst_service: str | None = None  # "ns/name" when dialed through a service VIP
+    # The local end of the ztunnel's own connection to the destination: the key by
+    # which the agent joins this record with the kernel's (sock_ops) view of the flow.
+    upstream_local: str | None = None
     mtls: bool = False
     route: str = ""  # hbone | same-node | passthrough | plaintext
     decision: str = "pending"  # allow | deny | pending
@@ -80,6 +83,7 @@ class ConnRecord:
             "src_identity": self.src_identity,
             "dst_identity": self.dst_identity,
             "dst_service": self.dst_service,
+            "upstream_local": self.upstream_local,
             "mtls": self.mtls,
             "route": self.route,
             "decision": self.decision,

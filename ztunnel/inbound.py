@@ -142,8 +142,14 @@ async def splice_and_wait(ctx: ProxyContext, down: Leg, up: Leg, records: list[C
         for r in records:
             ctx.conns.close(r, err)
 
+    upstream_local = None
+    if isinstance(up, TcpLeg) and up.transport is not None:
+        name = up.transport.get_extra_info("sockname")
+        if name:
+            upstream_local = f"{name[0]}:{name[1]}"
     for r in records:
         r.state = "open"
+        r.upstream_local = upstream_local
         ctx.metrics.connection_opened(r)
     sp = Splice(down, up, counters, done)
     sp.start()
