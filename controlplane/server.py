@@ -111,7 +111,8 @@ class CaServer:
             # is no node credential gets UNAUTHENTICATED from authenticate().
             require_client_auth=True,
         )
-        server = grpc.aio.server()
+        # No SO_REUSEPORT: a second CA on the same port must fail, not share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         handler = grpc.unary_unary_rpc_method_handler(
             self._create_certificate,
             request_deserializer=None,  # raw bytes: decoded by caproto so decode errors map to INVALID_ARGUMENT

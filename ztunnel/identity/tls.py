@@ -134,6 +134,8 @@ class _ServerSelector:
     def context_for(self, identity: SpiffeId) -> ssl.SSLContext | None:
         cert = self.lookup(identity)
         if cert is None:
+            with self._lock:
+                self._contexts.pop(identity, None)  # the workload left this node
             return None
         with self._lock:
             cached = self._contexts.get(identity)
