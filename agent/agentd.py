@@ -250,8 +250,11 @@ class Agent:
             await asyncio.sleep(1.0)
 
     def joined_flows(self) -> list[dict[str, Any]]:
-        pod_by_ip = {p.ip: p.key for p in self._pods.values() if p.ip}
-        return join_flows(self.flows.snapshot(), self.ztunnel_conns, time.monotonic_ns(), pod_by_ip)
+        # Every pod of the cluster, not only this node's: peers of dropped flows live elsewhere.
+        state = getattr(self, "_state", None)
+        pods = state.pods.values() if state is not None else self._pods.values()
+        pod_by_ip = {p.ip: p.key for p in pods if p.ip}
+        return join_flows(self.flows.snapshot(), self.ztunnel_conns, time.monotonic_ns(), pod_by_ip, time.time())
 
     def status_view(self) -> dict[str, Any]:
         """`ambit status`: for each enrolled pod, is its traffic really going to the ztunnel?"""

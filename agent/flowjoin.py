@@ -39,15 +39,27 @@ def join_flows(
     ztunnel: Iterable[Mapping[str, Any]],
     now_ns: int,
     pod_by_ip: Mapping[str, str] | None = None,
+    now_wall: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Join kernel flow records and ztunnel connection records into `ambit flows` rows."""
+    """Join kernel flow records and ztunnel connection records into `ambit flows` rows.
+
+    `now_ns` is the kernel's monotonic clock (flow event times), `now_wall` the wall
+    clock (the ztunnel's `started_at`). Drops of one connection attempt (the SYN and
+    its retransmissions) are folded into one row with a packet count.
+    """
     pods = pod_by_ip or {}
     outbound_by_src: dict[str, Mapping[str, Any]] = {}
     inbound_by_peer: dict[str, Mapping[str, Any]] = {}
-    drops: list[Mapping[str, Any]] = []
+    drops: dict[tuple[str, str, str], dict[str, Any]] = {}
     for rec in kernel:
         if rec.get("state") == "dropped":
-            drops.append(rec)
+            key = (str(rec.get("kind")), str(rec.get("src")), str(rec.get("dst")))
+            seen = drops.get(key)
+            if seen is None:
+                drops[key] = {**rec, "packets": 1}
+            else:
+                seen["packets"] += 1
+                seen["ts_ns"] = max(seen.get("ts_ns") or 0, rec.get("ts_ns") or 0)
         elif rec.get("kind") == "outbound":
             outbound_by_src[str(rec.get("src"))] = rec
         elif rec.get("kind") == "inbound":
@@ -84,12 +96,13 @@ def join_flows(
                 "bytes_sent": z.get("bytes_received"),
                 "bytes_received": z.get("bytes_sent"),
                 "rtt_us": k.get("srtt_us") if k else None,
-                "age_seconds": z.get("age_s"),
+                "age_seconds": _wall_age(z, now_wall),
+                "duration_seconds": z.get("age_s"),
                 "kernel": _kernel_view(k),
                 "error": z.get("error"),
             }
         )
-    for d in drops:
+    for d in drops.values():
         # The packet's own source and destination: for egress drops the pod is the source.
         src, dst = d.get("src"), d.get("dst")
         rows.append(
@@ -106,7 +119,7 @@ def join_flows(
                 "policy": DROP_POLICY.get(str(d.get("kind")), str(d.get("kind"))),
                 "state": "dropped",
                 "age_seconds": _age(d.get("ts_ns"), now_ns),
-                "kernel": {"event": d.get("kind"), "cgroup_id": d.get("cgroup_id")},
+                "kernel": {"event": d.get("kind"), "cgroup_id": d.get("cgroup_id"), "packets": d.get("packets")},
             }
         )
     for kf in [*outbound_by_src.values(), *inbound_by_peer.values()]:
@@ -141,6 +154,13 @@ def _policy(z: Mapping[str, Any]) -> str | None:
         return None
     rule = z.get("rule")
     return f"{z['policy']}" + (f" rule {rule}" if rule is not None else "")
+
+
+def _wall_age(z: Mapping[str, Any], now_wall: float | None) -> Any:
+    started = z.get("started_at")
+    if now_wall is not None and isinstance(started, int | float):
+        return max(0.0, now_wall - started)
+    return z.get("age_s")
 
 
 def _age(ts_ns: Any, now_ns: int) -> float | None:

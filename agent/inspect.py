@@ -120,8 +120,13 @@ def render(
         json.dump(raw if raw is not None else {"items": rows}, sys.stdout, indent=2, sort_keys=True, default=str)
         sys.stdout.write("\n")
         return 0
-    Console().print(make_table(rows, columns, title))
+    console().print(make_table(rows, columns, title))
     return 0
+
+
+def console() -> Console:
+    """Rich console; when piped (no terminal width), wide enough that identities stay on one line."""
+    return Console() if sys.stdout.isatty() else Console(width=250)
 
 
 def make_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, str]], title: str) -> Table:
@@ -349,7 +354,7 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         verdict = "[bold green]ALLOWED[/]" if data.get("allowed") else "[bold red]DENIED[/]"
-        con = Console()
+        con = console()
         con.print(f"{verdict}  {data.get('source')} -> {data.get('destination')}:{port}")
         con.print(f"  decided by: {data.get('policy') or '(no policy: default)'}"
                   + (f" rule {data['rule']}" if data.get("rule") is not None else "")
@@ -385,7 +390,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     render(args, rows, cols, f"redirection status on {admin.label}", raw=status)
     if args.output != "json":
         z = status.get("ztunnel", {})
-        Console().print(f"ztunnel: {'ready' if z.get('ready') else 'NOT READY'}"
+        console().print(f"ztunnel: {'ready' if z.get('ready') else 'NOT READY'}"
                         + (f" ({z.get('reason')})" if z.get("reason") else ""))
     healthy = status.get("healthy", all(r["redirected"] == "yes" for r in rows))
     return 0 if healthy else 4

@@ -96,6 +96,7 @@ class ConnRecord:
             "bytes_received": self.counters.received,
             "bytes_sent": self.counters.sent,
             "age_s": round(self.duration, 3),
+            "started_at": round(self.started_wall, 3),
         }
 
 
