@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def _cluster() -> Any:
     objs = read_manifests([EXAMPLES])
-    ips = {"backend": "10.1.1.2", "frontend": "10.1.0.2", "client": "10.1.0.3"}
+    ips = {"backend": "10.1.1.2", "frontend": "10.1.0.2", "client": "10.1.0.3", "catalog": "10.1.0.4"}
     for o in objs:
         if o["kind"] == "Pod":
             o["status"] = {"podIP": ips[o["metadata"]["name"]], "phase": "Running"}
@@ -34,8 +34,10 @@ def test_examples_describe_the_demo() -> None:
     assert pods["frontend"].node_name == "node-a" and pods["backend"].node_name == "node-b"
     assert state.is_enrolled(pods["frontend"]) and state.is_enrolled(pods["backend"])
     assert not state.is_enrolled(pods["client"])
-    svc = state.services[("shop", "backend")]
-    assert [p.name for p in state.service_endpoints(svc)] == ["backend"]
+    assert pods["catalog"].node_name == "node-a" and state.is_enrolled(pods["catalog"])
+    for name in ("backend", "catalog"):
+        svc = state.services[("shop", name)]
+        assert [p.name for p in state.service_endpoints(svc)] == [name]
     assert all(p.command and p.command[0] == "python3" for p in pods.values() if p.name != "client")
 
 
@@ -46,7 +48,7 @@ def test_examples_policy_allows_only_the_frontend_with_mtls() -> None:
     assert backend is not None
     assert mtls_mode(backend, 8080, snap.policies) == "STRICT"
     frontend = SpiffeId("cluster.local", "shop", "frontend")
-    other = SpiffeId("cluster.local", "shop", "default")
+    other = SpiffeId("cluster.local", "shop", "catalog")
     assert authorize(ConnectionFacts("10.1.0.2", frontend, backend, 8080, True), snap.policies).allowed
     assert not authorize(ConnectionFacts("10.1.0.2", other, backend, 8080, True), snap.policies).allowed
     # the unenrolled legacy client speaks plaintext: STRICT refuses it
