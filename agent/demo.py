@@ -1,95 +1,208 @@
-"""`make demo` (`python -m agent.demo`): the end-to-end demonstration of ambit.
+"""`make demo` (`python -m agent.demo`): ambit end to end on a two-node local cluster.
 
-For now it shows workload identity through the real path: it creates a CA in
-a temporary directory, starts the CA server on loopback, gives node-a its node
-credential, asks for the SVID of a pod's service account over gRPC with a
-locally generated key, verifies it, prints who the workload is and until when,
-shows that another node is refused, and removes everything it made.
+It runs the commands a user would run and prints them with their output:
+brings up a local cluster (CA, two nodes with an agent and a ztunnel each),
+applies `examples/` (the enrolled `shop` namespace with three services across
+both nodes, the unenrolled `legacy` namespace, an ALLOW-by-principal policy and
+STRICT mTLS), sends allowed and denied traffic, shows `ambit flows` and an
+`ambit policy check` that explains a denial, and tears everything down. It
+checks what it claims (exit status 1 if the mesh did not behave) and always
+cleans up, also when interrupted.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
-import logging
+import json
+import os
+import shlex
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from agent.cluster.source import LocalDirSource
-from controlplane.pki import CaMaterial, write_node_credential
-from controlplane.server import AuditLog, CaServer
-from ztunnel.identity import IdentityError
-from ztunnel.identity.caclient import CaClient
-from ztunnel.identity.manager import CertManager, CertNotReady
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import verify_svid
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+AMBIT = [sys.executable, "-m", "agent.cli"]
 
-CLUSTER = """\
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {ambit.dev/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: frontend-0, namespace: shop}
-spec: {nodeName: node-a, serviceAccountName: frontend}
+CLIENT = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+try:
+    with socket.create_connection((host, port), timeout=3) as c:
+        reply = c.recv(200).decode().strip()
+except OSError as e:
+    print(f"{host}:{port} -> failed: {e}"); sys.exit(1)
+if not reply:
+    print(f"{host}:{port} -> connection closed without a reply (refused by the mesh)"); sys.exit(1)
+print(f"{host}:{port} -> {reply}")
 """
 
 
-async def identity_demo(workdir: Path, out: io.TextIOBase | None = None) -> int:
-    """Run the identity part of the demo in `workdir`; returns an exit status."""
-    say = (out or sys.stdout).write
-    (workdir / "cluster").mkdir()
-    (workdir / "cluster" / "shop.yaml").write_text(CLUSTER)
-    material = CaMaterial.generate("cluster.local")
-    material.write(workdir / "ca")
-    for node in ("node-a", "node-b"):
-        write_node_credential(material, node, workdir / node)
-    audit = io.StringIO()
-    server = CaServer(material, LocalDirSource(workdir / "cluster"), port=0, audit=AuditLog(audit))
-    port = await server.start()
-    say(f"CA for trust domain {material.trust_domain} listening on 127.0.0.1:{port}\n")
-    ident = SpiffeId.for_workload("cluster.local", "shop", "frontend")
-    status = 0
-    try:
-        client = CaClient(f"127.0.0.1:{port}", workdir / "node-a")
-        manager = CertManager(client, bundle=material.bundle)
-        try:
-            cert = await manager.get(ident, timeout=10)
-            who = verify_svid(list(cert.chain), material.bundle)
-            say(f"node-a obtained an X.509-SVID for pod shop/frontend-0:\n"
-                f"  identity   {who}\n  serial     {cert.serial:x}\n"
-                f"  valid      {cert.not_before.isoformat()} .. {cert.not_after.isoformat()}\n"
-                f"  renews at  {manager.status()[0]['next_renewal']}\n")
-        finally:
-            await manager.close()
-            await client.close()
-        intruder = CaClient(f"127.0.0.1:{port}", workdir / "node-b")
-        other = CertManager(intruder, bundle=material.bundle)
-        try:
-            await other.get(ident, timeout=1)
-            say("ERROR: node-b was given an identity it does not host\n")
-            status = 1
-        except CertNotReady as e:
-            say(f"node-b was refused, as it should be: {str(e).split('last CA error: ')[-1]}\n")
-        finally:
-            await other.close()
-            await intruder.close()
-    except IdentityError as e:
-        say(f"demo failed: {e}\n")
-        status = 1
-    finally:
-        await server.stop()
-    say(f"CA audit log: {len(audit.getvalue().splitlines())} lines\n")
-    return status
+class DemoFailed(Exception):
+    """The mesh did not do what the demo says it does."""
 
 
-def main() -> int:
-    # The CA's audit lines and the manager's retry warnings are not the demo's output.
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+class Demo:
+    def __init__(self, state_dir: Path, verbose: bool) -> None:
+        self.state_dir = state_dir
+        self.verbose = verbose
+        self.step_no = 0
+
+    def step(self, title: str) -> None:
+        self.step_no += 1
+        bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        print(f"\n{bold}== {self.step_no}. {title}{plain}", flush=True)
+
+    def ambit(self, *args: str, show: bool = True, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        sd = ["--state-dir", str(self.state_dir)]
+        if args[0] == "local":  # before any `--` of `local exec`
+            argv = [args[0], args[1], *sd, *args[2:]]
+        else:
+            argv = [*args, *sd] if "--node" in args else [*args]
+        shown = "ambit " + " ".join(shlex.quote(a) for a in args)
+        if show:
+            print(f"$ {shown}", flush=True)
+        proc = subprocess.run([*AMBIT, *argv], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "COLUMNS": "250"})
+        if show:
+            out = proc.stdout.rstrip()
+            if out:
+                print(out, flush=True)
+            if proc.returncode != 0 and proc.stderr.strip():
+                print(proc.stderr.rstrip(), flush=True)
+        if check and proc.returncode != 0:
+            raise DemoFailed(f"`{shown}` exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+        return proc
+
+    def connect(self, pod: str, host: str, port: int) -> subprocess.CompletedProcess[str]:
+        return self.ambit("local", "exec", pod, "--", "python3", "-c", CLIENT, host, str(port), check=False,
+                          show=False)
+
+    def show_connect(self, pod: str, host: str, port: int, expect_ok: bool) -> None:
+        print(f"$ ambit local exec {pod} -- <connect to {host}:{port}>", flush=True)
+        proc = self.connect(pod, host, port)
+        print("  " + (proc.stdout.strip() or proc.stderr.strip()), flush=True)
+        if (proc.returncode == 0) != expect_ok:
+            raise DemoFailed(f"{pod} -> {host}:{port}: expected {'success' if expect_ok else 'refusal'}, "
+                             f"got {proc.stdout.strip() or proc.stderr.strip()}")
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.ambit(*args, "-o", "json", show=False).stdout)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (DemoFailed, ValueError, KeyError):
+            pass
+        time.sleep(0.5)
+    raise DemoFailed(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def pod_ip(demo: Demo, ns: str, name: str) -> str:
+    pods = demo.get_json("local", "get", "pods")["items"]
+    for p in pods:
+        if p["metadata"]["namespace"] == ns and p["metadata"]["name"] == name:
+            return str(p["status"]["podIP"])
+    raise DemoFailed(f"pod {ns}/{name} not found")
+
+
+def run(demo: Demo) -> None:
+    demo.step("Bring up a local cluster: a CA and two nodes, each with its agent (eBPF) and ztunnel")
+    demo.ambit("local", "up", "--nodes", "2")
+
+    demo.step("Apply the example manifests: enrolled `shop` (3 services), unenrolled `legacy`, policies")
+    demo.ambit("local", "apply", "-f", str(EXAMPLES))
+
+    def enrolled() -> bool:
+        pods = demo.get_json("local", "get", "pods")["items"]
+        shop = [p for p in pods if p["metadata"]["namespace"] == "shop"]
+        return len(shop) == 3 and all(
+            p["status"].get("phase") == "Running"
+            and (p["metadata"].get("annotations") or {}).get("ambit.dev/redirection") == "enabled"
+            for p in shop
+        )
+
+    wait_for("the shop pods to run and be redirected by their node's agent", enrolled, 60)
+    wait_for("both nodes' redirection to be healthy",
+             lambda: all(demo.ambit("status", "--node", n, show=False, check=False).returncode == 0
+                         for n in ("node-a", "node-b")), 60)
+    demo.ambit("local", "get", "pods")
+    demo.ambit("status", "--node", "node-a")
+
+    demo.step("Every enrolled pod has a SPIFFE identity, issued by the CA to its node's ztunnel")
+    demo.ambit("certs", "--node", "node-a")
+
+    demo.step("Allowed: shop/frontend calls backend (node-b) and catalog (same node) by Service name")
+    demo.show_connect("shop/frontend", "backend.shop.svc.cluster.local", 8080, expect_ok=True)
+    demo.show_connect("shop/frontend", "catalog.shop.svc.cluster.local", 8080, expect_ok=True)
+
+    demo.step("Denied: shop/catalog is in the mesh, but the backend's policy allows only the frontend")
+    demo.show_connect("shop/catalog", "backend.shop.svc.cluster.local", 8080, expect_ok=False)
+
+    demo.step("Denied: legacy/client is not in the mesh; its plaintext to a STRICT pod is dropped")
+    demo.show_connect("legacy/client", pod_ip(demo, "shop", "backend"), 8080, expect_ok=False)
+
+    demo.step("What is talking to what, as whom, and why it was allowed: the flows of node-b")
+
+    def flows_seen() -> bool:
+        items = demo.get_json("flows", "--node", "node-b")["items"]
+        allowed = any(f.get("source_pod") == "shop/frontend" and f.get("verdict") == "allow"
+                      and f.get("security") == "mutual_tls" for f in items)
+        denied = any(f.get("source_pod") == "shop/catalog" and f.get("verdict") == "deny" for f in items)
+        dropped = any(f.get("verdict") == "dropped" for f in items)
+        return allowed and denied and dropped
+
+    wait_for("node-b's flows to show the allowed, denied and dropped connections", flows_seen, 20)
+    demo.ambit("flows", "--node", "node-b")
+
+    demo.step("Why was shop/catalog denied? Ask the policy engine of the backend's node")
+    proc = demo.ambit("policy", "check", "--from", "shop/catalog", "--to", "shop/backend:8080",
+                      "--node", "node-b", check=False)
+    if proc.returncode != 3:
+        raise DemoFailed(f"policy check should have said DENIED (exit 3), exited {proc.returncode}")
+    proc = demo.ambit("policy", "check", "--from", "shop/frontend", "--to", "shop/backend:8080",
+                      "--node", "node-b", check=False)
+    if proc.returncode != 0:
+        raise DemoFailed(f"policy check should have said ALLOWED (exit 0), exited {proc.returncode}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    verbose = "-v" in (argv or sys.argv[1:])
+    if os.geteuid() != 0:
+        print("ambit demo: needs root (network namespaces, cgroups, eBPF); run `sudo make demo`",
+              file=sys.stderr)
+        return 2
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ambit-demo-") as tmp:
-        return asyncio.run(identity_demo(Path(tmp)))
+        demo = Demo(Path(tmp) / "cluster", verbose)
+        status = 0
+        try:
+            run(demo)
+        except (DemoFailed, subprocess.TimeoutExpired) as e:
+            print(f"\nambit demo: FAILED: {e}", file=sys.stderr)
+            logs = demo.state_dir / "nodes"
+            if logs.is_dir():
+                print(f"(node logs were under {logs}; they are removed with the cluster)", file=sys.stderr)
+                for log in sorted(logs.glob("*/*.log")):
+                    tail = log.read_text(errors="replace").splitlines()[-5:]
+                    print(f"--- {log.relative_to(demo.state_dir)}\n" + "\n".join(tail), file=sys.stderr)
+            status = 1
+        except KeyboardInterrupt:
+            status = 130
+        finally:
+            demo.step("Tear down: every namespace, cgroup, pinned map and process the cluster made")
+            down = demo.ambit("local", "down", check=False)
+            if down.returncode != 0:
+                status = status or 1
+    print(f"\nambit demo: {'done' if status == 0 else 'failed'} in {time.monotonic() - started:.0f}s",
+          flush=True)
+    return status
 
 
 if __name__ == "__main__":

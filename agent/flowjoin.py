@@ -151,7 +151,8 @@ def join_flows(
 
 def _policy(z: Mapping[str, Any]) -> str | None:
     if not z.get("policy"):
-        return None
+        # Istio's default deny: ALLOW policies select the workload and none matched.
+        return "(default deny: no ALLOW policy matched)" if z.get("decision") == "deny" else None
     rule = z.get("rule")
     return f"{z['policy']}" + (f" rule {rule}" if rule is not None else "")
 

@@ -356,7 +356,8 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         verdict = "[bold green]ALLOWED[/]" if data.get("allowed") else "[bold red]DENIED[/]"
         con = console()
         con.print(f"{verdict}  {data.get('source')} -> {data.get('destination')}:{port}")
-        con.print(f"  decided by: {data.get('policy') or '(no policy: default)'}"
+        default = "default deny" if data.get("action") == "DEFAULT" and not data.get("allowed") else "default allow"
+        con.print(f"  decided by: {data.get('policy') or '(' + default + ')'}"
                   + (f" rule {data['rule']}" if data.get("rule") is not None else "")
                   + f"  [{data.get('action')}]")
         con.print(f"  why: {data.get('reason')}")

@@ -11,7 +11,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.cluster.source import LocalDirSource
-from agent.demo import identity_demo
 from controlplane.pki import CaMaterial, write_node_credential
 from controlplane.server import AuditLog, CaServer, CaServerError
 from ztunnel.identity.caclient import CaClient
@@ -48,11 +47,3 @@ async def test_start_issue_stop(tmp_path: Path) -> None:
     # The port is released.
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
-
-
-async def test_demo_identity_part(tmp_path: Path) -> None:
-    out = io.StringIO()
-    assert await identity_demo(tmp_path, out) == 0
-    text = out.getvalue()
-    assert "spiffe://cluster.local/ns/shop/sa/frontend" in text
-    assert "node-b was refused" in text and "PERMISSION_DENIED" in text
