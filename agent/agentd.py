@@ -37,6 +37,7 @@ from agent.enroll import (
     WriteSettings,
     plan,
 )
+from agent.feed import FeedServer
 from agent.flowjoin import join_flows
 from agent.flows import FlowTable
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
@@ -58,6 +59,8 @@ class AgentConfig:
     root_namespace: str = "istio-system"
     node_netns: Path | None = None  # None: the agent already runs in the node's netns
     ztunnel_admin: tuple[str, int] = ("127.0.0.1", 15000)
+    # Where the agent serves its live feed of cluster state to the node's ztunnel (None: off).
+    feed_socket: Path | None = None
 
 
 def pod_mode(cluster: ClusterState, pod: Pod, node: str, trust_domain: str, root_namespace: str) -> str:
@@ -92,6 +95,7 @@ class Agent:
     _stop: bool = False
     ztunnel_conns: list[dict[str, Any]] = field(default_factory=list)
     ztunnel_ready: tuple[bool, str] = (False, "not asked yet")
+    feed: FeedServer | None = None
 
     # -- one reconcile pass ------------------------------------------------------
 
@@ -194,6 +198,9 @@ class Agent:
         self.datapath.set_ztunnel_addresses(self.config.ztunnel_addresses)
         if self.config.ztunnel_cgroup is not None:
             self.datapath.attach_ztunnel(self.config.ztunnel_cgroup)
+        if self.config.feed_socket is not None:
+            self.feed = FeedServer(self.source, self.config.feed_socket, self.config.node)
+            await self.feed.start(follow=False)
         self._spawn("agent-follow", self._follow())
         self._spawn("agent-events", self._events())
         self._spawn("agent-ztunnel-watch", self._watch_ztunnel())
@@ -223,6 +230,8 @@ class Agent:
                 state = latest[-1]
                 latest.clear()
                 self._state = state
+                if self.feed is not None:
+                    await self.feed.publish(state)
             if getattr(self, "_state", None) is not None:
                 # Netlink and BPF syscalls block; pyroute2 also refuses to run inside a running loop.
                 await asyncio.to_thread(self.reconcile, self._state)
@@ -363,6 +372,8 @@ class Agent:
         for t in self._tasks.values():
             t.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        if self.feed is not None:
+            await self.feed.stop()
         self.source.close()
         self.datapath.close()
 

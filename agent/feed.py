@@ -119,7 +119,8 @@ class FeedServer:
         async for state in self.source.changes():
             await self.publish(state)
 
-    async def start(self) -> None:
+    async def start(self, follow: bool = True) -> None:
+        """Serve; with `follow`, publish the source's states itself (else the owner calls publish)."""
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
             # A socket left by a previous agent of this node; nothing else binds here.
@@ -130,7 +131,8 @@ class FeedServer:
         await server.start()
         os.chmod(self.socket_path, 0o600)
         self._server = server
-        self._follow = asyncio.create_task(self._follow_source(), name="feed-follow-source")
+        if follow:
+            self._follow = asyncio.create_task(self._follow_source(), name="feed-follow-source")
         log.info("serving the state feed on unix:%s", self.socket_path)
 
     async def stop(self) -> None:

@@ -275,6 +275,7 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                 argv=_ambit(
                     "agent", "run", "--node", n.name, "--cluster", cluster,
                     "--runtime", f"local:{layout.state}", "--bpf-dir", n.bpf_dir,
+                    "--state-feed", str(node_dir / "feed.sock"),
                 ),
                 cgroup=base / n.name / "_agent",
                 log=node_dir / "agent.log",
@@ -290,7 +291,8 @@ def system_units(layout: Layout) -> list[UnitSpec]:
             UnitSpec(
                 name=f"{n.name}/ztunnel",
                 argv=_ambit(
-                    "ztunnel", "run", "--node", n.name, "--cluster", cluster,
+                    # the ztunnel follows its node agent's live feed, as on Kubernetes
+                    "ztunnel", "run", "--node", n.name, "--state-feed", str(node_dir / "feed.sock"),
                     "--ca", layout.ca_address, "--credential-dir", str(cred),
                     # 15001/15006 on the pods' gateway: node-local, reachable from its pods;
                     # 15008/15020/15021 default to the node's fabric address.
