@@ -1,4 +1,4 @@
-"""`ambit ca ...`: create a CA directory, issue node credentials, run the CA server."""
+"""`ambit ca ...`: create a CA directory, issue node credentials, run the CA server (and pick its node auth)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,16 @@ from agent.cluster import ClusterError
 from agent.cluster.source import open_source
 from controlplane import ControlPlaneError
 from controlplane.pki import NODE_TTL, CaMaterial, write_node_credential
-from controlplane.server import DEFAULT_MAX_TTL, DEFAULT_PORT, AuditLog, CaServer
+from controlplane.server import (
+    DEFAULT_MAX_TTL,
+    DEFAULT_PORT,
+    NODE_AUTH_CREDENTIAL,
+    NODE_AUTH_MODES,
+    NODE_AUTH_TOKENREVIEW,
+    AuditLog,
+    CaServer,
+    TokenAuthenticator,
+)
 
 log = logging.getLogger("ambit.ca")
 
@@ -25,6 +34,7 @@ EXAMPLES = """examples:
   ambit ca init --dir /tmp/ca
   ambit ca node-credential --dir /tmp/ca --node node-a --out /tmp/node-a
   ambit ca run --dir /tmp/ca --cluster local:/run/ambit/local/cluster --listen 127.0.0.1:15012
+  ambit ca run --dir /var/lib/ambit/ca --cluster kubernetes --listen 0.0.0.0:15012 --node-auth tokenreview
 """
 
 
@@ -57,9 +67,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_node_credential)
 
     p = sub.add_parser(
-        "run", help="serve IstioCertificateService/CreateCertificate over mTLS", epilog=EXAMPLES, formatter_class=fmt,
+        "run", help="serve IstioCertificateService/CreateCertificate over gRPC/TLS", epilog=EXAMPLES,
+        formatter_class=fmt,
         description="Issue X.509-SVIDs to ztunnels: a node gets ns/N/sa/S only while a pod with that "
-        "namespace and service account is scheduled on it. One JSON audit line per issuance/refusal.",
+        "namespace and service account is scheduled on it. The calling node is known from its node "
+        "credential (--node-auth credential: mutual TLS) or from its pod's ServiceAccount token "
+        "(--node-auth tokenreview: 'authorization: Bearer', checked by a Kubernetes TokenReview). "
+        "One JSON audit line per issuance/refusal.",
     )
     p.add_argument("--dir", required=True, type=Path, help="the CA directory")
     p.add_argument("--cluster", required=True, help="cluster state source: local:PATH or kubernetes")
@@ -68,6 +82,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="cap on the requested validity (default 24h)")
     p.add_argument("--audit-log", type=Path, default=None, help="append audit JSON lines here (default stderr)")
     p.add_argument("--trust-domain", default=None, help="override the trust domain read from the root")
+    p.add_argument("--node-auth", choices=NODE_AUTH_MODES, default=NODE_AUTH_CREDENTIAL,
+                   help="how a caller proves its node: credential (node certificate, mutual TLS; default) or "
+                   "tokenreview (ServiceAccount token reviewed by the Kubernetes API server)")
+    p.add_argument("--token-review-api", default=None, metavar="SPEC",
+                   help="tokenreview: the API server to ask, kubernetes or kubernetes:KUBECONFIG "
+                   "(default: --cluster, which must then be kubernetes[:KUBECONFIG])")
+    p.add_argument("--token-service-account", action="append", default=None, metavar="NS/NAME",
+                   help="tokenreview: a ServiceAccount whose pod-bound tokens speak for their node "
+                   "(repeatable; default ambit-system/ambit, the DaemonSet's)")
+    p.add_argument("--token-audience", action="append", default=None, metavar="AUD",
+                   help="tokenreview: audience the token must carry (repeatable; default ambit-ca)")
     p.set_defaults(func=cmd_run)
 
 
@@ -133,10 +158,43 @@ def cmd_node_credential(args: argparse.Namespace) -> int:
     return 0
 
 
+def token_authenticator(args: argparse.Namespace) -> TokenAuthenticator | None:
+    """The TokenReview authenticator `--node-auth tokenreview` asks for (None in credential mode)."""
+    token_flags = [f for f, v in (("--token-review-api", args.token_review_api),
+                                  ("--token-service-account", args.token_service_account),
+                                  ("--token-audience", args.token_audience)) if v]
+    if args.node_auth != NODE_AUTH_TOKENREVIEW:
+        if token_flags:
+            raise CliError(f"{', '.join(token_flags)} only apply with --node-auth tokenreview")
+        return None
+    spec = args.token_review_api or args.cluster
+    if spec != "kubernetes" and not spec.startswith("kubernetes:"):
+        raise CliError(
+            f"--node-auth tokenreview needs a Kubernetes API server to review tokens: --cluster is {spec!r}; "
+            "use --cluster kubernetes[:KUBECONFIG] or give --token-review-api kubernetes[:KUBECONFIG]"
+        )
+    # Imported here: the kubernetes client is slow to import and credential mode never needs it.
+    from controlplane.tokenreview import (
+        DEFAULT_AUDIENCES,
+        DEFAULT_SERVICE_ACCOUNTS,
+        TokenReviewAuthenticator,
+    )
+
+    try:
+        return TokenReviewAuthenticator.from_spec(
+            spec,
+            service_accounts=args.token_service_account or DEFAULT_SERVICE_ACCOUNTS,
+            audiences=args.token_audience or DEFAULT_AUDIENCES,
+        )
+    except ValueError as e:  # a bad --token-service-account
+        raise CliError(f"--token-service-account: {e}") from e
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen)
     try:
         material = CaMaterial.load(args.dir, args.trust_domain)
+        token_auth = token_authenticator(args)
         source = open_source(args.cluster)
     except (ControlPlaneError, ClusterError) as e:
         raise CliError(str(e)) from e
@@ -147,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise CliError(f"--audit-log {args.audit_log}: {e.strerror}") from e
     server = CaServer(material, source, host=host, port=port,
-                      max_ttl=int(args.max_ttl.total_seconds()), audit=AuditLog(stream))
+                      max_ttl=int(args.max_ttl.total_seconds()), audit=AuditLog(stream), token_auth=token_auth)
     try:
         return asyncio.run(_serve(server))
     except ControlPlaneError as e:
@@ -160,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 async def _serve(server: CaServer) -> int:
     port = await server.start()
-    # The readiness line tests and supervisors wait for (stdout, flushed).
+    # The readiness line tests and supervisors wait for and parse (port last): keep its shape.
     print(f"ambit-ca listening on {server.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,22 +1,27 @@
-"""The CA server: `IstioCertificateService/CreateCertificate` over gRPC with TLS client-cert auth.
+"""The CA server: `IstioCertificateService/CreateCertificate` over gRPC/TLS, and who the caller's node is.
 
-Per request: authenticate the calling node from its client certificate (a node
-credential issued by this CA; else UNAUTHENTICATED), read what the CSR asks
-for (`authz.inspect_csr`), decide against the current cluster state
+Per request: authenticate the calling node, in one of two modes (`node_auth`):
+`credential` (mutual TLS with a node credential this CA issued) or
+`tokenreview` (TLS without a client certificate; the `authorization: Bearer`
+metadata carries the ztunnel pod's ServiceAccount token, which a
+`TokenAuthenticator` maps to a node). Then read what the CSR asks for
+(`authz.inspect_csr`), decide against the current cluster state
 (`authz.authorize`), sign, and write one JSON audit line for every issuance
-and refusal. Usable in-process (`CaServer.start()/stop()`, `.port`) by tests
-and the local cluster, and by `ambit ca run`.
+and refusal, naming the auth mode and the node. Usable in-process
+(`CaServer.start()/stop()`, `.port`) by tests and the local cluster, and by
+`ambit ca run`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import logging
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import grpc
 import grpc.aio
@@ -39,6 +44,9 @@ log = logging.getLogger("ambit.ca")
 
 DEFAULT_PORT = 15012
 DEFAULT_MAX_TTL = 86400
+NODE_AUTH_CREDENTIAL = "credential"
+NODE_AUTH_TOKENREVIEW = "tokenreview"
+NODE_AUTH_MODES = (NODE_AUTH_CREDENTIAL, NODE_AUTH_TOKENREVIEW)
 
 
 class CaServerError(ControlPlaneError):
@@ -59,6 +67,18 @@ class AuditLog:
         with self._lock:
             self.stream.write(line + "\n")
             self.stream.flush()
+
+
+class TokenAuthenticator(Protocol):
+    """Maps a bearer token to the node it speaks for (`controlplane.tokenreview.TokenReviewAuthenticator`).
+
+    `authenticate` returns the node name, or None for a token that names no node
+    (invalid, expired, wrong audience, another ServiceAccount, not pod-bound);
+    it raises `ControlPlaneError` when it cannot answer at all (API server down).
+    It blocks (HTTP), so the server calls it off the event loop.
+    """
+
+    def authenticate(self, token: str) -> str | None: ...
 
 
 class _Refused(Exception):
@@ -86,8 +106,12 @@ class CaServer:
         port: int = DEFAULT_PORT,
         max_ttl: int = DEFAULT_MAX_TTL,
         audit: AuditLog | None = None,
+        token_auth: TokenAuthenticator | None = None,
     ) -> None:
+        """`token_auth` given: node auth by bearer token (`tokenreview`); else by node credential."""
         self.material = material
+        self.token_auth = token_auth
+        self.node_auth = NODE_AUTH_TOKENREVIEW if token_auth is not None else NODE_AUTH_CREDENTIAL
         self.source = source
         self.host = host
         self.max_ttl = max_ttl
@@ -100,17 +124,28 @@ class CaServer:
 
     async def start(self) -> int:
         """Bind and serve; returns the bound port (useful with port 0)."""
+        # The serving certificate names ambit-ca.ambit-system.svc (the in-cluster
+        # Service, which clients check whatever address they dial), localhost,
+        # 127.0.0.1 and the listen host; made at start, kept in memory.
         key, chain = self.material.server_credential([self.host])
-        creds = grpc.ssl_server_credentials(
-            [(key_pem(key), b"".join(cert_pem(c) for c in chain if c != self.material.root))],
-            root_certificates=cert_pem(self.material.root),
-            # grpcio can only either not ask for a client certificate or require
-            # and verify one; it cannot "request and verify if sent". So a caller
-            # with no or a foreign certificate is refused in the TLS handshake
-            # (it sees UNAVAILABLE); one whose certificate chains to our root but
-            # is no node credential gets UNAUTHENTICATED from authenticate().
-            require_client_auth=True,
-        )
+        pairs = [(key_pem(key), b"".join(cert_pem(c) for c in chain if c != self.material.root))]
+        if self.token_auth is not None:
+            # The token is the caller's credential; no client certificate is asked for.
+            creds = grpc.ssl_server_credentials(pairs, require_client_auth=False)
+        else:
+            creds = grpc.ssl_server_credentials(
+                pairs,
+                root_certificates=cert_pem(self.material.root),
+                # grpcio (checked with 1.85) can only either not ask for a client
+                # certificate (require_client_auth=False: the TLS stack then never
+                # requests one, so auth_context() has no x509_pem_cert even when
+                # the client holds a credential) or require and verify one; it
+                # cannot "request and verify if sent". So a caller with no or a
+                # foreign certificate is refused in the TLS handshake (it sees
+                # UNAVAILABLE); one whose certificate chains to our root but is
+                # no node credential gets UNAUTHENTICATED from authenticate().
+                require_client_auth=True,
+            )
         # No SO_REUSEPORT: a second CA on the same port must fail, not share it.
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         handler = grpc.unary_unary_rpc_method_handler(
@@ -130,7 +165,8 @@ class CaServer:
             raise CaServerError(f"cannot listen on {target} (address in use or not local?)")
         await server.start()
         self._server, self.port = server, port
-        log.info("CA for trust domain %s serving on %s:%d", self.material.trust_domain, self.host, port)
+        log.info("CA for trust domain %s serving on %s:%d (node auth: %s)",
+                 self.material.trust_domain, self.host, port, self.node_auth)
         return port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -143,6 +179,32 @@ class CaServer:
             await self._server.wait_for_termination()
 
     # -- the RPC ----------------------------------------------------------------
+
+    async def authenticate_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The calling node's name by the configured mode, else _Refused (UNAUTHENTICATED / UNAVAILABLE)."""
+        if self.token_auth is None:
+            return self.authenticate(context)
+        token = bearer_token(context.invocation_metadata() or ())
+        try:
+            # TokenReview is a blocking HTTP call (and maybe a pod read): off the loop.
+            node = await asyncio.to_thread(self.token_auth.authenticate, token)
+        except ControlPlaneError as e:
+            raise _Refused(
+                grpc.StatusCode.UNAVAILABLE, f"cannot check the node token now: {e}; retry later"
+            ) from e
+        if node is None:
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, self._token_rejected())
+        return node
+
+    def _token_rejected(self) -> str:
+        sas = sorted(getattr(self.token_auth, "service_accounts", ()) or ())
+        auds = list(getattr(self.token_auth, "audiences", ()) or ())
+        want = "a projected ServiceAccount token bound to a pod"
+        if sas:
+            want += f" of {' or '.join(sas)}"
+        if auds:
+            want += f" with audience {' or '.join(auds)}"
+        return f"bearer token rejected: the CA accepts only {want} (expired, wrong audience, or another ServiceAccount?)"
 
     def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The node name of the caller's verified node credential, else _Refused(UNAUTHENTICATED)."""
@@ -173,7 +235,7 @@ class CaServer:
         ident = None
         peer = context.peer()
         try:
-            node = self.authenticate(context)
+            node = await self.authenticate_call(context)
             try:
                 csr, ttl, meta = caproto.decode_request(request)
             except Exception as e:  # protobuf raises DecodeError and friends
@@ -189,15 +251,31 @@ class CaServer:
             chain = self.material.sign_leaf(facts.public_key, ident, dt.timedelta(seconds=granted))
         except _Refused as r:
             self.audit.write(
-                event="refused", node=r.node or node, identity=str(ident) if ident else None,
+                event="refused", auth=self.node_auth, node=r.node or node, identity=str(ident) if ident else None,
                 code=r.code.name, reason=r.reason, peer=peer,
             )
             await context.abort(r.code, r.reason)
             raise AssertionError("unreachable") from None  # abort() raises
         leaf = chain[0]
         self.audit.write(
-            event="issued", node=node, identity=str(ident), serial=f"{leaf.serial_number:x}",
+            event="issued", auth=self.node_auth, node=node, identity=str(ident), serial=f"{leaf.serial_number:x}",
             not_before=leaf.not_valid_before_utc.isoformat(), not_after=leaf.not_valid_after_utc.isoformat(),
             requested_ttl=ttl, granted_ttl=granted, peer=peer, metadata=meta or None,
         )
         return [cert_pem(c).decode() for c in chain]
+
+
+def bearer_token(metadata: Any) -> str:
+    """The token of the `authorization: Bearer <token>` metadata, else _Refused(UNAUTHENTICATED)."""
+    values = [v for k, v in metadata if k.lower() == "authorization"]
+    if not values:
+        raise _Refused(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "no bearer token: this CA authenticates nodes by ServiceAccount token (--node-auth tokenreview); "
+            "send 'authorization: Bearer <token>' (ambit ztunnel run --ca-token-file)",
+        )
+    value = values[0].decode() if isinstance(values[0], bytes) else str(values[0])
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "authorization metadata is not 'Bearer <token>'")
+    return token.strip()

@@ -27,6 +27,8 @@ EXAMPLES = """examples:
       --ca 10.200.0.2:15012 --credential-dir /run/ambit/local/nodes/node-a/credential
   ambit ztunnel run --node node-a --cluster local:./cluster --ca 127.0.0.1:15012 \\
       --credential-dir ./cred --hbone 127.0.0.11:15008 --socks5 127.0.0.11:15080 --access-log /tmp/access.json
+  ambit ztunnel run --node $NODE_NAME --cluster kubernetes --ca ambit-ca.ambit-system.svc:15012 \\
+      --credential-dir /var/run/secrets/ambit --ca-token-file /var/run/secrets/ambit/token
 """
 
 
@@ -39,7 +41,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="follow the node agent's state feed on this unix socket instead of --cluster")
     p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the CA's gRPC address")
     p.add_argument("--credential-dir", required=True, type=Path,
-                   help="node credential: tls.crt, tls.key, ca.crt (ca.crt is the trust bundle)")
+                   help="node credential: tls.crt, tls.key, ca.crt (ca.crt is the trust bundle); "
+                   "with --ca-token-file only ca.crt")
+    p.add_argument("--ca-token-file", type=Path, default=None, metavar="PATH",
+                   help="authenticate to the CA with this ServiceAccount token (re-read on every call) "
+                   "instead of the node certificate; for a CA run with --node-auth tokenreview")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--root-namespace", default="istio-system", help="namespace of mesh-wide policies")
     p.add_argument("--outbound", help=f"outbound capture listener (default NODE_IP:{OUTBOUND_PORT})")
@@ -71,6 +77,7 @@ def config_from_args(args: argparse.Namespace) -> ZtunnelConfig:
         cluster=args.cluster or "",
         ca_address=args.ca,
         credential_dir=args.credential_dir,
+        ca_token_file=args.ca_token_file,
         trust_domain=args.trust_domain,
         root_namespace=args.root_namespace,
         outbound=_listen(args.outbound, "--outbound", OUTBOUND_PORT),

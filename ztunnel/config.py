@@ -96,6 +96,9 @@ class ZtunnelConfig:
     peer_hbone_ports: dict[str, int] = field(default_factory=dict)  # node address -> port
     timeouts: Timeouts = field(default_factory=Timeouts)
     cert_ttl_seconds: int = 86400
+    # Given: the CA is called with this ServiceAccount token (bearer; the CA's
+    # --node-auth tokenreview) and credential_dir needs only ca.crt.
+    ca_token_file: Path | None = None
 
     def with_node_address(self, address: str) -> ZtunnelConfig:
         """Fill the listeners left unset with the Istio ports on the node's address."""
@@ -119,11 +122,24 @@ class ZtunnelConfig:
             raise ConfigError("--node: the node name is required")
         if not self.trust_domain or "/" in self.trust_domain:
             raise ConfigError(f"--trust-domain: {self.trust_domain!r} is not a trust domain name")
-        for name in ("tls.crt", "tls.key", "ca.crt"):
-            if not (self.credential_dir / name).is_file():
+        if self.ca_token_file is not None:
+            if not (self.credential_dir / "ca.crt").is_file():
                 raise ConfigError(
-                    f"--credential-dir: {self.credential_dir / name} is missing; the node "
-                    "credential (tls.crt, tls.key, ca.crt) comes from `ambit ca node-credential`"
+                    f"--credential-dir: {self.credential_dir / 'ca.crt'} is missing; with --ca-token-file "
+                    "it needs only ca.crt, the CA's root (the ambit-ca-root ConfigMap in Kubernetes)"
                 )
+            if not self.ca_token_file.is_file():
+                raise ConfigError(
+                    f"--ca-token-file: {self.ca_token_file} is missing; it is the pod's projected "
+                    "ServiceAccount token (audience ambit-ca)"
+                )
+        else:
+            for name in ("tls.crt", "tls.key", "ca.crt"):
+                if not (self.credential_dir / name).is_file():
+                    raise ConfigError(
+                        f"--credential-dir: {self.credential_dir / name} is missing; the node "
+                        "credential (tls.crt, tls.key, ca.crt) comes from `ambit ca node-credential` "
+                        "(or give --ca-token-file for a CA that reviews ServiceAccount tokens)"
+                    )
         if ":" not in self.ca_address:
             raise ConfigError(f"--ca: {self.ca_address!r} is not HOST:PORT")

@@ -92,7 +92,7 @@ class Ztunnel:
         except (OSError, ValueError) as e:
             raise ConfigError(f"--credential-dir: cannot read the trust bundle ca.crt: {e}") from e
         if self._ca is None:
-            self._own_ca = CaClient(cfg.ca_address, cfg.credential_dir)
+            self._own_ca = CaClient(cfg.ca_address, cfg.credential_dir, token_file=cfg.ca_token_file)
             self._ca = self._own_ca
         self.certs = CertManager(self._ca, ttl_seconds=cfg.cert_ttl_seconds, bundle=bundle, clock=self._clock)
         access_log = AccessLog(cfg.access_log)
