@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.cluster.kube import KubernetesSource, api_client_from_spec
-from controlplane.pki import CA_SERVER_NAME, CaMaterial, cert_pem, write_node_credential
+from controlplane.pki import CA_SERVER_NAME, CaMaterial, cert_pem, key_pem, write_node_credential
 from controlplane.server import AuditLog, CaServer
 from controlplane.tokenreview import (
     EXTRA_NODE_NAME,
@@ -335,3 +335,43 @@ def test_parser_defaults_stay_credential() -> None:
     argv = ["ca", "run", "--dir", "/x", "--cluster", "local:/y"]
     args: argparse.Namespace = build_parser(argv).parse_args(argv)
     assert args.node_auth == "credential" and args.token_review_api is None
+
+
+async def test_grpcio_does_not_request_an_optional_client_certificate(tmp_path: Path) -> None:
+    """Why credential mode still refuses a missing certificate in the handshake (UNAVAILABLE).
+
+    With require_client_auth=False grpcio never asks for a client certificate,
+    so a handler could not check one "if sent" through auth_context(). If this
+    starts failing, grpcio gained that mode and credential mode can answer
+    UNAUTHENTICATED from the handler instead.
+    """
+    m = CaMaterial.generate()
+    write_node_credential(m, "node-a", tmp_path)
+    key, chain = m.server_credential(["127.0.0.1"])
+    creds = grpc.ssl_server_credentials([(key_pem(key), b"".join(cert_pem(c) for c in chain[:-1]))],
+                                        root_certificates=cert_pem(m.root), require_client_auth=False)
+    seen: list[dict[str, Any]] = []
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        seen.append(dict(context.auth_context()))
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "probe.P", {"M": grpc.unary_unary_rpc_method_handler(handler)}),))
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    await server.start()
+    try:
+        ch = grpc.aio.secure_channel(
+            f"127.0.0.1:{port}",
+            grpc.ssl_channel_credentials(cert_pem(m.root), (tmp_path / "tls.key").read_bytes(),
+                                         (tmp_path / "tls.crt").read_bytes()),
+            options=[("grpc.ssl_target_name_override", CA_SERVER_NAME)])
+        try:
+            await ch.unary_unary("/probe.P/M", request_serializer=None, response_deserializer=None)(b"", timeout=10)
+        finally:
+            await ch.close(None)
+    finally:
+        await server.stop(0)
+    assert seen and seen[0].get("transport_security_type") == [b"ssl"]
+    assert "x509_pem_cert" not in seen[0]  # the node credential was never asked for
