@@ -340,9 +340,11 @@ def test_agent_restart_never_opens_a_plaintext_path(mesh: Cluster) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:
-        time.sleep(0.5)  # let the loop get going before the restart
+        assert loop.stdout is not None
+        first = loop.stdout.readline()  # the loop runs: now restart under it (bounded: the loop ends by itself)
         c.local("restart", "agent", "--node", "node-a")
         stdout, stderr = loop.communicate(timeout=30)
+        stdout = first + stdout
     finally:
         if loop.poll() is None:
             os.kill(loop.pid, signal.SIGKILL)
