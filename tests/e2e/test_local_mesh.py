@@ -278,7 +278,9 @@ def test_cli_shows_flows_policies_identities(mesh: Cluster) -> None:
     ids = {w["uid"]: w["identity"] for w in wl}
     assert ids.get("mesh/client") == CLIENT_SA and ids.get("mesh/server") == SERVER_SA, ids
     certs = {x["identity"]: x for x in c.cli_json("certs", "--node", "node-b")["items"]}
-    assert SERVER_SA in certs and certs[SERVER_SA]["state"], certs
+    assert SERVER_SA in certs and certs[SERVER_SA]["serial"], certs
+    certs_a = {x["identity"] for x in c.cli_json("certs", "--node", "node-a")["items"]}
+    assert {CLIENT_SA, INTRUDER_SA} <= certs_a and SERVER_SA not in certs_a, certs_a
     pols = c.cli_json("policies", "--node", "node-b")["items"]
     names = {str(p.get("key") or p.get("name")) for p in pols}
     assert any(n.startswith("mesh/deny-intruder") for n in names), names
