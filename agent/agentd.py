@@ -19,7 +19,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import AgentError
 from agent.bpf import Datapath, DropCounts
@@ -42,6 +42,9 @@ from agent.flowjoin import join_flows
 from agent.flows import FlowTable
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 
+if TYPE_CHECKING:
+    from ztunnel.state import Snapshot
+
 log = logging.getLogger("ambit.agent")
 
 RETRY_INTERVAL = 1.0
@@ -63,15 +66,11 @@ class AgentConfig:
     feed_socket: Path | None = None
 
 
-def pod_mode(cluster: ClusterState, pod: Pod, node: str, trust_domain: str, root_namespace: str) -> str:
+def pod_mode(snap: Snapshot, pod: Pod) -> str:
     """The pod's inbound plaintext mode from PeerAuthentication (workload level; DISABLE acts as PERMISSIVE)."""
     from ztunnel.policy import mtls_mode
-    from ztunnel.state import build_snapshot
 
-    if not pod.ip:
-        return "PERMISSIVE"
-    snap = build_snapshot(cluster, node, trust_domain=trust_domain, root_namespace=root_namespace)
-    w = snap.workload_by_ip(pod.ip)
+    w = snap.workload_by_ip(pod.ip) if pod.ip else None
     if w is None:
         return "PERMISSIVE"
     return "STRICT" if mtls_mode(w, 0, snap.policies) == "STRICT" else "PERMISSIVE"
@@ -100,15 +99,21 @@ class Agent:
     # -- one reconcile pass ------------------------------------------------------
 
     def desired(self, cluster: ClusterState) -> dict[str, Desired]:
+        from ztunnel.state import build_snapshot
+
         out: dict[str, Desired] = {}
+        snap: Snapshot | None = None  # built once per pass, and only when an enrolled pod has an IP
         for pod in cluster.pods_on_node(self.config.node):
             if pod.phase in ("Succeeded", "Failed"):
                 continue
             enrolled = cluster.is_enrolled(pod)
             mode = "PERMISSIVE"
-            if enrolled:
+            if enrolled and pod.ip:
                 try:
-                    mode = pod_mode(cluster, pod, self.config.node, self.config.trust_domain, self.config.root_namespace)
+                    if snap is None:
+                        snap = build_snapshot(cluster, self.config.node, trust_domain=self.config.trust_domain,
+                                              root_namespace=self.config.root_namespace)
+                    mode = pod_mode(snap, pod)
                 except Exception as e:  # a policy bug must not stop redirection; PERMISSIVE still goes via 15006
                     self.errors.append(f"{pod.key}: computing mTLS mode: {e}")
             out[pod.key] = Desired(
