@@ -86,7 +86,6 @@ class Agent:
     flows: FlowTable = field(default_factory=FlowTable)
     actual: dict[str, Actual] = field(default_factory=dict)
     retries: dict[str, str] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
     _pods: dict[str, Pod] = field(default_factory=dict)
     _ifaces: set[str] = field(default_factory=set)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -115,7 +114,7 @@ class Agent:
                                               root_namespace=self.config.root_namespace)
                     mode = pod_mode(snap, pod)
                 except Exception as e:  # a policy bug must not stop redirection; PERMISSIVE still goes via 15006
-                    self.errors.append(f"{pod.key}: computing mTLS mode: {e}")
+                    log.warning("%s: computing mTLS mode: %s", pod.key, e)
             out[pod.key] = Desired(
                 key=pod.key,
                 ip=pod.ip,
