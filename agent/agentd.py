@@ -86,6 +86,7 @@ class Agent:
     flows: FlowTable = field(default_factory=FlowTable)
     actual: dict[str, Actual] = field(default_factory=dict)
     retries: dict[str, str] = field(default_factory=dict)
+    _state: ClusterState | None = None  # the newest cluster state taken from the source
     _pods: dict[str, Pod] = field(default_factory=dict)
     _ifaces: set[str] = field(default_factory=set)
     _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -236,7 +237,7 @@ class Agent:
                 self._state = state
                 if self.feed is not None:
                     await self.feed.publish(state)
-            if getattr(self, "_state", None) is not None:
+            if self._state is not None:
                 # Netlink and BPF syscalls block; pyroute2 also refuses to run inside a running loop.
                 await asyncio.to_thread(self.reconcile, self._state)
 
@@ -264,8 +265,7 @@ class Agent:
 
     def joined_flows(self) -> list[dict[str, Any]]:
         # Every pod of the cluster, not only this node's: peers of dropped flows live elsewhere.
-        state = getattr(self, "_state", None)
-        pods = state.pods.values() if state is not None else self._pods.values()
+        pods = self._state.pods.values() if self._state is not None else self._pods.values()
         pod_by_ip = {p.ip: p.key for p in pods if p.ip}
         return join_flows(self.flows.snapshot(), self.ztunnel_conns, time.monotonic_ns(), pod_by_ip, time.time())
 
