@@ -191,9 +191,7 @@ def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
     """Filter (--denied, --pod) and format the agent's joined flow records for the table."""
     out = []
     for f in flows:
-        if args.denied and f.get("verdict") not in ("deny", "denied", "drop", "dropped"):
-            continue
-        if args.pod and args.pod not in (f.get("source_pod"), f.get("destination_pod")):
+        if not _keep_raw(f, args):
             continue
         rtt = f.get("rtt_us")
         out.append(
@@ -241,6 +239,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 
 def _keep_raw(f: dict[str, Any], args: argparse.Namespace) -> bool:
+    """The --denied and --pod filters, for the table and for -o json alike."""
     if args.denied and f.get("verdict") not in ("deny", "denied", "drop", "dropped"):
         return False
     return not (args.pod and args.pod not in (f.get("source_pod"), f.get("destination_pod")))
