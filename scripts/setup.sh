@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(python3-bpfcc bpftool linux-headers-amd64 iproute2 tcpdump procps)
+# python3-venv: Debian's python3 has no ensurepip without it, and `python3 -m venv`
+# would leave a venv without pip behind.
+APT_PACKAGES=(python3-venv python3-bpfcc bpftool linux-headers-amd64 iproute2 tcpdump procps)
 VENV=.venv
 PY=${PYTHON:-python3}
 
@@ -44,7 +46,7 @@ if [ "$(id -u)" -eq 0 ] && ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf && log "mounted bpffs on /sys/fs/bpf"
 fi
 
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -x "$VENV/bin/pip" ]; then  # also repairs a venv made without ensurepip
   log "creating $VENV"
   "$PY" -m venv "$VENV"
 fi
