@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import platform
@@ -692,7 +691,3 @@ def _ifindex(ipr: Any, ifname: str) -> int:
     if not idx:
         raise BpfError(f"interface {ifname} does not exist in the node's network namespace")
     return int(idx[0])
-
-
-def errno_name(code: int) -> str:
-    return errno.errorcode.get(code, str(code))
