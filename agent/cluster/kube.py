@@ -611,7 +611,3 @@ class KubePodAnnotator:
             raise KubeError(describe_api_error(e, f"annotating pod {pod.key} with {key}")) from e
         except urllib3.exceptions.HTTPError as e:
             raise KubeError(describe_api_error(e, f"annotating pod {pod.key} with {key}")) from e
-
-    # The name the kube brief used; same operation.
-    annotate = set_annotation
-
