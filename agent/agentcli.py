@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +56,9 @@ def make_runtime(spec: str, node: str) -> Any:
         raise CliError(f"--runtime: {e}") from e
     if kind != "local":
         raise CliError(f"--runtime {spec!r}: unknown kind {kind!r} (supported: local:STATE_DIR, kubernetes)")
-    try:
-        mod = importlib.import_module("agent.local.runtime")
-    except ModuleNotFoundError as e:
-        raise CliError("--runtime local: agent.local.runtime is not installed") from e
-    return mod.LocalPodRuntime(Path(arg), node)
+    from agent.local.runtime import LocalPodRuntime
+
+    return LocalPodRuntime(Path(arg), node)
 
 
 def run(args: argparse.Namespace) -> int:

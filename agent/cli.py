@@ -59,18 +59,12 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         else:
             sub.add_parser(group, help=help_text)
     if named not in GROUPS:
-        _register(INSPECT_MODULE, sub, optional=True)
+        _register(INSPECT_MODULE, sub)
     return parser
 
 
-def _register(module: str, sub: argparse._SubParsersAction[argparse.ArgumentParser], optional: bool = False) -> None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if optional and e.name == module:
-            return
-        raise
-    mod.register(sub)
+def _register(module: str, sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    importlib.import_module(module).register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -85,7 +85,7 @@ def node_admin(args: argparse.Namespace) -> NodeAdmin:
     """This machine's node, or a local-cluster node's namespace with `--node`."""
     if not getattr(args, "node", None):
         return NodeAdmin(label="this node")
-    from agent.local.runtime import node_connector  # type: ignore[attr-defined,import-not-found,unused-ignore]
+    from agent.local.runtime import node_connector
 
     try:
         connect = node_connector(Path(args.state_dir), args.node)

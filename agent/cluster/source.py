@@ -133,10 +133,7 @@ def open_source(spec: str) -> ClusterSource:
     if spec.startswith("local:"):
         return LocalDirSource(spec.removeprefix("local:"))
     if spec == "kubernetes" or spec.startswith("kubernetes:"):
-        try:
-            from agent.cluster.kube import KubernetesSource  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as e:
-            raise ClusterError("the kubernetes cluster source is not available in this build") from e
-        src: ClusterSource = KubernetesSource.from_spec(spec)
-        return src
+        from agent.cluster.kube import KubernetesSource
+
+        return KubernetesSource.from_spec(spec)
     raise ClusterError(f"unknown cluster source {spec!r}; use local:PATH or kubernetes")
