@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from bench.run import EchoServer
+from bench.run import EchoServer, free_port, stop_processes
 
 
 def _free_prefix() -> str:
@@ -34,12 +34,6 @@ def _free_prefix() -> str:
         except OSError:
             continue
     raise RuntimeError("no free 127.x.y.0/24 for the benchmark")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cluster_yaml(prefix: str) -> str:
@@ -78,9 +72,9 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
 
 
 @contextlib.contextmanager
-def ztunnel_pair(
-    _server_addr: tuple[str, int], workdir: Path
-) -> Iterator[tuple[Callable[[], socket.socket], list[int]]]:
+def ztunnel_pair(workdir: Path) -> Iterator[tuple[Callable[[], socket.socket], list[int]]]:
+    """A CA and two ztunnels, and an echo server on the server pod's address; yields a
+    SOCKS5 connect function for the client pod and the ztunnels' pids."""
     prefix = _free_prefix()
     server = EchoServer(f"{prefix}.102")
     ambit = [sys.executable, "-m", "agent.cli"]
@@ -97,7 +91,7 @@ def ztunnel_pair(
                  "--out", str(workdir / "cred" / node)],
                 check=True, stdout=log, stderr=log,
             )
-        ca_port = _free_port()
+        ca_port = free_port()
         procs.append(subprocess.Popen(
             [*ambit, "ca", "run", "--dir", str(workdir / "ca"), "--cluster", f"local:{cluster}",
              "--listen", f"127.0.0.1:{ca_port}", "--audit-log", str(workdir / "audit.log")],
@@ -106,13 +100,13 @@ def ztunnel_pair(
         readiness = {}
         for node, last in (("node-a", 11), ("node-b", 12)):
             addr = f"{prefix}.{last}"
-            readiness[node] = _free_port()
+            readiness[node] = free_port()
             procs.append(subprocess.Popen(
                 [*ambit, "ztunnel", "run", "--node", node, "--cluster", f"local:{cluster}",
                  "--ca", f"127.0.0.1:{ca_port}", "--credential-dir", str(workdir / "cred" / node),
-                 "--admin", f"127.0.0.1:{_free_port()}", "--readiness", f"127.0.0.1:{readiness[node]}",
-                 "--metrics", f"{addr}:{_free_port()}", "--outbound", f"{addr}:{_free_port()}",
-                 "--inbound-plaintext", f"{addr}:{_free_port()}", "--socks5", f"{addr}:15080",
+                 "--admin", f"127.0.0.1:{free_port()}", "--readiness", f"127.0.0.1:{readiness[node]}",
+                 "--metrics", f"{addr}:{free_port()}", "--outbound", f"{addr}:{free_port()}",
+                 "--inbound-plaintext", f"{addr}:{free_port()}", "--socks5", f"{addr}:15080",
                  "--access-log", str(workdir / f"access-{node}.log")],
                 stdout=log, stderr=log,
             ))
@@ -142,13 +136,6 @@ def ztunnel_pair(
 
         yield connect, [p.pid for p in procs[1:]]
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs, 10)
         log.close()
         server.close()

@@ -18,7 +18,6 @@ machine (2 cores); compare rows, not machines.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -210,7 +209,19 @@ def _tcp(addr: tuple[str, int]) -> Connect:
     return connect
 
 
-def _free_port() -> int:
+def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM every process, then SIGKILL whichever has not exited after `grace` seconds."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -241,7 +252,7 @@ def stunnel(server: EchoServer, workdir: Path) -> Iterator[Topology]:
     from bench.certs import write_pair  # certificates made with `cryptography`, like the CA's
 
     paths = write_pair(workdir)
-    front, back = _free_port(), _free_port()
+    front, back = free_port(), free_port()
     common = "foreground = yes\npid =\nsslVersion = TLSv1.3\ndebug = 3\n"
     (workdir / "server.conf").write_text(
         common + f"[s]\naccept = 127.0.0.1:{back}\nconnect = {server.addr[0]}:{server.addr[1]}\n"
@@ -260,21 +271,15 @@ def stunnel(server: EchoServer, workdir: Path) -> Iterator[Topology]:
         _wait_port(front)
         yield Topology("stunnel mTLS pair (C, OpenSSL)", _tcp(("127.0.0.1", front)), [p.pid for p in procs])
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs, 5)
 
 
 @contextlib.contextmanager
-def ambit(server: EchoServer, workdir: Path) -> Iterator[Topology]:
+def ambit(workdir: Path) -> Iterator[Topology]:
+    """Its own echo server, bound to the server pod's address the ztunnels route to."""
     from bench.ambitpair import ztunnel_pair
 
-    with ztunnel_pair(server.addr, workdir) as (connect, pids):
+    with ztunnel_pair(workdir) as (connect, pids):
         yield Topology("ambit ztunnel pair (HBONE)", connect, pids)
 
 
@@ -330,6 +335,14 @@ def to_markdown(rows: list[Row], hbone_mbps: float | None, meta: dict[str, str])
     return "\n".join(lines) + "\n"
 
 
+def _topology(name: str, server: EchoServer, workdir: Path) -> contextlib.AbstractContextManager[Topology]:
+    if name == "direct":
+        return direct(server)
+    if name == "stunnel":
+        return stunnel(server, workdir)
+    return ambit(workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -344,10 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             with tempfile.TemporaryDirectory(prefix=f"ambit-bench-{name}-") as tmp:
                 try:
-                    factory = {"direct": lambda: direct(server),
-                               "stunnel": lambda: stunnel(server, Path(tmp)),
-                               "ambit": lambda: ambit(server, Path(tmp))}[name]
-                    with factory() as topo:
+                    with _topology(name, server, Path(tmp)) as topo:
                         print(f"bench: {topo.name} ...", file=sys.stderr, flush=True)
                         rows.append(measure(topo, args.quick))
                 except Exception as e:  # one topology failing must not hide the others
@@ -371,5 +381,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    asyncio.set_event_loop_policy(None)
     sys.exit(main())
