@@ -10,7 +10,6 @@ from the outbound path (no TLS inside the process, same policy).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass
@@ -44,30 +43,6 @@ class InboundCheck:
     port: int
     decision: Decision | None
     reason: str
-
-
-def parse_authority(authority: str) -> tuple[str, int] | None:
-    """`IP:PORT` or `[IPv6]:PORT` -> (ip, port); None if it is not that."""
-    host, sep, port_s = authority.rpartition(":")
-    if not sep or not port_s.isdigit():
-        return None
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ip = str(ipaddress.ip_address(host))
-    except ValueError:
-        return None
-    port = int(port_s)
-    return (ip, port) if 0 < port < 65536 else None
-
-
-def parse_forwarded(value: str | None) -> str | None:
-    """The client IP the HBONE layer took from `forwarded: for=...`, if it is an IP."""
-    if not value:
-        return None
-    try:
-        return str(ipaddress.ip_address(value.strip("[]")))
-    except ValueError:
-        return None
 
 
 def via_waypoint(dst: Workload, src_identity: SpiffeId | None) -> bool:
@@ -197,28 +172,23 @@ class Inbound:
     async def handle_connect(self, conn: InboundConnection, leg: StreamLeg, req: ConnectRequest) -> None:
         ctx = self.ctx
         peer_ip, peer_port = conn.peer
-        target = parse_authority(req.authority) if req.host else None
-        if target is None:
-            target = parse_authority(f"{req.host}:{req.port}") if req.host else None
+        # the HBONE layer has checked the request: host is an IP, port in range, and
+        # forwarded_for an IP or None (a malformed CONNECT was answered 400 there)
         rec = local_record(
-            ctx, INBOUND, peer_ip, peer_port, target[0] if target else "-", target[1] if target else 0,
+            ctx, INBOUND, peer_ip, peer_port, req.host, req.port,
             src_identity=str(conn.identity) if conn.identity else None, mtls=True, route="hbone",
-            client_ip=parse_forwarded(req.forwarded_for),
+            client_ip=req.forwarded_for,
         )
         snap = ctx.snapshot()
         if rec.client_ip:
             src_w = snap.workload_by_ip(rec.client_ip)
             if src_w is not None and src_w.identity == conn.identity:
                 rec.src_workload = src_w.uid
-        if target is None:
-            conn.respond(leg, 400)
-            ctx.refuse(rec, "bad_authority", f"CONNECT authority {req.authority!r} is not IP:PORT")
-            return
         if ctx.draining:
             conn.respond(leg, 503)
             ctx.refuse(rec, "draining", "the ztunnel is shutting down", flags="DR")
             return
-        chk = check_inbound(snap, target[0], target[1], src_ip=peer_ip, src_identity=conn.identity,
+        chk = check_inbound(snap, req.host, req.port, src_ip=peer_ip, src_identity=conn.identity,
                             mtls=True, tls_identity=conn.tls_identity)
         apply_check(rec, chk)
         if chk.status != 200:
@@ -227,7 +197,7 @@ class Inbound:
                        chk.reason, flags="DENY" if chk.status == 401 else "NR")
             return
         try:
-            up = await dial(target[0], target[1], ctx.config.timeouts.connect)
+            up = await dial(req.host, req.port, ctx.config.timeouts.connect)
         except UpstreamError as e:
             conn.respond(leg, 503)
             rec.reason = str(e)

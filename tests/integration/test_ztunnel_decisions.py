@@ -11,8 +11,9 @@ from agent.cluster.model import build_state, load_documents
 from tests.integration.ztunnel_harness import NAMESPACES, node_yaml, pod_yaml, service_yaml
 from ztunnel import socks5
 from ztunnel.config import ConfigError, Listen, parse_listen
+from ztunnel.hbone.wire import BadRequest, parse_authority
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.inbound import check_inbound, parse_authority
+from ztunnel.inbound import check_inbound
 from ztunnel.origdst import OrigDstError, parse_sockaddr
 from ztunnel.outbound import HBONE, LOCAL, PASSTHROUGH, REFUSE, plan_outbound, resolve_name
 from ztunnel.state import Snapshot, build_snapshot
@@ -97,7 +98,8 @@ def test_parse_authority() -> None:
     assert parse_authority("10.0.0.1:80") == ("10.0.0.1", 80)
     assert parse_authority("[fd00::1]:443") == ("fd00::1", 443)
     for bad in ("10.0.0.1", "host:80", "10.0.0.1:0", "10.0.0.1:99999", ":80"):
-        assert parse_authority(bad) is None
+        with pytest.raises(BadRequest):
+            parse_authority(bad)
 
 
 def test_parse_sockaddr() -> None:
