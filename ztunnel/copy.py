@@ -2,7 +2,7 @@
 
 Hot path notes:
 - `TcpLeg` is an asyncio `BufferedProtocol`: the loop reads straight into one
-  reused 64 KiB buffer (`recv_into`), no per-read allocation.
+  reused 256 KiB buffer (`recv_into`), no per-read allocation.
 - A chunk is handed to the other leg as a memoryview of that buffer. An HBONE
   leg gives it to h2, which frames (copies) it anyway; a TCP leg must copy it
   once (`bytes(view)`) because transports may keep a reference to what they
