@@ -17,6 +17,7 @@ from typing import Any, cast
 from ztunnel.copy import WRITE_HIGH, WRITE_LOW, Splice, set_nodelay
 from ztunnel.hbone import (
     ConnectionTerminated,
+    ErrorCode,
     HboneError,
     StreamData,
     StreamEnded,
@@ -25,8 +26,6 @@ from ztunnel.hbone import (
 )
 
 log = logging.getLogger("ambit.ztunnel.tunnel")
-
-CANCEL = 0x8
 
 
 class StreamLeg:
@@ -316,7 +315,7 @@ class HboneProtocol(asyncio.Protocol):
         if self.closed:
             return
         try:
-            self.proto.reset_stream(stream_id, CANCEL)
+            self.proto.reset_stream(stream_id, ErrorCode.CANCEL)
         except HboneError:
             pass
         self.flush()
