@@ -15,9 +15,10 @@
  *   ambit_getsockopt   cgroup/getsockopt: answers getsockopt(SOL_IP,
  *                      SO_ORIGINAL_DST) with the recorded original destination.
  *
- * Every program first checks the pod's `enrolled` flag in ambit_pods, so an
- * attached but unenrolled pod sees no effect, and enrollment can change on a
- * running pod by a map update alone.
+ * Every program that steers or drops traffic (connect4/6, egress/ingress) first
+ * checks the pod's `enrolled` flag in ambit_pods, so an attached but unenrolled
+ * pod sees no effect, and enrollment can change on a running pod by a map
+ * update alone. sock_ops only observes: it reports every flow of its cgroup.
  */
 #include "ambit.h"
 
