@@ -50,7 +50,6 @@ _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*$")
 
 Action = Literal["ALLOW", "DENY", "AUDIT"]
-MtlsMode = Literal["STRICT", "PERMISSIVE", "DISABLE"]
 
 
 class PolicyError(ZtunnelError):
@@ -1103,7 +1102,7 @@ def authorize(facts: ConnectionFacts, policies: PolicySet, *, via_waypoint: bool
     """
     dst = facts.dst
     if not facts.mtls:
-        mode, pa = _effective_mtls(dst, facts.dst_port, policies)
+        mode, pa = mtls_policy(dst, facts.dst_port, policies)
         if mode == "STRICT":
             src = f"PeerAuthentication {pa}" if pa else "the mesh default"
             return Decision(
@@ -1136,8 +1135,8 @@ def authorize_http(facts: ConnectionFacts, http: HttpFacts, policies: PolicySet)
     )
 
 
-def _effective_mtls(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
-    """(mode, deciding PeerAuthentication `ns/name` or None for the default)."""
+def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
+    """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided (None: the default)."""
     root = policies.root_namespace
     mesh = ns_level = workload = None
     # Istio takes the oldest policy at each level; objects here carry no creation
@@ -1171,12 +1170,7 @@ def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> str:
     """Effective PeerAuthentication mode on `dst`'s (workload) `port`: "STRICT", "PERMISSIVE" or
     "DISABLE". Workload selector > namespace > mesh (root namespace) > PERMISSIVE; UNSET inherits.
     The ztunnel treats DISABLE like PERMISSIVE (Istio ambient cannot disable mTLS)."""
-    return _effective_mtls(dst, port, policies)[0]
-
-
-def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
-    """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided, if any."""
-    return _effective_mtls(dst, port, policies)
+    return mtls_policy(dst, port, policies)[0]
 
 
 def check(
