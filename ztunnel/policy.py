@@ -814,10 +814,8 @@ class PolicySet:
         for p in self.authz:
             if p.target_refs:
                 scope = "targetRefs: " + ", ".join(f"{r.kind}/{r.name}" for r in p.target_refs)
-            elif p.match_labels is not None:
-                scope = "selector: " + ",".join(f"{k}={v}" for k, v in sorted(p.match_labels.items()))
             else:
-                scope = "mesh" if p.namespace == self.root_namespace else "namespace"
+                scope = self._scope(p)
             rows.append(
                 {
                     "kind": p.kind,
@@ -830,21 +828,22 @@ class PolicySet:
                 }
             )
         for q in self.peer_authn:
-            if q.match_labels is not None:
-                scope = "selector: " + ",".join(f"{k}={v}" for k, v in sorted(q.match_labels.items()))
-            else:
-                scope = "mesh" if q.namespace == self.root_namespace else "namespace"
             rows.append(
                 {
                     "kind": q.kind,
                     "namespace": q.namespace,
                     "name": q.name,
                     "mode": q.mode,
-                    "scope": scope,
+                    "scope": self._scope(q),
                     "port_modes": {str(k): v for k, v in sorted(q.port_modes.items())},
                 }
             )
         return rows
+
+    def _scope(self, p: CompiledPolicy) -> str:
+        if p.match_labels is not None:
+            return "selector: " + ",".join(f"{k}={v}" for k, v in sorted(p.match_labels.items()))
+        return "mesh" if p.namespace == self.root_namespace else "namespace"
 
 
 # ---------------------------------------------------------------------------
