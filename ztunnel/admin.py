@@ -17,7 +17,6 @@ from typing import Any
 
 log = logging.getLogger("ambit.ztunnel.admin")
 
-MAX_REQUEST = 16 * 1024
 REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
            408: "Request Timeout", 500: "Internal Server Error", 503: "Service Unavailable"}
 
