@@ -122,6 +122,15 @@ def write_manifest(path: Path, objs: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
+def same_process_runs(pid: int, start: str) -> bool:
+    """Is `pid` alive (not a zombie) and still the process that started at `start` (clock ticks)?"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
 @dataclass
 class Result:
     reply: str
@@ -189,11 +198,10 @@ class Cluster:
         """A pid file of the cluster (`pid starttime`), if its process is still that process."""
         try:
             pid_s, start = (self.state / "pids" / unit_file).read_text().split()[:2]
-            stat = Path(f"/proc/{pid_s}/stat").read_text()
+            pid = int(pid_s)
         except (OSError, ValueError):
             return None
-        fields = stat.rsplit(")", 1)[1].split()
-        return int(pid_s) if fields[19] == start and fields[0] != "Z" else None
+        return pid if same_process_runs(pid, start) else None
 
     def access_log(self, node: str) -> list[dict[str, Any]]:
         """The JSON access-log lines of a node's ztunnel (the log also has plain text lines)."""

@@ -31,6 +31,7 @@ from tests.e2e.mesh import (
     namespace,
     pod,
     poll,
+    same_process_runs,
 )
 
 CLIENT_SA = "spiffe://cluster.local/ns/mesh/sa/client"
@@ -373,14 +374,6 @@ def _leftovers(c: Cluster, cid: str, cgroup_root: str) -> list[str]:
     return out
 
 
-def _same_process_runs(pid: int, start: str) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[19] == start and fields[0] != "Z"
-
-
 def test_down_leaves_nothing(mesh: Cluster) -> None:
     c = mesh
     plan = c.plan
@@ -394,7 +387,7 @@ def test_down_leaves_nothing(mesh: Cluster) -> None:
     assert _leftovers(c, cid, cgroup_root), "nothing to look for: the cluster's names are wrong"
     c.local("down", timeout=120)
     assert _leftovers(c, cid, cgroup_root) == []
-    alive = {n: pid for n, (pid, start) in recorded.items() if _same_process_runs(pid, start)}
+    alive = {n: pid for n, (pid, start) in recorded.items() if same_process_runs(pid, start)}
     assert not alive, f"processes of the cluster survived down: {alive}"
     assert root_net() == c.root_before, "the machine's own addresses or routes changed"
 
