@@ -128,9 +128,11 @@ class Agent:
 
     def reconcile(self, cluster: ClusterState) -> list[Action]:
         self._pods = {p.key: p for p in cluster.pods_on_node(self.config.node)}
+        # Reset before any step of this pass records a failure (interfaces first), so that
+        # every failure is shown in /status and retried on the short interval.
+        self.retries = {}
         self._attach_interfaces()
         actions = plan(self.desired(cluster), self.actual)
-        self.retries = {}
         for act in actions:
             try:
                 self._execute(act)

@@ -89,3 +89,21 @@ def test_agent_reconcile(env: Env, tmp_path: Path) -> None:  # noqa: F811
         client.stop()
         env.procs.remove(client)
         env.dp.attach_pod(env.cg["pod"])
+
+
+class MissingInterfaceRuntime(FixtureRuntime):
+    def node_interfaces(self) -> list[str]:
+        return [*super().node_interfaces(), "ambit-nosuch0"]
+
+
+def test_interface_attach_failure_is_pending_and_retried(env: Env, tmp_path: Path) -> None:  # noqa: F811
+    cfg = AgentConfig(node="n1", ztunnel_outbound=(NODE_IP, 15001), ztunnel_inbound=(NODE_IP, 15006),
+                      ztunnel_addresses=[NODE_IP, GW2], ztunnel_cgroup=env.cg["ztunnel"],
+                      node_netns=Path("/run/netns") / env.ns["node"])
+    agent = Agent(source=LocalDirSource(tmp_path), runtime=MissingInterfaceRuntime(env), annotator=Annotations(),
+                  datapath=env.dp, config=cfg)
+    agent.reconcile(state())
+    # the failure survives the rest of the pass: /status shows it and the short retry interval applies
+    assert "iface/ambit-nosuch0" in agent.retries
+    assert any(p["pod"] == "iface/ambit-nosuch0" for p in agent.status_view()["pending"])
+    assert agent.status_view()["healthy"] is False
