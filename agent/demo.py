@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,8 @@ class DemoFailed(Exception):
 
 
 class Demo:
-    def __init__(self, state_dir: Path, verbose: bool) -> None:
+    def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        self.verbose = verbose
         self.step_no = 0
 
     def step(self, title: str) -> None:
@@ -172,15 +171,14 @@ def run(demo: Demo) -> None:
         raise DemoFailed(f"policy check should have said ALLOWED (exit 0), exited {proc.returncode}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    verbose = "-v" in (argv or sys.argv[1:])
+def main() -> int:
     if os.geteuid() != 0:
         print("ambit demo: needs root (network namespaces, cgroups, eBPF); run `sudo make demo`",
               file=sys.stderr)
         return 2
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="ambit-demo-") as tmp:
-        demo = Demo(Path(tmp) / "cluster", verbose)
+        demo = Demo(Path(tmp) / "cluster")
         status = 0
         try:
             run(demo)
