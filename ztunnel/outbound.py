@@ -224,8 +224,12 @@ class Outbound:
                     reply: Reply | None) -> None:
         ctx = self.ctx
         snap = ctx.snapshot()
-        pick = self._rr.get(dst_ip, 0)
-        self._rr[dst_ip] = pick + 1
+        pick = 0
+        if snap.service_by_vip(dst_ip) is not None:
+            # round robin over a service's endpoints; counting every destination IP
+            # (passthrough ones too) would grow this dict without bound
+            pick = self._rr.get(dst_ip, 0)
+            self._rr[dst_ip] = pick + 1
         plan = plan_outbound(snap, src_ip, dst_ip, dst_port, pick)
         rec = local_record(ctx, OUTBOUND, src_ip, src_port, plan.dst_ip or dst_ip, plan.dst_port or dst_port,
                            route=plan.kind)
