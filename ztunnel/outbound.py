@@ -66,17 +66,16 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
                             src=src, refuse_key="unknown_source")
     svc = snap.service_by_vip(dst_ip)
     if svc is not None:
-        target = svc.ports.get(dst_port)
-        if target is None:
+        if dst_port not in svc.ports:
             return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no port {dst_port}",
                                 src=src, service=svc, refuse_key="no_service_port")
-        eps = [w for w in (snap.workload(uid) for uid in svc.endpoints) if w is not None and w.ip]
+        eps = [(w, target) for w, target in snap.service_endpoints(dst_ip, dst_port) if w.ip]
         if not eps:
             return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no ready endpoints",
                                 src=src, service=svc, refuse_key="no_endpoints")
-        dst: Workload | None = eps[pick % len(eps)]
-        assert dst is not None
-        dst_ip, dst_port = dst.ip, target
+        picked, dst_port = eps[pick % len(eps)]
+        dst: Workload | None = picked
+        dst_ip = picked.ip
     else:
         dst = snap.workload_by_ip(dst_ip)
     if dst is None or not dst.enrolled:
