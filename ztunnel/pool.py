@@ -141,9 +141,9 @@ class Pool:
                 except BaseException as e:
                     if isinstance(e, PoolError):
                         fut.set_exception(e)
-                        fut.exception()  # consumed here; waiters get their own copy raised
+                        fut.exception()  # marked retrieved here; each waiter raises this same error
                     else:
-                        fut.cancel()
+                        fut.cancel()  # abandoned (its connection went away): waiters dial again
                     raise
                 finally:
                     self._dialing.pop(key, None)
@@ -151,7 +151,13 @@ class Pool:
                 self.ctx.metrics.pool_connections.set(len(self))
                 fut.set_result(conn)
                 return conn
-            conn = await asyncio.shield(fut)
+            try:
+                conn = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if fut.cancelled() and (task is None or not task.cancelling()):
+                    continue  # the dial was abandoned by its task, not this one: look again
+                raise
             if conn.can_open():
                 return conn
             # full already (others took the slots): look again, maybe dial another
