@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -94,7 +95,7 @@ def _channel(ca: Ca, cred: Path | None = None, key_chain: tuple[bytes, bytes] | 
     return grpc.aio.secure_channel(ca.address, creds, options=[("grpc.ssl_target_name_override", CA_SERVER_NAME)])
 
 
-def _wire_messages() -> tuple[type, type]:
+def _wire_messages() -> tuple[Any, Any]:
     """The request/response types built only from the wire description of istiod's ca.proto."""
     f = descriptor_pb2.FileDescriptorProto(name="test/ca.proto", package="istio.v1.auth", syntax="proto3",
                                            dependency=["google/protobuf/struct.proto"])

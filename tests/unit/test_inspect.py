@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 import pytest
 
 from agent.cli import main
 from agent.inspect import flow_rows, human_age, human_bytes
 
-FLOWS = [
+FLOWS: list[dict[str, Any]] = [
     {"source_pod": "shop/frontend", "destination_pod": "shop/backend", "verdict": "allow",
      "bytes_sent": 2048, "bytes_received": 10, "rtt_us": 1500, "age_seconds": 75,
      "source_identity": "spiffe://cluster.local/ns/shop/sa/frontend", "security": "mutual_tls"},
@@ -19,7 +20,7 @@ FLOWS = [
 
 
 def ns(**kw: object) -> argparse.Namespace:
-    base = {"denied": False, "pod": None}
+    base: dict[str, object] = {"denied": False, "pod": None}
     base.update(kw)
     return argparse.Namespace(**base)
 
