@@ -75,6 +75,9 @@ class Ztunnel:
         self._http: list[HttpServer] = []
         self._stopped = asyncio.Event()
         self._stopping = False
+        # The task request_stop() starts: owned here, not in self.tasks, because
+        # stop() closes self.tasks and must not cancel itself.
+        self._stop_task: asyncio.Task[None] | None = None
         self._snapshot_loaded = False
         self.ctx: ProxyContext | None = None
         self.pool: Pool | None = None
@@ -185,9 +188,18 @@ class Ztunnel:
     async def stop(self, graceful: bool = True) -> None:
         """Stop accepting, drain (GOAWAY, let connections finish up to the drain timeout), close all."""
         if self._stopping:
-            await self._stopped.wait()
+            await self.wait_stopped()
             return
         self._stopping = True
+        try:
+            await self._shut_down(graceful)
+        finally:
+            # Set even when a step failed, so no waiter hangs; the failure itself
+            # reaches whoever awaits this stop (directly or via wait_stopped()).
+            self._stopped.set()
+        log.info("ztunnel for node %s stopped", self.config.node)
+
+    async def _shut_down(self, graceful: bool) -> None:
         ctx = self.ctx
         log.info("ztunnel for node %s stopping (%s)", self.config.node, "draining" if graceful else "now")
         for s in self._servers:
@@ -226,16 +238,17 @@ class Ztunnel:
                 pass
         if ctx is not None:
             ctx.access_log.close()
-        self._stopped.set()
-        log.info("ztunnel for node %s stopped", self.config.node)
 
     async def wait_stopped(self) -> None:
+        """Until stop() finished; re-raises a failure of the stop request_stop() started."""
         await self._stopped.wait()
+        if self._stop_task is not None:
+            await self._stop_task
 
     def request_stop(self) -> None:
         """From a signal handler or /quitquitquit: drain and stop in the background."""
-        if not self._stopping:
-            asyncio.get_running_loop().create_task(self.stop(), name="ztunnel/stop")
+        if not self._stopping and self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop(), name="ztunnel/stop")
 
     # ------------------------------------------------------------------ background
 
