@@ -367,34 +367,35 @@ async def test_cli_process_serves_and_quits(tmp_path: Path) -> None:
     async with loopback_mesh(tmp_path, start=("node-b",)) as mesh:
         await mesh.wait_ready("node-b")
         a = mesh.nodes["node-a"]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "agent.cli", "ztunnel", "run", "--node", "node-a",
-            "--cluster", f"local:{mesh.cluster_dir}", "--ca", f"127.0.0.1:{mesh.ca.port}",
-            "--credential-dir", str(mesh.credential_dir("node-a")), "--admin", f"{a}:15000",
-            "--socks5", f"{a}:15080", "--outbound", f"{a}:0", "--inbound-plaintext", f"{a}:0",
-            "--metrics", f"{a}:0", "--readiness", f"{a}:15021", "--access-log", str(tmp_path / "a.log"),
-            stdout=asyncio.subprocess.DEVNULL, stderr=(tmp_path / "ztunnel-a.err").open("wb"),
-        )
-        try:
-            end = asyncio.get_running_loop().time() + 20
-            while True:
-                try:
-                    if (await http_get((a, 15021), "/healthz/ready"))[0] == 200:
-                        break
-                except OSError:
-                    pass
-                assert asyncio.get_running_loop().time() < end, "the ztunnel process never became ready"
-                await asyncio.sleep(0.1)
-            async with echo_server(mesh.pods["shop/server"], 8080):
-                r, w = await asyncio.open_connection(a, 15080, local_addr=(mesh.pods["shop/client"], 0))
-                w.write(b"\x05\x01\x00\x05\x01\x00\x03\x1aweb.shop.svc.cluster.local\x00\x50")
-                assert await r.readexactly(12) == b"\x05\x00\x05\x00\x00\x01" + b"\0" * 6
-                w.write(b"through a process")
-                assert await r.readexactly(17) == b"through a process"
-                w.close()
-            assert (await http_get((a, 15000), "/quitquitquit", "POST"))[0] == 200
-            assert await asyncio.wait_for(proc.wait(), 15) == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        with (tmp_path / "ztunnel-a.err").open("wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.cli", "ztunnel", "run", "--node", "node-a",
+                "--cluster", f"local:{mesh.cluster_dir}", "--ca", f"127.0.0.1:{mesh.ca.port}",
+                "--credential-dir", str(mesh.credential_dir("node-a")), "--admin", f"{a}:15000",
+                "--socks5", f"{a}:15080", "--outbound", f"{a}:0", "--inbound-plaintext", f"{a}:0",
+                "--metrics", f"{a}:0", "--readiness", f"{a}:15021", "--access-log", str(tmp_path / "a.log"),
+                stdout=asyncio.subprocess.DEVNULL, stderr=err,
+            )
+            try:
+                end = asyncio.get_running_loop().time() + 20
+                while True:
+                    try:
+                        if (await http_get((a, 15021), "/healthz/ready"))[0] == 200:
+                            break
+                    except OSError:
+                        pass
+                    assert asyncio.get_running_loop().time() < end, "the ztunnel process never became ready"
+                    await asyncio.sleep(0.1)
+                async with echo_server(mesh.pods["shop/server"], 8080):
+                    r, w = await asyncio.open_connection(a, 15080, local_addr=(mesh.pods["shop/client"], 0))
+                    w.write(b"\x05\x01\x00\x05\x01\x00\x03\x1aweb.shop.svc.cluster.local\x00\x50")
+                    assert await r.readexactly(12) == b"\x05\x00\x05\x00\x00\x01" + b"\0" * 6
+                    w.write(b"through a process")
+                    assert await r.readexactly(17) == b"through a process"
+                    w.close()
+                assert (await http_get((a, 15000), "/quitquitquit", "POST"))[0] == 200
+                assert await asyncio.wait_for(proc.wait(), 15) == 0
+            finally:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
