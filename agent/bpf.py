@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent import AgentError
+from agent import AgentError, cgroups
 
 log = logging.getLogger("ambit.bpf")
 
@@ -156,13 +156,13 @@ def _mounts() -> list[tuple[str, str]]:
 
 def cgroup2_root() -> Path:
     """The cgroup v2 mount (pure v2 at /sys/fs/cgroup, or the hybrid /sys/fs/cgroup/unified)."""
-    for mnt, fstype in _mounts():
-        if fstype == "cgroup2":
-            return Path(mnt)
-    raise BpfError(
-        "no cgroup v2 filesystem is mounted: ambit attaches its programs to cgroup v2 directories. "
-        "Boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) or mount one: mount -t cgroup2 none /sys/fs/cgroup/unified"
-    )
+    try:
+        return cgroups.find_root()
+    except cgroups.CgroupError as e:
+        raise BpfError(
+            "no cgroup v2 filesystem is mounted: ambit attaches its programs to cgroup v2 directories. "
+            "Boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) or mount one: mount -t cgroup2 none /sys/fs/cgroup/unified"
+        ) from e
 
 
 def check_bpffs(path: Path) -> None:

@@ -19,24 +19,40 @@ class CgroupError(AgentError):
     """A cgroup v2 operation failed; the message names the cgroup directory."""
 
 
-def find_root(mountinfo: str | None = None) -> Path:
-    """The mount point of the cgroup2 hierarchy (prefers /sys/fs/cgroup, then /sys/fs/cgroup/unified)."""
-    if mountinfo is None:
+def _mountinfo() -> str:
+    try:
         with open("/proc/self/mountinfo") as f:
-            mountinfo = f.read()
-    found = []
+            return f.read()
+    except OSError as e:
+        raise CgroupError(f"cannot read /proc/self/mountinfo to find the cgroup2 mount: {e}") from e
+
+
+def find_root(mountinfo: str | None = None) -> Path:
+    """The mount point of the cgroup2 hierarchy, from /proc/self/mountinfo text.
+
+    Prefers /sys/fs/cgroup, then /sys/fs/cgroup/unified; otherwise the shortest
+    cgroup2 mount point (a container may see several: its own and the host's,
+    and the shortest is the host's top). This is the one finder the agent's
+    other modules (BPF loader, Kubernetes runtime) call.
+    """
+    if mountinfo is None:
+        mountinfo = _mountinfo()
+    found: list[Path] = []
     for line in mountinfo.splitlines():
+        # fields: id parent major:minor root mountpoint opts [optional...] - fstype source superopts
         left, sep, right = line.partition(" - ")
         if not sep:
             continue
-        if right.split()[0] == "cgroup2":
-            found.append(left.split()[4])
+        parts, rparts = left.split(), right.split()
+        if len(parts) >= 5 and rparts and rparts[0] == "cgroup2":
+            # mountinfo escapes a space in a path as \040
+            found.append(Path(parts[4].replace("\\040", " ")))
     if not found:
         raise CgroupError("no cgroup2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup/unified)")
-    for preferred in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+    for preferred in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
         if preferred in found:
-            return Path(preferred)
-    return Path(found[0])
+            return preferred
+    return min(found, key=lambda p: len(p.parts))
 
 
 def create(path: Path) -> None:

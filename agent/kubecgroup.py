@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
 
+from agent import cgroups
 from agent.cluster.model import Pod
 
 log = logging.getLogger("ambit.kubecgroup")
@@ -33,22 +34,10 @@ CONTAINER_SCOPE_PREFIXES = ("cri-containerd-", "crio-", "docker-", "cri-o-", "co
 
 def cgroup2_root(mountinfo: str | None = None) -> Path | None:
     """The cgroup v2 mount point from /proc/self/mountinfo text (unified or hybrid), or None."""
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError:
-            return None
-    found: list[Path] = []
-    for line in mountinfo.splitlines():
-        # fields: id parent major:minor root mountpoint opts [optional...] - fstype source superopts
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        parts, rparts = left.split(), right.split()
-        if len(parts) >= 5 and rparts and rparts[0] == "cgroup2":
-            found.append(Path(parts[4].replace("\\040", " ")))
-    # A container may see several (its own and the host's); the shortest is the host's top.
-    return min(found, key=lambda p: len(p.parts)) if found else None
+    try:
+        return cgroups.find_root(mountinfo)
+    except cgroups.CgroupError:
+        return None
 
 
 def normalize_uid(uid: str) -> str:

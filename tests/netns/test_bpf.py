@@ -342,7 +342,7 @@ def test_loader_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(BpfError, match="make setup"):
         check_kernel_headers()
     monkeypatch.undo()
-    monkeypatch.setattr("agent.bpf._mounts", lambda: [("/", "ext4")])
+    monkeypatch.setattr("agent.cgroups._mountinfo", lambda: "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n")
     with pytest.raises(BpfError, match="no cgroup v2"):
         cgroup2_root()
     monkeypatch.undo()
