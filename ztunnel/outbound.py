@@ -20,6 +20,8 @@ from ztunnel import socks5
 from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord
 from ztunnel.context import ProxyContext
 from ztunnel.copy import TcpLeg
+from ztunnel.hbone import HboneError
+from ztunnel.hbone.wire import format_authority
 from ztunnel.identity.manager import CertNotReady
 from ztunnel.inbound import (
     UpstreamError,
@@ -274,13 +276,18 @@ class Outbound:
             return
         rec.mtls = True
         try:
+            authority = format_authority(plan.dst_ip, plan.dst_port)
+        except HboneError as e:
+            # e.g. a SOCKS5 CONNECT to port 0: refused here rather than sent for the peer to answer 400
+            fail(socks5.HOST_UNREACHABLE, "bad_destination", str(e), "NR")
+            return
+        try:
             cert = await ctx.certs.get(plan.src.identity, timeout=ctx.config.timeouts.cert)
         except CertNotReady as e:
             fail(socks5.GENERAL_FAILURE, "cert_not_ready", f"no certificate for the source: {e}", "UAEX")
             return
         assert plan.node_address is not None
         port = ctx.config.hbone_port_for(plan.node_address)
-        authority = f"[{plan.dst_ip}]:{plan.dst_port}" if ":" in plan.dst_ip else f"{plan.dst_ip}:{plan.dst_port}"
         try:
             up_leg = await self.pool.open_stream(cert, plan.dst.identity, plan.node_address, port,
                                                  authority, src_ip)

@@ -128,6 +128,17 @@ async def test_unknown_names_and_sources_refused(mesh: Mesh) -> None:
     assert refused["unknown_source"] == 1 and refused["unknown_name"] == 1 and refused["no_original_dst"] == 1
 
 
+async def test_remote_destination_port_zero_refused_before_tunnelling(mesh: Mesh) -> None:
+    """A CONNECT to port 0 of a pod on another node has no valid HBONE authority: refused locally."""
+    with pytest.raises(ConnectionRefusedError, match="reply 4"):
+        await mesh.socks5_connect("node-a", mesh.pods["shop/client"], mesh.pods["shop/server"], 0)
+    _, body = await http_get(mesh.ztunnels["node-a"].addresses["metrics"], "/metrics")
+    refused = {s.labels["reason"]: s.value for f in text_string_to_metric_families(body.decode())
+               for s in f.samples if s.name == "ambit_connections_refused_total"}
+    assert refused == {"bad_destination": 1}
+    assert mesh.ztunnels["node-a"].pool is not None and len(mesh.ztunnels["node-a"].pool) == 0
+
+
 async def test_same_node_and_passthrough(mesh: Mesh) -> None:
     async with echo_server(mesh.pods["shop/local"], 7000), echo_server(mesh.pods["legacy/plain"], 7001):
         for ip, port in ((mesh.pods["shop/local"], 7000), (mesh.pods["legacy/plain"], 7001)):
