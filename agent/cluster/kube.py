@@ -504,12 +504,13 @@ class KubernetesSource:
                 key = (str(obj.get("kind")), str(md.get("namespace") or ""), str(md.get("name") or ""))
                 if obj.get("kind") == "Service":
                     obj, problems = resolve_target_ports(obj, slices, pods)
-                    for p in problems:
-                        errors[key] = p
+                    if problems:
+                        errors[key] = "; ".join(problems)
                 try:
                     parse_object(obj)
                 except ClusterError as e:
-                    errors[key] = str(e)
+                    # keep the port messages too: both are about this object
+                    errors[key] = "; ".join([*filter(None, [errors.get(key)]), str(e)])
                     prev = self._last_good.get(key)
                     if prev is not None:
                         objects.append(prev)

@@ -261,6 +261,19 @@ def test_unresolvable_named_port_is_left_out_and_reported(double: KubeApiDouble)
         src.close()
 
 
+def test_every_unresolvable_named_port_is_reported(double: KubeApiDouble) -> None:
+    svc = double.get("/api/v1/services", "shop", "web")
+    svc["spec"]["ports"].append({"name": "grpc", "port": 9090, "targetPort": "grpc"})
+    svc["spec"]["ports"].append({"name": "admin", "port": 9091, "targetPort": "admin"})
+    double.apply("/api/v1/services", svc)
+    src = make_source(double.url)
+    try:
+        err = src.last_error or ""
+        assert "spec.ports[1].targetPort 'grpc'" in err and "spec.ports[2].targetPort 'admin'" in err
+    finally:
+        src.close()
+
+
 async def test_changes_yields_new_states(source: KubernetesSource, double: KubeApiDouble) -> None:
     it = source.changes(interval=0.01)
     first = await asyncio.wait_for(it.__anext__(), 2)
