@@ -19,14 +19,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from agent import cgroups
 from agent.cluster.model import Pod
 
 log = logging.getLogger("ambit.kubecgroup")
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 QOS_DIRS = {"guaranteed": "", "burstable": "burstable", "besteffort": "besteffort"}
 CONTAINER_SCOPE_PREFIXES = ("cri-containerd-", "crio-", "docker-", "cri-o-", "containerd-")
@@ -163,9 +168,22 @@ class KubePodRuntime:
         self.cgroup_root = root
         self.proc = proc
         self.node_addresses = list(node_addresses)
+        # The agent asks for every pod on every reconcile pass; a pod's cgroup and
+        # veth do not move while it lives, so found answers are kept (checked with
+        # one stat / ioctl on reuse) instead of searching the cgroup tree or
+        # opening a netlink socket per pod per pass. Misses are not kept.
+        self._cgroups: dict[str, Path] = {}
+        self._veths: dict[tuple[str, str], str] = {}
 
     def cgroup_path(self, pod: Pod) -> Path | None:
-        return find_pod_cgroup(self.cgroup_root, pod.meta.uid, pod.qos_class, pod.container_ids)
+        uid = pod.meta.uid
+        known = self._cgroups.get(uid) if uid else None
+        if known is not None and known.is_dir():
+            return known
+        found = find_pod_cgroup(self.cgroup_root, uid, pod.qos_class, pod.container_ids)
+        if uid and found is not None:
+            _remember(self._cgroups, uid, found)
+        return found
 
     def netns_path(self, pod: Pod) -> Path | None:
         cg = self.cgroup_path(pod)
@@ -180,6 +198,14 @@ class KubePodRuntime:
         # CNIs (Calico, Cilium, kindnet); bridge CNIs answer with the bridge.
         if not pod.ip:
             return None
+        key = (pod.meta.uid, pod.ip)
+        known = self._veths.get(key)
+        if known is not None:
+            try:
+                socket.if_nametoindex(known)  # still there (a recreated sandbox gets a new veth)
+                return known
+            except OSError:
+                del self._veths[key]
         from pyroute2 import IPRoute
 
         with IPRoute() as ipr:
@@ -192,7 +218,9 @@ class KubePodRuntime:
                 if oif:
                     links = ipr.get_links(oif)
                     if links:
-                        return str(links[0].get_attr("IFLA_IFNAME"))
+                        name = str(links[0].get_attr("IFLA_IFNAME"))
+                        _remember(self._veths, key, name)
+                        return name
         return None
 
     def node_interfaces(self) -> list[str]:
@@ -214,3 +242,11 @@ class KubePodRuntime:
                 for link in ipr.get_links(i):
                     names.append(str(link.get_attr("IFLA_IFNAME")))
         return names
+
+
+def _remember(cache: dict[K, V], key: K, value: V, limit: int = 4096) -> None:
+    # Entries of deleted pods are never asked for again; a node runs a few hundred
+    # pods at most, so starting over past `limit` bounds the cache without tracking deletions.
+    if len(cache) >= limit:
+        cache.clear()
+    cache[key] = value

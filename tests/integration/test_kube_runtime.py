@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.cluster.model import Meta, Pod
 from agent.kubecgroup import KubePodRuntime
@@ -14,3 +17,22 @@ def test_host_interface_and_node_interfaces_via_netlink(tmp_path: Path) -> None:
     assert rt.host_interface(pod) == "lo"  # the route to the pod IP leaves through this interface
     assert rt.host_interface(Pod(Meta(name="q", namespace="n"), node_name="x")) is None
     assert rt.node_interfaces() == ["lo"]
+
+
+def test_host_interface_is_looked_up_once_per_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyroute2
+
+    opened: list[int] = []
+    real = pyroute2.IPRoute
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pyroute2, "IPRoute", counting)
+    rt = KubePodRuntime(cgroup_root=tmp_path)
+    pod = Pod(Meta(name="p", namespace="n", uid="u1"), node_name="x", ip="127.0.0.1")
+    assert [rt.host_interface(pod) for _ in range(3)] == ["lo", "lo", "lo"]
+    assert len(opened) == 1
+    moved = Pod(Meta(name="p", namespace="n", uid="u1"), node_name="x", ip="127.0.0.2")
+    assert rt.host_interface(moved) == "lo" and len(opened) == 2  # a new IP is looked up again

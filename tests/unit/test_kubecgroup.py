@@ -116,3 +116,27 @@ def test_runtime_netns_from_a_pod_process(tmp_path: Path) -> None:
     assert rt.netns_path(pod) == proc / "4242" / "ns" / "net"
     other = Pod(Meta(name="x", namespace="shop", uid="0" * 8 + "-0000-0000-0000-" + "0" * 12), node_name="n")
     assert rt.cgroup_path(other) is None and rt.netns_path(other) is None
+
+
+def test_runtime_keeps_a_found_cgroup_until_it_is_gone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent.kubecgroup as kc
+
+    searches: list[str] = []
+    real = kc.find_pod_cgroup
+
+    def counting(root: Path, uid: str, *args: object, **kwargs: object) -> Path | None:
+        searches.append(uid)
+        return real(root, uid, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kc, "find_pod_cgroup", counting)
+    rt = KubePodRuntime(cgroup_root=tmp_path)
+    pod = Pod(Meta(name="web-0", namespace="shop", uid=UID), node_name="n", qos_class="Burstable")
+    assert rt.cgroup_path(pod) is None and rt.cgroup_path(pod) is None  # a miss is searched again
+    assert len(searches) == 2
+    pod_dir = make(tmp_path, f"kubepods/burstable/pod{UID}")
+    assert rt.cgroup_path(pod) == pod_dir and rt.cgroup_path(pod) == pod_dir and rt.netns_path(pod) is None
+    assert len(searches) == 3  # found once, then reused by cgroup_path and netns_path
+    (pod_dir / "cgroup.procs").unlink()
+    pod_dir.rmdir()
+    moved = make(tmp_path, f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UND}.slice")
+    assert rt.cgroup_path(pod) == moved and len(searches) == 4
