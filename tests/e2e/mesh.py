@@ -131,6 +131,18 @@ def same_process_runs(pid: int, start: str) -> bool:
     return fields[19] == start and fields[0] != "Z"
 
 
+def leftovers(cid: str, cgroup_root: str | Path) -> list[str]:
+    """What local cluster `cid` still has on the machine: its netns, cgroup dir, pinned BPF dir."""
+    out = []
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    out += [f"netns {ln.split()[0]}" for ln in netns.splitlines() if ln.startswith(f"ambit-{cid}")]
+    if (Path(cgroup_root) / f"ambit-{cid}").exists():
+        out.append(f"cgroup {cgroup_root}/ambit-{cid}")
+    if Path(f"/sys/fs/bpf/ambit/{cid}").exists():
+        out.append(f"bpf /sys/fs/bpf/ambit/{cid}")
+    return out
+
+
 @dataclass
 class Result:
     reply: str

@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent import cgroups
+from tests.e2e.mesh import leftovers
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _netns(prefix: str) -> set[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    return {line.split()[0] for line in out.splitlines() if line.startswith(prefix)}
 
 
 def test_demo_runs_and_leaves_nothing_behind() -> None:
@@ -29,4 +27,5 @@ def test_demo_runs_and_leaves_nothing_behind() -> None:
     # only the demo's own cluster: other clusters (a concurrent test run) may come and go meanwhile
     m = re.search(r"cluster ([0-9a-f]{8}) up in", out)
     assert m, "the demo did not show `ambit local up`'s cluster id"
-    assert _netns(f"ambit-{m.group(1)}-") == set()
+    # its network namespaces, cgroup dir and pinned BPF dir are all gone
+    assert leftovers(m.group(1), cgroups.find_root()) == []

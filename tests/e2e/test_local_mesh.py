@@ -27,6 +27,7 @@ from tests.e2e.mesh import (
     Capture,
     Cluster,
     ambit,
+    leftovers,
     manifests,
     namespace,
     pod,
@@ -363,17 +364,6 @@ def test_agent_restart_never_opens_a_plaintext_path(mesh: Cluster) -> None:
          "traffic after the agent restart", interval=0.2)
 
 
-def _leftovers(c: Cluster, cid: str, cgroup_root: str) -> list[str]:
-    out = []
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    out += [f"netns {ln.split()[0]}" for ln in netns.splitlines() if ln.startswith(f"ambit-{cid}")]
-    if (Path(cgroup_root) / f"ambit-{cid}").exists():
-        out.append(f"cgroup {cgroup_root}/ambit-{cid}")
-    if Path(f"/sys/fs/bpf/ambit/{cid}").exists():
-        out.append(f"bpf /sys/fs/bpf/ambit/{cid}")
-    return out
-
-
 def test_down_leaves_nothing(mesh: Cluster) -> None:
     c = mesh
     plan = c.plan
@@ -384,9 +374,9 @@ def test_down_leaves_nothing(mesh: Cluster) -> None:
             pid_s, start = f.read_text().split()[:2]
             recorded[f.name] = (int(pid_s), start)
     assert {"supervisor.pid", "node-a.agent.pid", "node-b.ztunnel.pid", "pod.mesh.server.pid"} <= set(recorded)
-    assert _leftovers(c, cid, cgroup_root), "nothing to look for: the cluster's names are wrong"
+    assert leftovers(cid, cgroup_root), "nothing to look for: the cluster's names are wrong"
     c.local("down", timeout=120)
-    assert _leftovers(c, cid, cgroup_root) == []
+    assert leftovers(cid, cgroup_root) == []
     alive = {n: pid for n, (pid, start) in recorded.items() if same_process_runs(pid, start)}
     assert not alive, f"processes of the cluster survived down: {alive}"
     assert root_net() == c.root_before, "the machine's own addresses or routes changed"
