@@ -32,14 +32,24 @@ fi
 # programs that use only uapi structures compile and load against them.
 KREL=$(uname -r)
 if [ ! -e "/lib/modules/$KREL/build/include" ] && [ "$(id -u)" -eq 0 ]; then
-  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n 1)
-  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n 1)
-  if [ -n "$hdr" ] && [ -n "$common" ]; then
-    mkdir -p "/lib/modules/$KREL"
-    ln -sfn "$hdr" "/lib/modules/$KREL/build"
-    ln -sfn "$common" "/lib/modules/$KREL/source"
-    log "linked kernel headers for $KREL to $hdr"
+  # Globs, not `ls | sort`: under pipefail an ls that finds nothing would end
+  # the script without a word.
+  shopt -s nullglob
+  hdrs=(/usr/src/linux-headers-*-amd64)
+  commons=(/usr/src/linux-headers-*-common)
+  shopt -u nullglob
+  if [ ${#hdrs[@]} -eq 0 ] || [ ${#commons[@]} -eq 0 ]; then
+    log "no kernel headers for $KREL (/lib/modules/$KREL/build/include) and no" \
+        "/usr/src/linux-headers-*-amd64 and -common trees to link instead: BCC cannot" \
+        "compile ambit's eBPF programs; install linux-headers-$KREL (or linux-headers-amd64)"
+    exit 1
   fi
+  hdr=$(printf '%s\n' "${hdrs[@]}" | sort -V | tail -n 1)
+  common=$(printf '%s\n' "${commons[@]}" | sort -V | tail -n 1)
+  mkdir -p "/lib/modules/$KREL"
+  ln -sfn "$hdr" "/lib/modules/$KREL/build"
+  ln -sfn "$common" "/lib/modules/$KREL/source"
+  log "linked kernel headers for $KREL to $hdr"
 fi
 
 if [ "$(id -u)" -eq 0 ] && ! mountpoint -q /sys/fs/bpf; then
@@ -61,7 +71,9 @@ fi
 # package to the venv (not the whole of Debian's dist-packages).
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ -d /usr/lib/python3/dist-packages/bcc ] && [ ! -e "$site/bcc" ]; then
-  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+  # -e is false for a dangling link too: -f replaces it (-n: the link itself, not its target)
+  if [ -L "$site/bcc" ]; then log "replacing the dangling link $site/bcc"; fi
+  ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 fi
 "$VENV/bin/python" -c 'import bcc' 2>/dev/null || { log "bcc is not importable from $VENV"; exit 1; }
 log "ready"
