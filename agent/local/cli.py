@@ -105,8 +105,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     for n in lay.nodes:
         print(f"  {n.name}: {n.address}  pods {n.pod_cidr}  netns {n.netns}")
     print(f"  CA: {lay.ca_address} (netns {lay.control_netns})")
-    for note in report.notes:
-        print(f"  note: {note}")
     for u in report.units:
         extra = f" ({u['reason']})" if u.get("reason") else ""
         print(f"  {u['unit']}: {u['state']}{extra}")

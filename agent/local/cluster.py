@@ -30,6 +30,7 @@ from agent.local import layout as L
 from agent.local import supervisor as sup
 from agent.local.layout import Layout
 from agent.local.store import Obj, Store, describe, object_key
+from controlplane import pki
 
 log = logging.getLogger("ambit.local")
 
@@ -68,7 +69,7 @@ def _run(argv: Sequence[str], what: str) -> None:
         raise LocalError(f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()}")
 
 
-def _node_object(n: L.NodePlan, layout: Layout) -> Obj:
+def _node_object(n: L.NodePlan) -> Obj:
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -89,7 +90,6 @@ def _node_object(n: L.NodePlan, layout: Layout) -> Obj:
 class UpReport:
     layout: Layout
     units: list[dict[str, Any]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 def supervisor_alive(layout: Layout) -> int | None:
@@ -157,11 +157,11 @@ def _up_steps(layout: Layout, undo: Undo, report: UpReport, wait: float) -> None
             if other.name != n.name:
                 nsops.add_route(n.netns, other.pod_cidr, other.address)
     undo.push("bpf pins", lambda: shutil.rmtree(layout.bpf_dir, ignore_errors=True))
-    _init_ca(layout, report)
+    _init_ca(layout)
 
     store = store_of(layout)
     for n in layout.nodes:
-        store.put(_node_object(n, layout))
+        store.put(_node_object(n))
     store.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
 
     undo.push("supervisor", lambda: _stop_supervisor(layout))
@@ -183,13 +183,8 @@ def _rm(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _init_ca(layout: Layout, report: UpReport) -> None:
+def _init_ca(layout: Layout) -> None:
     """Create the cluster CA in <state>/ca and one node credential per node (the CA's in-process API)."""
-    try:
-        from controlplane import pki
-    except ImportError as e:
-        report.notes.append(f"CA: controlplane.pki is not part of this build ({e}); no CA, no node credentials")
-        return
     try:
         material = pki.CaMaterial.generate(L.TRUST_DOMAIN)
         material.write(layout.ca_dir)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -224,14 +223,6 @@ class Unit:
 # what each node runs
 
 
-def _module_missing(module: str) -> str | None:
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    return None if found else f"{module} is not part of this build yet"
-
-
 # Not `python -m agent.cli`: run as __main__, that module's CliError would be a
 # second class, and the user errors of the groups would surface as tracebacks.
 AMBIT = [sys.executable, "-c", "import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))"]
@@ -252,7 +243,7 @@ def system_units(layout: Layout) -> list[UnitSpec]:
     base = layout.cgroup_base
     cluster = f"local:{layout.cluster_dir}"
     units = []
-    ca_missing = _disabled(layout, "ca") or _module_missing("controlplane.cli")
+    ca_missing = _disabled(layout, "ca")
     if ca_missing is None and not (layout.ca_dir / "root-cert.pem").exists():
         ca_missing = f"the CA was not initialised in {layout.ca_dir}"
     units.append(
@@ -281,10 +272,10 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                 log=node_dir / "agent.log",
                 pidfile=layout.pids_dir / f"{n.name}.agent.pid",
                 netns=n.netns,
-                unavailable=_disabled(layout, "agent") or _module_missing("agent.agentcli"),
+                unavailable=_disabled(layout, "agent"),
             )
         )
-        zt_missing = _disabled(layout, "ztunnel") or _module_missing("ztunnel.cli")
+        zt_missing = _disabled(layout, "ztunnel")
         if zt_missing is None and not (cred / "tls.crt").exists():
             zt_missing = f"no node credential in {cred} (the CA could not issue one)"
         units.append(
