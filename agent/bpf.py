@@ -18,13 +18,13 @@ import platform
 import socket
 import struct
 import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent import AgentError, cgroups
+from agent import netns as nsops
 
 log = logging.getLogger("ambit.bpf")
 
@@ -666,20 +666,15 @@ def _iproute(netns: Path | None) -> Iterator[Any]:
     if netns is None:
         ipr = IPRoute()
     else:
-        libc = ctypes.CDLL(None, use_errno=True)
-        own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-        target = os.open(netns, os.O_RDONLY)
+        opened: list[Any] = []
         try:
-            if libc.setns(target, 0x40000000) != 0:  # CLONE_NEWNET
-                raise BpfError(f"cannot enter netns {netns}: {os.strerror(ctypes.get_errno())}")
-            try:
-                ipr = IPRoute()
-            finally:
-                if libc.setns(own, 0x40000000) != 0:
-                    raise BpfError("cannot return to the agent's netns") from None
-        finally:
-            os.close(own)
-            os.close(target)
+            with nsops.entered(netns):
+                opened.append(IPRoute())
+        except nsops.NetnsError as e:
+            for o in opened:  # made, but the thread could not return: do not leak the socket
+                o.close()
+            raise BpfError(f"cannot open a netlink socket in netns {netns}: {e}") from e
+        ipr = opened[0]
     try:
         yield ipr
     finally:

@@ -11,6 +11,7 @@ Synchronous: from asyncio code call these through `asyncio.to_thread`
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -18,7 +19,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -183,22 +184,53 @@ def set_sysctl(ns: str, key: str, value: str) -> None:
 _libc: ctypes.CDLL | None = None
 
 
-def enter(ns: str) -> None:
-    """Move the calling thread into network namespace `ns` (setns(2)).
-
-    Python 3.11 has no os.setns, hence ctypes. Meant for a freshly forked child
-    (preexec) or a short-lived helper process: the thread stays in `ns`.
-    """
+def _setns(fd: int, what: str) -> None:
+    # Python 3.11 has no os.setns, hence ctypes.
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        raise NetnsError(f"setns into {what} failed: {os.strerror(ctypes.get_errno())}")
+
+
+def enter(ns: str) -> None:
+    """Move the calling thread into network namespace `ns` (setns(2)).
+
+    Meant for a freshly forked child (preexec) or a short-lived helper
+    process: the thread stays in `ns`.
+    """
     fd = os.open(netns_path(ns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise NetnsError(f"setns into {ns} failed: {os.strerror(err)}")
+        _setns(fd, ns)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def entered(path: Path) -> Iterator[None]:
+    """Run the body with the calling thread in the network namespace at `path`, then move it back.
+
+    For objects that must be made on the caller's own thread inside another
+    netns, such as a pyroute2 IPRoute (it belongs to the thread that opened
+    it; its NetNS helper process could not use the caller's BPF program fds).
+    Keep the body short: everything the thread does meanwhile happens in `path`.
+    """
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetnsError(f"cannot open network namespace {path}: {e.strerror}") from e
+        try:
+            _setns(target, str(path))
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(own, "the thread's own network namespace")
+    finally:
+        os.close(own)
 
 
 def socket_in(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +366,36 @@ def test_two_clusters_side_by_side(cluster: L.Layout, tmp_path: Path) -> None:
     assert _leftovers(state2) == []
     # the first cluster is untouched
     assert all(nsops.exists(n.netns) for n in cluster.nodes)
+
+
+def test_entered_moves_the_thread_and_back(tmp_path: Path) -> None:
+    name = f"ambit-test-{os.getpid()}-entered"
+    seen: dict[str, Any] = {}
+
+    def own() -> int:
+        return os.stat(f"/proc/self/task/{threading.get_native_id()}/ns/net").st_ino
+
+    def body() -> None:
+        # on a helper thread: if returning failed, only this thread would be left behind
+        try:
+            seen["before"] = own()
+            with nsops.entered(nsops.netns_path(name)):
+                seen["inside"] = own()
+            seen["after"] = own()
+            with pytest.raises(nsops.NetnsError, match="cannot open network namespace"), \
+                    nsops.entered(tmp_path / "missing"):
+                pass
+            seen["after_error"] = own()
+        except BaseException as e:
+            seen["error"] = e
+
+    nsops.create(name)
+    try:
+        t = threading.Thread(target=body)
+        t.start()
+        t.join(10)
+        assert "error" not in seen, seen.get("error")
+        assert seen["inside"] == os.stat(nsops.netns_path(name)).st_ino != seen["before"]
+        assert seen["after"] == seen["after_error"] == seen["before"]
+    finally:
+        nsops.remove(name)
