@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 from agent import cgroups
+from agent import netns as nsops
 from agent.cluster.model import Pod
 
 log = logging.getLogger("ambit.kubecgroup")
@@ -206,42 +207,13 @@ class KubePodRuntime:
                 return known
             except OSError:
                 del self._veths[key]
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            try:
-                routes = ipr.route("get", dst=pod.ip)
-            except Exception:
-                return None
-            for r in routes:
-                oif = r.get_attr("RTA_OIF")
-                if oif:
-                    links = ipr.get_links(oif)
-                    if links:
-                        name = str(links[0].get_attr("IFLA_IFNAME"))
-                        _remember(self._veths, key, name)
-                        return name
-        return None
+        name = nsops.route_interface(pod.ip)
+        if name is not None:
+            _remember(self._veths, key, name)
+        return name
 
     def node_interfaces(self) -> list[str]:
-        from pyroute2 import IPRoute
-
-        names: list[str] = []
-        with IPRoute() as ipr:
-            index: set[int] = set()
-            if self.node_addresses:
-                for a in ipr.get_addr():
-                    if a.get_attr("IFA_ADDRESS") in self.node_addresses:
-                        index.add(int(a["index"]))
-            else:
-                for r in ipr.get_default_routes():
-                    oif = r.get_attr("RTA_OIF")
-                    if oif:
-                        index.add(int(oif))
-            for i in sorted(index):
-                for link in ipr.get_links(i):
-                    names.append(str(link.get_attr("IFLA_IFNAME")))
-        return names
+        return nsops.interfaces_facing(self.node_addresses)
 
 
 def _remember(cache: dict[K, V], key: K, value: V, limit: int = 4096) -> None:

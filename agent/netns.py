@@ -161,6 +161,43 @@ def addresses(ns: str) -> list[tuple[str, str, int]]:
     return out
 
 
+def route_interface(dst: str) -> str | None:
+    """The interface through which this thread's netns routes to `dst`, or None (no route)."""
+    with IPRoute() as ip:
+        try:
+            routes = ip.route("get", dst=dst)
+        except Exception:  # unreachable, bad address: pyroute2 raises assorted types
+            return None
+        for r in routes:
+            oif = r.get_attr("RTA_OIF")
+            if oif:
+                links = ip.get_links(oif)
+                if links:
+                    return str(links[0].get_attr("IFLA_IFNAME"))
+    return None
+
+
+def interfaces_facing(addresses: Sequence[str]) -> list[str]:
+    """Names of the interfaces holding one of `addresses` in this thread's netns;
+    with no addresses, those of the default routes."""
+    index: set[int] = set()
+    names: list[str] = []
+    with IPRoute() as ip:
+        if addresses:
+            for a in ip.get_addr():
+                if a.get_attr("IFA_ADDRESS") in addresses:
+                    index.add(int(a["index"]))
+        else:
+            for r in ip.get_default_routes():
+                oif = r.get_attr("RTA_OIF")
+                if oif:
+                    index.add(int(oif))
+        for i in sorted(index):
+            for link in ip.get_links(i):
+                names.append(str(link.get_attr("IFLA_IFNAME")))
+    return names
+
+
 def set_sysctl(ns: str, key: str, value: str) -> None:
     """Write a per-namespace sysctl (e.g. net.ipv4.ip_forward) inside `ns`."""
     path = "/proc/sys/" + key.replace(".", "/")

@@ -29,7 +29,7 @@ def test_host_interface_is_looked_up_once_per_pod(tmp_path: Path, monkeypatch: p
         opened.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pyroute2, "IPRoute", counting)
+    monkeypatch.setattr("agent.netns.IPRoute", counting)
     rt = KubePodRuntime(cgroup_root=tmp_path)
     pod = Pod(Meta(name="p", namespace="n", uid="u1"), node_name="x", ip="127.0.0.1")
     assert [rt.host_interface(pod) for _ in range(3)] == ["lo", "lo", "lo"]
