@@ -12,6 +12,12 @@ killing the streams the peer asked to finish) and where runs of frames are cut
 after SETTINGS (h2 checks frame sizes with the limit in force at the start of
 each receive_data call, so a SETTINGS ACK followed by a large frame in one call
 would otherwise be refused).
+
+Plain DATA frames (no padding, outside a header block, within h2's frame size
+limit) skip h2's frame buffer: h2 would copy each payload three times (into
+its buffer, a slice of it, then the frame's bytes); here it is copied once
+and the parsed frame goes straight to h2's frame handler, so flow control,
+stream states and errors stay h2's.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import StreamState
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import DataFrame, GoAwayFrame
 
 from ztunnel.hbone.config import HboneConfig, HboneError
 from ztunnel.hbone.events import (
@@ -44,7 +50,9 @@ from ztunnel.hbone.events import (
 )
 from ztunnel.hbone.flood import (
     CONTINUATION,
+    DATA,
     FLAG_END_HEADERS,
+    FLAG_END_STREAM,
     GOAWAY,
     HEADERS,
     PUSH_PROMISE,
@@ -73,10 +81,26 @@ def _short_data_repr(data: bytes | None) -> str:
 # the identical string from the first 10 bytes only.
 hyperframe.frame._raw_data_repr = _short_data_repr
 
+
+def _data_body_repr(self: DataFrame) -> str:
+    # DataFrame inherits a _body_repr that serializes (joins) its whole payload
+    # just to show 10 bytes of it; same string from the first 11 bytes only.
+    head = self.serialize_padding_data() + bytes(self.data[:11]) + b"\0" * min(self.pad_length, 11)
+    return _short_data_repr(head[:11])
+
+
+DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
+
 _PREAMBLE_LEN = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DEFAULT_MAX_FRAME = 16_384
 _DEFAULT_WINDOW = 65_535  # RFC 9113 6.9.2: every connection window starts here
 _MAX_STREAM_ID = 2**31 - 1
+_FLAG_PADDED = 0x8
+# h2's per-frame handler (private, in h2 since 2.0): when a release drops it,
+# DATA frames go through h2.receive_data like every other frame.
+_DIRECT_DATA = callable(getattr(H2Connection, "_receive_frame", None)) and callable(
+    getattr(H2Connection, "_terminate_connection", None)
+)
 
 
 class _HboneConnection:
@@ -213,6 +237,18 @@ class _HboneConnection:
                     run_start = pos
                     self._check_stream_limit()
                     self._highest_peer_stream = sid
+                elif (
+                    ftype == DATA
+                    and _DIRECT_DATA
+                    and sid
+                    and not flags & _FLAG_PADDED
+                    and self._block_stream is None
+                    and length <= self._h2.max_inbound_frame_size
+                ):
+                    self._feed(view[run_start:pos], events)
+                    run_start = frame_end
+                    if not self._closed:
+                        self._feed_data_frame(sid, flags, payload, events)
                 payload.release()
                 pos = frame_end
                 if ftype == SETTINGS:
@@ -274,6 +310,25 @@ class _HboneConnection:
                 self._translate(ev, events)
                 if self._closed:
                     return
+
+    def _feed_data_frame(
+        self, sid: int, flags: int, payload: memoryview, events: list[HboneEvent]
+    ) -> None:
+        """One complete plain DATA frame to h2's frame handler, like h2.receive_data would."""
+        frame = DataFrame(sid, bytes(payload))
+        frame.body_len = len(payload)
+        if flags & FLAG_END_STREAM:
+            frame.flags.add("END_STREAM")
+        try:
+            h2_events = self._h2._receive_frame(frame)
+        except ProtocolError as exc:
+            # what h2.receive_data does with it: queue the GOAWAY, then raise
+            self._h2._terminate_connection(exc.error_code)
+            raise
+        for ev in h2_events:
+            self._translate(ev, events)
+            if self._closed:
+                return
 
     def _translate(self, ev: h2e.Event, events: list[HboneEvent]) -> None:
         if isinstance(ev, h2e.DataReceived):
