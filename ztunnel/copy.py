@@ -79,7 +79,7 @@ def tune_allocator() -> bool:
     landed on fresh pages: page faults and page zeroing were about half of the
     two ztunnels' CPU in a bulk transfer. A fixed 1 MiB threshold keeps them on
     the heap, and a 4 MiB trim threshold keeps up to that much freed heap for
-    the next chunks instead of returning it at once. Runs once per process.
+    the next chunks instead of returning it at once. The ztunnel calls it once, at start.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -108,7 +108,6 @@ class Splice:
         self.done = False
         self.error: str | None = None
         self.finished: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        tune_allocator()
 
     def start(self) -> None:
         """Attach both legs; each replays what it received before the splice existed."""

@@ -20,6 +20,7 @@ from ztunnel.accesslog import AccessLog
 from ztunnel.admin import HttpServer, Response
 from ztunnel.config import ConfigError, Listen, ZtunnelConfig
 from ztunnel.context import ProxyContext
+from ztunnel.copy import tune_allocator
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.caclient import CaClient
 from ztunnel.identity.manager import CaClientLike, CertManager
@@ -90,6 +91,7 @@ class Ztunnel:
     async def start(self, first_snapshot_timeout: float = 10.0) -> None:
         cfg = self.config
         cfg.check()
+        tune_allocator()  # process-wide: the data path's chunk copies stay on the heap
         try:
             bundle = TrustBundle.from_pem(cfg.trust_domain, (cfg.credential_dir / "ca.crt").read_bytes())
         except (OSError, ValueError) as e:
