@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
 from controlplane.pki import CA_SERVER_NAME, CaMaterial, cert_pem, key_pem, write_node_credential
+from tests.integration.ca_process import ca_process
 from ztunnel.identity.caclient import CaClient, CaError
 from ztunnel.identity.manager import CertManager, make_csr
 from ztunnel.identity.spiffe import SpiffeId
@@ -66,25 +67,9 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ca]:
         r = _ambit("ca", "node-credential", "--dir", str(root / "ca"), "--node", node, "--out", str(root / node))
         assert r.returncode == 0, r.stderr
     audit = root / "audit.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "ca", "run", "--dir", str(root / "ca"),
-         "--cluster", f"local:{root / 'cluster'}", "--listen", "127.0.0.1:0",
-         "--max-ttl", "2h", "--audit-log", str(audit)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, (line, proc.stderr.read() if proc.stderr else "")
-        port = int(line.rsplit(":", 1)[1])
+    with ca_process("--dir", str(root / "ca"), "--cluster", f"local:{root / 'cluster'}",
+                    "--max-ttl", "2h", "--audit-log", str(audit)) as (proc, port):
         yield Ca(root, port, proc, audit)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _channel(ca: Ca, cred: Path | None = None, key_chain: tuple[bytes, bytes] | None = None) -> grpc.aio.Channel:

@@ -35,6 +35,7 @@ from controlplane.tokenreview import (
     EXTRA_POD_UID,
     TokenReviewAuthenticator,
 )
+from tests.integration.ca_process import ca_process
 from tests.integration.kubeapi_double import KubeApiDouble, TokenInfo, pod, recorded
 from ztunnel.cli import config_from_args
 from ztunnel.config import ConfigError, ZtunnelConfig
@@ -279,17 +280,8 @@ async def test_ca_run_tokenreview_process(tmp_path: Path, double: KubeApiDouble)
     CaMaterial.generate().write(tmp_path / "ca")
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", double.url)
     audit = tmp_path / "audit.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.cli", "ca", "run", "--dir", str(tmp_path / "ca"),
-         "--cluster", f"kubernetes:{kubeconfig}", "--node-auth", "tokenreview",
-         "--listen", "127.0.0.1:0", "--audit-log", str(audit)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on" in line, (line, proc.stderr.read() if proc.stderr else "")
-        port = int(line.rsplit(":", 1)[1])
+    with ca_process("--dir", str(tmp_path / "ca"), "--cluster", f"kubernetes:{kubeconfig}",
+                    "--node-auth", "tokenreview", "--audit-log", str(audit)) as (_, port):
         cred = tmp_path / "secrets"
         cred.mkdir()
         (cred / "ca.crt").write_bytes((tmp_path / "ca" / "root-cert.pem").read_bytes())
@@ -303,13 +295,6 @@ async def test_ca_run_tokenreview_process(tmp_path: Path, double: KubeApiDouble)
             assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
         finally:
             await client.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     lines = [json.loads(x) for x in audit.read_text().splitlines()]
     assert [(a["event"], a["auth"], a["node"]) for a in lines] == [
         ("issued", "tokenreview", "node-a"), ("refused", "tokenreview", "node-b")]
