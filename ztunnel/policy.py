@@ -275,20 +275,12 @@ class TargetRef:
     name: str
 
 
-@dataclass(frozen=True)
-class CompiledAuthz:
-    """A valid AuthorizationPolicy, ready to evaluate."""
+class _Named:
+    """The names every compiled policy answers to."""
 
     namespace: str
     name: str
-    api_version: str
-    action: Action
-    match_labels: Mapping[str, str] | None = field(hash=False)  # None: no selector
-    target_refs: tuple[TargetRef, ...]
-    rules: tuple[CompiledRule, ...]
-    resource_version: str = ""
-
-    kind = "AuthorizationPolicy"
+    kind: str
 
     @property
     def ref(self) -> str:
@@ -302,7 +294,23 @@ class CompiledAuthz:
 
 
 @dataclass(frozen=True)
-class CompiledPeerAuthn:
+class CompiledAuthz(_Named):
+    """A valid AuthorizationPolicy, ready to evaluate."""
+
+    namespace: str
+    name: str
+    api_version: str
+    action: Action
+    match_labels: Mapping[str, str] | None = field(hash=False)  # None: no selector
+    target_refs: tuple[TargetRef, ...]
+    rules: tuple[CompiledRule, ...]
+    resource_version: str = ""
+
+    kind = "AuthorizationPolicy"
+
+
+@dataclass(frozen=True)
+class CompiledPeerAuthn(_Named):
     """A valid PeerAuthentication."""
 
     namespace: str
@@ -314,14 +322,6 @@ class CompiledPeerAuthn:
     resource_version: str = ""
 
     kind = "PeerAuthentication"
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.kind}/{self.namespace}/{self.name}"
 
 
 CompiledPolicy = CompiledAuthz | CompiledPeerAuthn
