@@ -99,6 +99,10 @@ class ZtunnelConfig:
     # Given: the CA is called with this ServiceAccount token (bearer; the CA's
     # --node-auth tokenreview) and credential_dir needs only ca.crt.
     ca_token_file: Path | None = None
+    # Workloads on the node's own loopback (the loopback test harness and the benchmark, where
+    # "pods" are 127.x addresses): let passthrough dial loopback. Never on a real node, where a
+    # pod's loopback destination dialed from the node's netns would reach the node's admin ports.
+    loopback_workloads: bool = False
 
     def with_node_address(self, address: str) -> ZtunnelConfig:
         """Fill the listeners left unset with the Istio ports on the node's address."""

@@ -45,6 +45,41 @@ class InboundCheck:
     reason: str
 
 
+@dataclass(frozen=True)
+class ClientAddress:
+    """Who the client of an HBONE connection is, as far as the destination can trust it."""
+
+    ip: str | None  # the address policy sees (ipBlocks); None: refuse the stream
+    workload: Workload | None
+    reason: str  # why `ip` was taken, or why the claim was refused
+
+
+def client_address(snap: Snapshot, peer_ip: str, peer_identity: SpiffeId | None,
+                   forwarded_for: str | None) -> ClientAddress:
+    """Pure: the client IP of an HBONE stream for policy and logs.
+
+    The source ztunnel names its client in `forwarded: for=`; the destination takes it only
+    when the claim is consistent with what the TLS handshake proved: the address belongs to a
+    workload whose identity is the peer's certificate identity, and the HBONE connection comes
+    from that workload's node. A stream without the header is judged by the peer's address (a
+    client that does not say, e.g. a plain HBONE client); a claim that cannot be verified is
+    refused, since taking it would let a peer pick the address an `ipBlocks` rule sees.
+    """
+    if forwarded_for is None:
+        return ClientAddress(peer_ip, None, "no forwarded header: the HBONE peer's address")
+    w = snap.workload_by_ip(forwarded_for)
+    if w is None:
+        return ClientAddress(None, None, f"the HBONE peer {peer_ip} ({peer_identity}) claims client "
+                             f"{forwarded_for}, which is no workload this node knows")
+    if peer_identity is None or w.identity != peer_identity:
+        return ClientAddress(None, w, f"the HBONE peer {peer_ip} presented {peer_identity} but claims client "
+                             f"{forwarded_for}, which is {w.uid} ({w.identity})")
+    if w.node_address != peer_ip:
+        return ClientAddress(None, w, f"the HBONE peer {peer_ip} claims client {forwarded_for} ({w.uid}), "
+                             f"which runs on node {w.node} at {w.node_address or 'an unknown address'}")
+    return ClientAddress(forwarded_for, w, f"forwarded by {w.node}'s ztunnel for {w.uid}")
+
+
 def via_waypoint(dst: Workload, src_identity: SpiffeId | None) -> bool:
     """The verified peer is the destination's waypoint (same namespace, service account = waypoint name)."""
     return (
@@ -180,15 +215,18 @@ class Inbound:
             client_ip=req.forwarded_for,
         )
         snap = ctx.snapshot()
-        if rec.client_ip:
-            src_w = snap.workload_by_ip(rec.client_ip)
-            if src_w is not None and src_w.identity == conn.identity:
-                rec.src_workload = src_w.uid
+        client = client_address(snap, peer_ip, conn.identity, req.forwarded_for)
+        if client.workload is not None and client.ip is not None:
+            rec.src_workload = client.workload.uid
         if ctx.draining:
             conn.respond(leg, 503)
             ctx.refuse(rec, "draining", "the ztunnel is shutting down", flags="DR")
             return
-        chk = check_inbound(snap, req.host, req.port, src_ip=peer_ip, src_identity=conn.identity,
+        if client.ip is None:
+            conn.respond(leg, 400)
+            ctx.refuse(rec, "untrusted_client_address", client.reason, flags="NR")
+            return
+        chk = check_inbound(snap, req.host, req.port, src_ip=client.ip, src_identity=conn.identity,
                             mtls=True, tls_identity=conn.tls_identity)
         apply_check(rec, chk)
         if chk.status != 200:

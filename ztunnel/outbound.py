@@ -58,13 +58,23 @@ class OutboundPlan:
     refuse_key: str = ""
 
 
-def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick: int = 0) -> OutboundPlan:
-    """Pure: where a local workload's connection to dst_ip:dst_port goes. `pick` chooses the endpoint."""
+def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick: int = 0, *,
+                  loopback_workloads: bool = False) -> OutboundPlan:
+    """Pure: where a local workload's connection to dst_ip:dst_port goes. `pick` chooses the endpoint.
+
+    `loopback_workloads`: the workloads live on the node's loopback (test harness), so
+    passthrough to loopback addresses is allowed there (see `passthrough_forbidden`)."""
     src = snap.workload_by_ip(src_ip)
     if src is None:
         return OutboundPlan(REFUSE, f"source {src_ip} is not a known workload", refuse_key="unknown_source")
     if src.node != snap.node:
         return OutboundPlan(REFUSE, f"source {src.uid} runs on {src.node}, not on {snap.node}",
+                            src=src, refuse_key="unknown_source")
+    if not src.enrolled:
+        # Only enrolled pods' sockets are redirected here; an unenrolled pod that reaches the
+        # listener directly must not be given its service account's identity.
+        return OutboundPlan(REFUSE, f"source {src.uid} is not enrolled in the mesh: the ztunnel proxies "
+                            "only enrolled pods' connections and never lends an identity to another",
                             src=src, refuse_key="unknown_source")
     svc = snap.service_by_vip(dst_ip)
     if svc is not None:
@@ -81,6 +91,10 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
     else:
         dst = snap.workload_by_ip(dst_ip)
     if dst is None or not dst.enrolled:
+        forbidden = passthrough_forbidden(dst_ip, loopback_ok=loopback_workloads)
+        if forbidden:
+            return OutboundPlan(REFUSE, f"{dst_ip}:{dst_port}: {forbidden}", src=src, dst=dst,
+                                dst_ip=dst_ip, dst_port=dst_port, service=svc, refuse_key="forbidden_destination")
         why = "not a mesh workload" if dst is None else f"{dst.uid} is not enrolled"
         return OutboundPlan(PASSTHROUGH, f"{dst_ip}:{dst_port}: {why}: plain TCP passthrough",
                             src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=svc)
@@ -95,6 +109,32 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
     return OutboundPlan(HBONE, f"{dst.uid} on node {dst.node} ({addr})", src=src, dst=dst,
                         dst_ip=dst_ip, dst_port=dst_port, service=svc, node_address=addr)
 
+
+def passthrough_forbidden(ip: str, *, loopback_ok: bool = False) -> str | None:
+    """Why the ztunnel must not dial `ip` on a pod's behalf (None: it may).
+
+    A passthrough connection is dialed from the node's network namespace, so an address that
+    means "this host" there (0.0.0.0/8, loopback) would reach the node's own listeners (the
+    admin ports on 127.0.0.1) instead of anything the pod could reach itself. Multicast,
+    broadcast and reserved addresses are never TCP destinations.
+    """
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "not an IP address"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_unspecified or (isinstance(addr, ipaddress.IPv4Address) and addr in _THIS_NETWORK):
+        return "an unspecified address means the node itself to the ztunnel: refused"
+    if addr.is_loopback and not loopback_ok:
+        return "a loopback address means the node itself to the ztunnel: refused"
+    if addr.is_multicast or (isinstance(addr, ipaddress.IPv4Address) and (addr.is_reserved or addr == _BROADCAST)):
+        return "not a unicast TCP destination"
+    return None
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+_BROADCAST = ipaddress.ip_address("255.255.255.255")
 
 SERVICE_SUFFIXES = (".svc.cluster.local", ".svc")
 
@@ -231,7 +271,8 @@ class Outbound:
             # (passthrough ones too) would grow this dict without bound
             pick = self._rr.get(dst_ip, 0)
             self._rr[dst_ip] = pick + 1
-        plan = plan_outbound(snap, src_ip, dst_ip, dst_port, pick)
+        plan = plan_outbound(snap, src_ip, dst_ip, dst_port, pick,
+                             loopback_workloads=ctx.config.loopback_workloads)
         rec = local_record(ctx, OUTBOUND, src_ip, src_port, plan.dst_ip or dst_ip, plan.dst_port or dst_port,
                            route=plan.kind)
         if plan.dst_ip and (plan.dst_ip, plan.dst_port) != (dst_ip, dst_port):

@@ -13,7 +13,7 @@ from ztunnel import socks5
 from ztunnel.config import ConfigError, Listen, parse_listen
 from ztunnel.hbone.wire import BadRequest, parse_authority
 from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.inbound import check_inbound
+from ztunnel.inbound import check_inbound, client_address
 from ztunnel.origdst import OrigDstError, parse_sockaddr
 from ztunnel.outbound import HBONE, LOCAL, PASSTHROUGH, REFUSE, plan_outbound, resolve_name
 from ztunnel.state import Snapshot, build_snapshot
@@ -51,6 +51,13 @@ def snap(node: str = "node-a", extra: str = "") -> Snapshot:
         ("10.1.0.1", "10.96.0.11", 80, REFUSE, None),
         ("10.9.9.9", "10.2.0.1", 8080, REFUSE, None),
         ("10.2.0.1", "10.1.0.1", 8080, REFUSE, None),  # a pod of another node
+        # addresses that mean the node itself when the ztunnel dials them from the node's netns
+        ("10.1.0.1", "0.0.0.0", 15000, REFUSE, None),
+        ("10.1.0.1", "0.1.2.3", 15010, REFUSE, None),
+        ("10.1.0.1", "127.0.0.1", 15000, REFUSE, None),
+        ("10.1.0.1", "127.9.9.9", 15000, REFUSE, None),
+        ("10.1.0.1", "224.0.0.1", 80, REFUSE, None),
+        ("10.1.0.1", "255.255.255.255", 80, REFUSE, None),
     ],
 )
 def test_plan_outbound(src: str, dst: str, port: int, kind: str, final: tuple[str, int] | None) -> None:
@@ -62,6 +69,36 @@ def test_plan_outbound(src: str, dst: str, port: int, kind: str, final: tuple[st
         assert p.node_address == "10.0.0.12"
     if kind == REFUSE:
         assert p.refuse_key and p.reason
+
+
+def test_loopback_passthrough_only_for_loopback_rigs() -> None:
+    assert plan_outbound(snap(), "10.1.0.1", "127.0.0.5", 80).refuse_key == "forbidden_destination"
+    assert plan_outbound(snap(), "10.1.0.1", "127.0.0.5", 80, loopback_workloads=True).kind == PASSTHROUGH
+    # never the unspecified address, which the kernel would also deliver to the node itself
+    assert plan_outbound(snap(), "10.1.0.1", "0.0.0.0", 80, loopback_workloads=True).kind == REFUSE
+
+
+def test_unenrolled_source_gets_no_identity() -> None:
+    """An unenrolled pod that reaches 15001 directly is refused, never proxied with its SA's identity."""
+    s = snap(extra=pod_yaml("legacy", "sneaky", "node-a", "default", "10.1.0.9"))
+    p = plan_outbound(s, "10.1.0.9", "10.2.0.1", 8080)
+    assert p.kind == REFUSE and p.refuse_key == "unknown_source"
+    assert "not enrolled" in p.reason
+
+
+def test_client_address_trust() -> None:
+    s = snap()
+    client = SpiffeId("cluster.local", "shop", "client")
+    # no header: the peer's address
+    assert client_address(s, "10.0.0.11", client, None).ip == "10.0.0.11"
+    # the client's own identity from the client's node: trusted
+    got = client_address(s, "10.0.0.11", client, "10.1.0.1")
+    assert got.ip == "10.1.0.1" and got.workload is not None and got.workload.uid == "shop/client"
+    # another identity, another node, an unknown address: refused
+    assert client_address(s, "10.0.0.11", SpiffeId("cluster.local", "shop", "local"), "10.1.0.1").ip is None
+    assert client_address(s, "10.0.0.12", client, "10.1.0.1").ip is None
+    assert client_address(s, "10.0.0.11", client, "10.9.9.9").ip is None
+    assert client_address(s, "10.0.0.11", None, "10.1.0.1").ip is None
 
 
 def test_vip_round_robin() -> None:

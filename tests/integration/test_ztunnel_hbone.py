@@ -54,12 +54,14 @@ class RawClient:
 
     @classmethod
     async def connect(cls, mesh: Mesh, cert: WorkloadCert | None, ctx: ssl.SSLContext | None = None,
-                      sni: str | None = None) -> RawClient:
+                      sni: str | None = None, source: str | None = None) -> RawClient:
+        """From node-a's address by default, as node-a's ztunnel would dial."""
         if ctx is None:
             assert cert is not None
             ctx = client_context(cert, mesh.material.bundle)
         host, port = mesh.ztunnels["node-b"].addresses["hbone"]
-        r, w = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni or sni_for(SERVER_ID))
+        r, w = await asyncio.open_connection(host, port, ssl=ctx, server_hostname=sni or sni_for(SERVER_ID),
+                                             local_addr=(source or mesh.nodes["node-a"], 0))
         c = cls(r, w)
         await c.flush()
         return c
@@ -140,6 +142,40 @@ spec: {action: DENY, rules: [{to: [{operation: {ports: ["8080"]}}]}]}
     items = mesh.ztunnels["node-b"].ctx.conns.recent  # type: ignore[union-attr]
     flags = [r.response_flags for r in items]
     assert "DENY" in flags and "NR" in flags and "UF" in flags
+
+
+async def test_forwarded_client_is_taken_only_when_the_certificate_backs_it(mesh: Mesh) -> None:
+    """`forwarded: for=` decides what ipBlocks see, so a claim the TLS peer cannot back is refused."""
+    server = mesh.pods["shop/server"]
+    client_ip = mesh.pods["shop/client"]
+    mesh.write("deny-client-ip", f"""
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: deny-client-ip, namespace: shop}}
+spec: {{action: DENY, rules: [{{from: [{{source: {{ipBlocks: ["{client_ip}/32"]}}}}]}}]}}
+""")
+    for _ in range(100):
+        if mesh.ztunnels["node-b"].store.current.policies.authz:
+            break
+        await asyncio.sleep(0.05)
+    fwd = [(b"forwarded", b"for=" + client_ip.encode())]
+    async with echo_server(server, 8080):
+        # the client pod's own identity, from its node: its address is trusted, so the DENY on it applies
+        c = await RawClient.connect(mesh, make_cert(mesh.material, SpiffeId("cluster.local", "shop", "client")))
+        assert await c.status(c.connect_headers(f"{server}:8080", fwd)) == 401
+        c.close()
+        # another identity claiming the client's address: refused, not judged as the client
+        c = await RawClient.connect(mesh, make_cert(mesh.material, SpiffeId("cluster.local", "shop", "local")))
+        assert await c.status(c.connect_headers(f"{server}:8080", fwd)) == 400
+        c.close()
+        # the right identity, but not from the client's node (node-b's own address)
+        c = await RawClient.connect(mesh, make_cert(mesh.material, SpiffeId("cluster.local", "shop", "client")),
+                                    source=mesh.nodes["node-b"])
+        assert await c.status(c.connect_headers(f"{server}:8080", fwd)) == 400
+        c.close()
+    mesh.remove("deny-client-ip")
+    recent = mesh.ztunnels["node-b"].ctx.conns.recent  # type: ignore[union-attr]
+    assert any("claims client" in r.reason for r in recent)
 
 
 async def test_handshake_failures(mesh: Mesh) -> None:

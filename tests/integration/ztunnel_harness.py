@@ -111,6 +111,7 @@ class Mesh:
             admin=Listen("127.0.0.1", 0), metrics=Listen(addr, 0), readiness=Listen(addr, 0),
             socks5=Listen(addr, 0), access_log=str(self.root / f"access-{node}.log"),
             timeouts=Timeouts(connect=2.0, cert=5.0, pool_idle=30.0, drain=2.0),
+            loopback_workloads=True,  # every "pod" of this harness is a 127.x address
         )
         base.update(kw)
         return ZtunnelConfig(**base)
