@@ -66,14 +66,22 @@ class AgentConfig:
     feed_socket: Path | None = None
 
 
-def pod_mode(snap: Snapshot, pod: Pod) -> str:
-    """The pod's inbound plaintext mode from PeerAuthentication (workload level; DISABLE acts as PERMISSIVE)."""
-    from ztunnel.policy import mtls_mode
+def kernel_mode(mode: str) -> str:
+    """What the kernel does with plaintext: STRICT drops it; PERMISSIVE and DISABLE send it
+    through the ztunnel's 15006 (ambient mesh traffic is never unencrypted)."""
+    return "STRICT" if mode == "STRICT" else "PERMISSIVE"
+
+
+def pod_modes(snap: Snapshot, pod: Pod) -> tuple[str, tuple[tuple[int, str], ...]]:
+    """The pod's inbound plaintext mode for the kernel, and the ports that differ from it."""
+    from ztunnel.policy import mtls_port_modes
 
     w = snap.workload_by_ip(pod.ip) if pod.ip else None
     if w is None:
-        return "PERMISSIVE"
-    return "STRICT" if mtls_mode(w, 0, snap.policies) == "STRICT" else "PERMISSIVE"
+        return "PERMISSIVE", ()
+    default, ports = mtls_port_modes(w, snap.policies)
+    k = kernel_mode(default)
+    return k, tuple((p, kernel_mode(m)) for p, m in ports.items() if kernel_mode(m) != k)
 
 
 @dataclass
@@ -94,6 +102,10 @@ class Agent:
     _stop: bool = False
     ztunnel_conns: list[dict[str, Any]] = field(default_factory=list)
     ztunnel_ready: tuple[bool, str] = (False, "not asked yet")
+    # The ztunnel handles redirected connections (its listeners are up with a cluster state),
+    # even when it is not ready because some identities still wait for their certificate.
+    ztunnel_serving: bool = False
+    ztunnel_waiting: frozenset[str] = frozenset()  # SPIFFE IDs without a certificate yet
     feed: FeedServer | None = None
 
     # -- one reconcile pass ------------------------------------------------------
@@ -108,12 +120,13 @@ class Agent:
                 continue
             enrolled = cluster.is_enrolled(pod)
             mode = "PERMISSIVE"
+            port_modes: tuple[tuple[int, str], ...] = ()
             if enrolled and pod.ip:
                 try:
                     if snap is None:
                         snap = build_snapshot(cluster, self.config.node, trust_domain=self.config.trust_domain,
                                               root_namespace=self.config.root_namespace)
-                    mode = pod_mode(snap, pod)
+                    mode, port_modes = pod_modes(snap, pod)
                 except Exception as e:  # a policy bug must not stop redirection; PERMISSIVE still goes via 15006
                     log.warning("%s: computing mTLS mode: %s", pod.key, e)
             out[pod.key] = Desired(
@@ -122,6 +135,7 @@ class Agent:
                 cgroup=self.runtime.cgroup_path(pod),
                 enrolled=enrolled,
                 mode=mode,
+                port_modes=port_modes,
                 annotated=pod.meta.annotations.get(REDIRECTION) == REDIRECTION_ENABLED,
             )
         return out
@@ -147,6 +161,9 @@ class Agent:
             host_if = self.runtime.host_interface(pod)
             if host_if:
                 wanted.append(host_if)
+        # A pod deleted and made again gets a new veth under the same name: forget the old
+        # one so the new one is attached (its filters and MAC entry went with the device).
+        self._ifaces &= set(wanted)
         for ifname in wanted:
             if ifname in self._ifaces:
                 continue
@@ -159,7 +176,8 @@ class Agent:
     def _execute(self, act: Action) -> None:
         if isinstance(act, WriteSettings):
             root_id = self.datapath.set_pod(
-                act.cgroup, act.ip, enrolled=act.enrolled, mode=act.mode, port_exceptions=act.port_exceptions
+                act.cgroup, act.ip, enrolled=act.enrolled, mode=act.mode, port_modes=dict(act.port_modes),
+                port_exceptions=act.port_exceptions,
             )
             prev = self.actual.get(act.key)
             self.actual[act.key] = Actual(
@@ -171,6 +189,7 @@ class Agent:
                 enrolled=act.enrolled,
                 mode=act.mode,
                 port_exceptions=act.port_exceptions,
+                port_modes=act.port_modes,
             )
         elif isinstance(act, Attach):
             done = self.datapath.attach_pod(act.cgroup)
@@ -256,13 +275,18 @@ class Agent:
         while not self._stop:
             try:
                 status, ready = await http_get_json(host, port, "/healthz/ready")
-                self.ztunnel_ready = (status == 200, "" if status == 200 else str(ready))
+                info = ready if isinstance(ready, dict) else {}
+                self.ztunnel_ready = (status == 200, "" if status == 200 else str(info.get("reason", ready)))
+                self.ztunnel_serving = status == 200 or bool(info.get("serving"))
+                self.ztunnel_waiting = frozenset(str(i) for i in info.get("waiting_for_certificates") or ())
                 status, conns = await http_get_json(host, port, "/connections")
                 if status == 200:
                     items = conns.get("items", conns) if isinstance(conns, dict) else conns
                     self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
             except (OSError, ValueError, TimeoutError) as e:
                 self.ztunnel_ready = (False, f"ztunnel admin {host}:{port} unreachable: {e}")
+                self.ztunnel_serving = False
+                self.ztunnel_waiting = frozenset()
             await asyncio.sleep(1.0)
 
     def joined_flows(self) -> list[dict[str, Any]]:
@@ -288,25 +312,37 @@ class Agent:
             if not a.enrolled:
                 continue
             attached: dict[str, bool] = {}
+            uncovered: list[Path] = []
+            kernel_ports: dict[int, str] = {}
             with contextlib.suppress(AgentError):
                 attached = self.datapath.pod_attached(a.cgroup)
+                uncovered = self.datapath.uncovered_subcgroups(a.cgroup)
+                kernel_ports = self.datapath.port_modes(a.ip) if a.ip else {}
             k = kernel.get(a.cgroup_ids[0]) if a.cgroup_ids else None
-            in_sync = k is not None and k["enrolled"] and k["mode"] == a.mode
-            all_attached = bool(attached) and all(attached.values())
+            in_sync = (k is not None and k["enrolled"] and k["mode"] == a.mode
+                       and kernel_ports == dict(a.port_modes))
+            all_attached = bool(attached) and all(attached.values()) and not uncovered
             c = counts.get(a.cgroup_ids[0]) if a.cgroup_ids else None
+            redirected = all_attached and in_sync and self.ztunnel_serving
+            identity = self._identity(key)
             problem = None
             if not all_attached:
-                missing = [n for n, ok in attached.items() if not ok] or ["all programs"]
+                missing = [n for n, ok in attached.items() if not ok] or ([] if attached else ["all programs"])
+                missing += [f"sub-cgroup {p}" for p in uncovered]
                 problem = f"not attached: {', '.join(missing)}"
             elif not in_sync:
                 problem = "the kernel's pod map differs from the cluster state (the agent will rewrite it)"
-            elif not ready:
-                problem = f"ztunnel not ready: {reason}"
+            elif not self.ztunnel_serving:
+                problem = f"ztunnel not serving: {reason}"
+            elif identity in self.ztunnel_waiting:
+                problem = (f"redirected; the ztunnel is waiting for a certificate for {identity} (is the CA "
+                           "reachable?): its mesh connections fail until one is issued, none go out in plaintext")
             elif key in self.retries:
                 problem = self.retries[key]
             pods.append({
-                "pod": key, "ip": a.ip, "mode": a.mode, "attached": all_attached, "programs": attached,
-                "maps_in_sync": in_sync, "redirected": all_attached and in_sync and ready,
+                "pod": key, "ip": a.ip, "mode": a.mode, "port_modes": {str(p): m for p, m in a.port_modes},
+                "attached": all_attached, "programs": attached, "subcgroups_uncovered": [str(p) for p in uncovered],
+                "maps_in_sync": in_sync, "redirected": redirected,
                 "bypass_drops": (c.egress + c.ingress + c.inbound_strict) if c else 0,
                 "connections_via_ztunnel": via_ztunnel.get(key, 0), "problem": problem,
             })
@@ -318,6 +354,12 @@ class Agent:
             "ztunnel": {"ready": ready, "reason": reason},
             "healthy": ready and all(p["redirected"] for p in pods) and not pending,
         }
+
+    def _identity(self, key: str) -> str:
+        pod = self._pods.get(key)
+        if pod is None:
+            return ""
+        return f"spiffe://{self.config.trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
 
     async def _serve(self, server: asyncio.base_events.Server) -> None:
         async with server:

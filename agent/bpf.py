@@ -18,7 +18,7 @@ import platform
 import socket
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,11 @@ ZTUNNEL_PROGRAMS: tuple[tuple[str, int, int], ...] = (("ambit_getsockopt", PROG_
 TC_PROGRAMS = ("ambit_tc_ingress", "ambit_tc_egress")
 TC_PARENTS = {"ambit_tc_ingress": "ffff:fff2", "ambit_tc_egress": "ffff:fff3"}
 TC_PRIO = 0xA4B  # a fixed priority of ours, so `replace` swaps our filter atomically
-MAP_NAMES = ("config", "pods", "pod_ips", "ztunnel_addrs", "cookie_dst", "orig_dst", "drops", "drop_rl", "events")
+MAP_NAMES = ("config", "pods", "pod_ips", "port_modes", "ztunnel_addrs", "ifaces", "cookie_dst", "out_orig_dst",
+             "in_orig_dst", "drops", "drop_rl", "events")
+# pinned by earlier versions; removed with the rest when a node is torn down
+OLD_MAP_NAMES = ("orig_dst",)
+BPF_F_QUERY_EFFECTIVE = 1 << 0
 
 EVENT_KINDS = {
     1: "open_active",
@@ -266,12 +270,14 @@ def prog_info(fd: int) -> tuple[int, str, str]:
     return info.id, info.name.decode(errors="replace"), bytes(info.tag).hex()
 
 
-def query_cgroup(cgroup_fd: int, attach_type: int) -> list[int]:
-    """Ids of programs attached directly to a cgroup for one attach type."""
+def query_cgroup(cgroup_fd: int, attach_type: int, *, effective: bool = False) -> list[int]:
+    """Ids of programs attached directly to a cgroup for one attach type (`effective`: also
+    those inherited from its ancestors, i.e. every program that runs for its processes)."""
     ids = (ctypes.c_uint32 * 64)()
     cnt = ctypes.c_uint32(64)
     flags = ctypes.c_uint32(0)
-    rc = libbpf().bpf_prog_query(cgroup_fd, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(cnt))
+    qflags = BPF_F_QUERY_EFFECTIVE if effective else 0
+    rc = libbpf().bpf_prog_query(cgroup_fd, attach_type, qflags, ctypes.byref(flags), ids, ctypes.byref(cnt))
     if rc != 0:
         raise BpfError(f"BPF_PROG_QUERY on cgroup: {os.strerror(ctypes.get_errno() or -rc)}")
     return list(ids[: cnt.value])
@@ -287,15 +293,17 @@ def _prog_fd_by_id(prog_id: int) -> Iterator[int | None]:
             os.close(fd)
 
 
-def cgroup_attachments(cgroup: Path, types: Iterable[int] | None = None) -> list[Attachment]:
-    """Every program attached directly to `cgroup` (all attach types ambit uses unless `types`)."""
+def cgroup_attachments(cgroup: Path, types: Iterable[int] | None = None, *,
+                       effective: bool = False) -> list[Attachment]:
+    """Every program attached directly to `cgroup` (all attach types ambit uses unless `types`);
+    with `effective`, every program that runs for its processes, inherited ones included."""
     if types is None:
         types = [t for _, _, t in POD_PROGRAMS + ZTUNNEL_PROGRAMS]
     out: list[Attachment] = []
     fd = _open_cgroup(cgroup)
     try:
         for t in types:
-            for pid in query_cgroup(fd, t):
+            for pid in query_cgroup(fd, t, effective=effective):
                 with _prog_fd_by_id(pid) as pfd:
                     if pfd is None:
                         continue
@@ -426,11 +434,21 @@ class Datapath:
         *,
         enrolled: bool,
         mode: str = "PERMISSIVE",
+        port_modes: Mapping[int, str] | None = None,
         port_exceptions: Sequence[int] = (),
     ) -> int:
-        """Write a pod's settings (for its cgroup, every sub-cgroup, and its IP). Returns its cgroup id."""
-        if mode not in MODES:
-            raise BpfError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
+        """Write a pod's settings (for its cgroup, which covers every cgroup below it, and its IP).
+
+        `mode` is the pod's inbound plaintext mode; `port_modes` the ports whose mode differs
+        (PeerAuthentication portLevelMtls), exactly these after the call. Returns its cgroup id.
+        """
+        port_modes = dict(port_modes or {})
+        for m in (mode, *port_modes.values()):
+            if m not in MODES:
+                raise BpfError(f"mode {m!r}: expected one of {', '.join(MODES)}")
+        for p in port_modes:
+            if not 0 < p < 65536:
+                raise BpfError(f"port {p} in the pod's port modes is out of range 1..65535")
         if len(port_exceptions) > MAX_PORTS:
             raise BpfError(f"{len(port_exceptions)} port exceptions: at most {MAX_PORTS} per pod")
         root_id = cgroup_id(cgroup)
@@ -444,9 +462,10 @@ class Datapath:
                 raise BpfError(f"port exception {p} is out of range 1..65535")
             leaf.ports[i] = p
         leaf.cgroup_id = root_id
-        for cid in _cgroup_tree_ids(cgroup):
-            t[t.Key(cid)] = leaf
+        t[t.Key(root_id)] = leaf
         if ip:
+            # port exceptions first: a pod's IP entry never takes effect with stale ones
+            self._set_port_modes(ip, port_modes)
             ti = self._table("ambit_pod_ips")
             li = ti.Leaf()
             li.cgroup_id = root_id
@@ -454,6 +473,27 @@ class Datapath:
             li.mode = MODES[mode]
             ti[ti.Key(ip_to_be32(ip))] = li
         return root_id
+
+    def _set_port_modes(self, ip: str, port_modes: Mapping[int, str]) -> None:
+        t = self._table("ambit_port_modes")
+        want = {port_to_be16(p): MODES[m] for p, m in port_modes.items()}
+        ip_be = ip_to_be32(ip)
+        for k in list(t.keys()):
+            if k.ip == ip_be and k.port not in want:
+                with contextlib.suppress(KeyError):
+                    del t[k]
+        for port_be, m in want.items():
+            k = t.Key()
+            k.ip = ip_be
+            k.port = port_be
+            t[k] = ctypes.c_uint8(m)
+
+    def port_modes(self, ip: str) -> dict[int, str]:
+        """The per-port plaintext modes the kernel holds for a pod IP."""
+        ip_be = ip_to_be32(ip)
+        names = {v: k for k, v in MODES.items()}
+        return {socket.ntohs(k.port): names[int(v.value)] for k, v in self._table("ambit_port_modes").items()
+                if k.ip == ip_be}
 
     def remove_pod(self, cgroup_ids: Iterable[int], ip: str | None) -> None:
         t = self._table("ambit_pods")
@@ -470,6 +510,7 @@ class Datapath:
             ti = self._table("ambit_pod_ips")
             with contextlib.suppress(KeyError):
                 del ti[ti.Key(ip_to_be32(ip))]
+            self._set_port_modes(ip, {})
 
     def pods(self) -> dict[int, dict[str, Any]]:
         """cgroup id -> settings, as the kernel sees them."""
@@ -490,9 +531,11 @@ class Datapath:
             for k, v in self._table("ambit_drops").items()
         }
 
-    def original_destination(self, client_ip: str, client_port: int) -> tuple[str, int] | None:
-        """What SO_ORIGINAL_DST answers for a client (ip, port), for inspection and tests."""
-        t = self._table("ambit_orig_dst")
+    def original_destination(self, client_ip: str, client_port: int,
+                             direction: str = "outbound") -> tuple[str, int] | None:
+        """What SO_ORIGINAL_DST answers on 15001 (`outbound`) or 15006 (`inbound`) for a
+        client (ip, port), for inspection and tests."""
+        t = self._table({"outbound": "ambit_out_dst", "inbound": "ambit_in_dst"}[direction])
         k = t.Key()
         k.ip = ip_to_be32(client_ip)
         k.port = port_to_be16(client_port)
@@ -548,10 +591,27 @@ class Datapath:
         names = {a.name for a in cgroup_attachments(cgroup, [t for _, _, t in POD_PROGRAMS])}
         return {n: n[:15] in names for n, _, _ in POD_PROGRAMS}
 
+    def uncovered_subcgroups(self, cgroup: Path) -> list[Path]:
+        """Cgroups below a pod's whose processes do not run every pod program (inherited
+        from the pod's cgroup). The programs find the pod of such a cgroup by its ancestors,
+        so an empty list means the whole subtree, containers included, is redirected."""
+        want = {n[:15] for n, _, _ in POD_PROGRAMS}
+        types = [t for _, _, t in POD_PROGRAMS]
+        out = []
+        for sub in _subcgroups(cgroup):
+            try:
+                names = {a.name for a in cgroup_attachments(sub, types, effective=True)}
+            except BpfError:
+                continue  # removed while we looked
+            if not want <= names:
+                out.append(sub)
+        return out
+
     def attach_interface(self, ifname: str, netns: Path | None = None) -> None:
         """Inbound capture on one node interface (clsact + direct-action bpf filters, replaced atomically)."""
         with _iproute(netns) as ipr:
             idx = _ifindex(ipr, ifname)
+            self._set_iface_mac(idx, _bridge_mac(ipr, idx))
             with contextlib.suppress(Exception):  # already there: clsact is shared with other users
                 ipr.tc("add", "clsact", index=idx)
             for name in TC_PROGRAMS:
@@ -571,6 +631,18 @@ class Datapath:
                     )
                 except Exception as e:
                     raise BpfError(f"attaching {name} to {ifname}: {e}") from e
+
+    def _set_iface_mac(self, ifindex: int, mac: bytes | None) -> None:
+        """Where TC readdresses frames it DNATs on this interface (None: it leaves the MAC)."""
+        t = self._table("ambit_ifaces")
+        if mac is None:
+            with contextlib.suppress(KeyError):
+                del t[t.Key(ifindex)]
+            return
+        leaf = t.Leaf()
+        for i, b in enumerate(mac):
+            leaf.mac[i] = b
+        t[t.Key(ifindex)] = leaf
 
     def detach_interface(self, ifname: str, netns: Path | None = None) -> None:
         with _iproute(netns) as ipr:
@@ -638,20 +710,30 @@ class Datapath:
 
 def remove_pins(pin_dir: Path) -> None:
     """Unpin every ambit map under `pin_dir` and remove the directory."""
-    for name in MAP_NAMES:
+    for name in MAP_NAMES + OLD_MAP_NAMES:
         with contextlib.suppress(FileNotFoundError):
             (pin_dir / name).unlink()
     with contextlib.suppress(FileNotFoundError, OSError):
         pin_dir.rmdir()
 
 
-def _cgroup_tree_ids(cgroup: Path) -> list[int]:
-    ids = [cgroup_id(cgroup)]
+def _subcgroups(cgroup: Path) -> list[Path]:
+    """Every cgroup below `cgroup` (not itself)."""
+    out: list[Path] = []
     for root, dirs, _ in os.walk(cgroup):
-        for d in dirs:
-            with contextlib.suppress(FileNotFoundError):
-                ids.append(cgroup_id(Path(root) / d))
-    return ids
+        out.extend(Path(root) / d for d in dirs)
+    return out
+
+
+def _bridge_mac(ipr: Any, ifindex: int) -> bytes | None:
+    """The MAC of the bridge `ifindex` is a port of (None: not a bridge port)."""
+    links = ipr.get_links(ifindex)
+    master = links[0].get_attr("IFLA_MASTER") if links else None
+    if not master:
+        return None
+    mlinks = ipr.get_links(master)
+    addr = mlinks[0].get_attr("IFLA_ADDRESS") if mlinks else None
+    return bytes.fromhex(addr.replace(":", "")) if addr else None
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ class Desired:
     cgroup: Path | None  # None: the runtime has not created it yet
     enrolled: bool
     mode: str = "PERMISSIVE"  # inbound plaintext: STRICT drops, PERMISSIVE goes through 15006
+    port_modes: tuple[tuple[int, str], ...] = ()  # (port, mode) where the port differs (portLevelMtls)
     port_exceptions: tuple[int, ...] = ()
     annotated: bool = False  # the pod already carries ambit.dev/redirection=enabled
 
@@ -41,6 +42,7 @@ class Actual:
     enrolled: bool
     mode: str
     port_exceptions: tuple[int, ...]
+    port_modes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class WriteSettings:
     enrolled: bool
     mode: str
     port_exceptions: tuple[int, ...]
+    port_modes: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,10 @@ def _enroll(d: Desired, a: Actual | None) -> list[Action]:
         out.extend(_enroll(d, None))
         out.extend([Detach(a.key, a.cgroup), Forget(a.key, a.cgroup_ids, a.ip if a.ip != d.ip else None)])
         return out
-    want = (d.ip, True, d.mode, d.port_exceptions)
-    have = (a.ip, a.enrolled, a.mode, a.port_exceptions) if a is not None else None
+    want = (d.ip, True, d.mode, d.port_exceptions, d.port_modes)
+    have = (a.ip, a.enrolled, a.mode, a.port_exceptions, a.port_modes) if a is not None else None
     if have != want:
-        out.append(WriteSettings(d.key, d.cgroup, d.ip, True, d.mode, d.port_exceptions))
+        out.append(WriteSettings(d.key, d.cgroup, d.ip, True, d.mode, d.port_exceptions, d.port_modes))
         if a is not None and a.ip and a.ip != d.ip:
             out.append(Forget(d.key, (), a.ip))
     if a is None or not a.attached:
@@ -132,7 +135,7 @@ def _unenroll(key: str, a: Actual | None, d: Desired | None) -> list[Action]:
     out: list[Action] = []
     if a is not None:
         if a.enrolled:
-            out.append(WriteSettings(key, a.cgroup, a.ip, False, a.mode, a.port_exceptions))
+            out.append(WriteSettings(key, a.cgroup, a.ip, False, a.mode, a.port_exceptions, a.port_modes))
         if a.attached:
             out.append(Detach(key, a.cgroup))
         out.append(Forget(key, a.cgroup_ids, a.ip))

@@ -23,6 +23,10 @@
 #endif
 
 #define AMBIT_MAX_PORTS 8
+/* Deepest cgroup level (from the cgroup2 root, which is level 0) at which a pod's
+ * own cgroup may sit; the programs find a process's pod by walking its ancestors
+ * from the top, so sub-cgroups below the pod, however deep, are always covered. */
+#define AMBIT_MAX_CGROUP_DEPTH 16
 #define AMBIT_MODE_PERMISSIVE 0
 #define AMBIT_MODE_STRICT 1
 #define AMBIT_SO_ORIGINAL_DST 80
@@ -39,7 +43,9 @@ struct ambit_config {
     __u32 flags;
 };
 
-/* Per-pod settings, keyed by the cgroup id of the pod (and of its sub-cgroups). */
+/* Per-pod settings, keyed by the cgroup id of the pod's own cgroup. Processes in
+ * sub-cgroups (containers, or cgroups a process made itself) belong to the pod
+ * whose cgroup is their nearest listed ancestor (see ambit_pod_of_current). */
 struct ambit_pod {
     __u8 enrolled;
     __u8 mode;            /* AMBIT_MODE_* for inbound plaintext */
@@ -49,13 +55,30 @@ struct ambit_pod {
     __u64 cgroup_id;      /* the pod's own cgroup: where its counters live */
 };
 
-/* Per-pod settings for TC, keyed by pod IPv4 address. */
+/* Per-pod settings for TC, keyed by pod IPv4 address. `mode` is the pod's
+ * inbound plaintext mode; ambit_port_modes overrides it per port. */
 struct ambit_pod_ip {
     __u64 cgroup_id;
     __u8 enrolled;
     __u8 mode;
     __u16 _pad;
     __u32 _pad2;
+};
+
+/* (pod ip, port) for PeerAuthentication portLevelMtls exceptions. */
+struct ambit_port_key {
+    __u32 ip;
+    __u16 port;           /* network order */
+    __u16 _pad;
+};
+
+/* A node interface whose packets TC may DNAT to the ztunnel: when the
+ * interface is a bridge port, the DNATed frame must be addressed to the
+ * bridge itself (the node), or the bridge would forward it to the pod whose
+ * MAC it still carries. */
+struct ambit_iface {
+    __u8 mac[6];
+    __u16 _pad;
 };
 
 struct ambit_addr {
@@ -113,12 +136,20 @@ struct _name##_table_t _name = { .max_entries = ((_num_pages) * PAGE_SIZE) }
 BPF_TABLE_PINNED("array", u32, struct ambit_config, ambit_config, 1, AMBIT_PIN "/config");
 BPF_TABLE_PINNED("hash", u64, struct ambit_pod, ambit_pods, 16384, AMBIT_PIN "/pods");
 BPF_TABLE_PINNED("hash", u32, struct ambit_pod_ip, ambit_pod_ips, 16384, AMBIT_PIN "/pod_ips");
+BPF_TABLE_PINNED("hash", struct ambit_port_key, u8, ambit_port_modes, 65536, AMBIT_PIN "/port_modes");
 BPF_TABLE_PINNED("hash", u32, u8, ambit_ztunnel, 64, AMBIT_PIN "/ztunnel_addrs");
+BPF_TABLE_PINNED("hash", u32, struct ambit_iface, ambit_ifaces, 4096, AMBIT_PIN "/ifaces");
 /* socket cookie -> original destination, between connect() and ESTABLISHED */
 BPF_TABLE_PINNED("lru_hash", u64, struct ambit_addr, ambit_cookie_dst, 65536, AMBIT_PIN "/cookie_dst");
-/* (client ip, client port) -> original destination: answers SO_ORIGINAL_DST for
- * 15001 (outbound) and 15006 (inbound), and drives the TC reverse NAT. */
-BPF_TABLE_PINNED("lru_hash", struct ambit_addr, struct ambit_addr, ambit_orig_dst, 65536, AMBIT_PIN "/orig_dst");
+/* Original destinations by (client ip, client port), two maps that never mix:
+ *   out_orig_dst  written only by sock_ops for a socket the connect hook
+ *                 redirected; answers SO_ORIGINAL_DST on the 15001 listener only,
+ *                 so nothing but an enrolled pod's own connect can name where
+ *                 the ztunnel dials with that pod's identity;
+ *   in_orig_dst   written by TC for plaintext DNATed to 15006; answers
+ *                 SO_ORIGINAL_DST on the 15006 listener and drives the reverse NAT. */
+BPF_TABLE_PINNED("lru_hash", struct ambit_addr, struct ambit_addr, ambit_out_dst, 65536, AMBIT_PIN "/out_orig_dst");
+BPF_TABLE_PINNED("lru_hash", struct ambit_addr, struct ambit_addr, ambit_in_dst, 65536, AMBIT_PIN "/in_orig_dst");
 BPF_TABLE_PINNED("hash", u64, struct ambit_drops, ambit_drops, 16384, AMBIT_PIN "/drops");
 BPF_TABLE_PINNED("lru_hash", u64, u64, ambit_drop_rl, 16384, AMBIT_PIN "/drop_rl");
 AMBIT_RINGBUF_PINNED(ambit_events, 64, AMBIT_PIN "/events");
@@ -126,6 +157,15 @@ AMBIT_RINGBUF_PINNED(ambit_events, 64, AMBIT_PIN "/events");
 static __always_inline int ambit_is_loopback4(__u32 ip_be)
 {
     return (bpf_ntohl(ip_be) >> 24) == 127;
+}
+
+/* 127.0.0.0/8 and 0.0.0.0/8: a connect to either stays inside the caller's own
+ * network namespace (the kernel sends 0.0.0.0 to the local host), so it is
+ * never redirected; redirected, the ztunnel would dial it in the node's netns. */
+static __always_inline int ambit_is_local4(__u32 ip_be)
+{
+    __u32 first = bpf_ntohl(ip_be) >> 24;
+    return first == 127 || first == 0;
 }
 
 static __always_inline int ambit_port_excepted(const struct ambit_pod *pod, __u16 port_host)

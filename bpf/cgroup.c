@@ -5,30 +5,58 @@
  *                      node's ztunnel outbound listener, remembering the
  *                      original destination by socket cookie.
  *   ambit_sockops      sock_ops: on ACTIVE_ESTABLISHED move that original
- *                      destination to (client ip, client port); report flow
- *                      open/close (bytes, srtt) on the ring buffer.
+ *                      destination to (client ip, client port) in out_orig_dst
+ *                      (removed again on close); report flow open/close
+ *                      (bytes, srtt) on the ring buffer.
  *   ambit_egress/ingress  cgroup_skb: TCP of an enrolled pod may only talk to
  *                      the ztunnel's addresses, loopback and excepted ports;
  *                      anything else (raw sockets, connections opened before
  *                      enrollment) is dropped and counted.
  * On the ztunnel's cgroup (or an ancestor of it):
  *   ambit_getsockopt   cgroup/getsockopt: answers getsockopt(SOL_IP,
- *                      SO_ORIGINAL_DST) with the recorded original destination.
+ *                      SO_ORIGINAL_DST) on the ztunnel's 15001 sockets from
+ *                      out_orig_dst and on its 15006 sockets from in_orig_dst.
  *
- * Every program that steers or drops traffic (connect4/6, egress/ingress) first
- * checks the pod's `enrolled` flag in ambit_pods, so an attached but unenrolled
- * pod sees no effect, and enrollment can change on a running pod by a map
- * update alone. sock_ops only observes: it reports every flow of its cgroup.
+ * Programs attached to a cgroup also run for every cgroup below it, present
+ * and future, so each finds its pod by walking the caller's ancestors from the
+ * top (a container's cgroup, or one a process made under its pod, belongs to
+ * that pod). Every program that steers or drops traffic (connect4/6,
+ * egress/ingress) then checks the pod's `enrolled` flag, so an attached but
+ * unenrolled pod sees no effect, and enrollment can change on a running pod by
+ * a map update alone. sock_ops only observes: it reports every flow of its cgroup.
  */
 #include "ambit.h"
 
+/* The enrolled pod of the calling task: its nearest ancestor cgroup (or its own)
+ * listed in ambit_pods. Walks from the top, so the depth of cgroups a process
+ * creates below its pod does not matter; pods never nest. */
 static __always_inline struct ambit_pod *current_pod(void)
 {
-    u64 cg = bpf_get_current_cgroup_id();
-    struct ambit_pod *pod = ambit_pods.lookup(&cg);
-    if (!pod || !pod->enrolled)
-        return 0;
-    return pod;
+#pragma unroll
+    for (int level = 1; level <= AMBIT_MAX_CGROUP_DEPTH; level++) {
+        u64 id = bpf_get_current_ancestor_cgroup_id(level);
+        if (!id)
+            return 0;
+        struct ambit_pod *pod = ambit_pods.lookup(&id);
+        if (pod)
+            return pod->enrolled ? pod : 0;
+    }
+    return 0;
+}
+
+/* The same for the socket that owns a packet (cgroup_skb). */
+static __always_inline struct ambit_pod *skb_pod(struct __sk_buff *skb)
+{
+#pragma unroll
+    for (int level = 1; level <= AMBIT_MAX_CGROUP_DEPTH; level++) {
+        u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+        if (!id)
+            return 0;
+        struct ambit_pod *pod = ambit_pods.lookup(&id);
+        if (pod)
+            return pod->enrolled ? pod : 0;
+    }
+    return 0;
 }
 
 /* Returns 1 to let the connect proceed (possibly rewritten), 0 to refuse it (EPERM). */
@@ -65,7 +93,7 @@ int ambit_connect4(struct bpf_sock_addr *ctx)
     if (!pod)
         return 1;
     __u32 dip = ctx->user_ip4;
-    if (ambit_is_loopback4(dip))
+    if (ambit_is_local4(dip))
         return 1;
     return redirect4(ctx, pod, dip, (__u16)ctx->user_port, 0);
 }
@@ -81,7 +109,7 @@ int ambit_connect6(struct bpf_sock_addr *ctx)
     if (a0 == 0 && a1 == 0 && a2 == 0 && a3 == bpf_htonl(1))
         return 1; /* ::1 */
     if (a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff)) {
-        if (ambit_is_loopback4(a3))
+        if (ambit_is_local4(a3))
             return 1;
         return redirect4(ctx, pod, a3, (__u16)ctx->user_port, 1);
     }
@@ -145,6 +173,11 @@ int ambit_sockops(struct bpf_sock_ops *skops)
     if (op == BPF_SOCK_OPS_STATE_CB) {
         if (skops->args[1] != BPF_TCP_CLOSE)
             return 1;
+        /* the ztunnel read it right after accept; keep no stale answer for this address */
+        struct ambit_addr done = {};
+        done.ip = lip;
+        done.port = bpf_htons(ev.sport);
+        ambit_out_dst.delete(&done);
         ev.kind = AMBIT_EV_CLOSE;
         ambit_events.ringbuf_output(&ev, sizeof(ev), 0);
         return 1;
@@ -158,7 +191,7 @@ int ambit_sockops(struct bpf_sock_ops *skops)
             key.ip = lip;
             key.port = bpf_htons(ev.sport);
             struct ambit_addr val = *orig;
-            ambit_orig_dst.update(&key, &val);
+            ambit_out_dst.update(&key, &val);
             ambit_cookie_dst.delete(&ev.cookie);
             ev.orig_daddr = val.ip;
             ev.orig_dport = bpf_ntohs(val.port);
@@ -177,12 +210,23 @@ int ambit_getsockopt(struct bpf_sockopt *ctx)
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
         return 1;
+    u32 zero = 0;
+    struct ambit_config *cfg = ambit_config.lookup(&zero);
+    if (!cfg)
+        return 1;
+    /* which listener accepted this socket decides which map may answer */
+    __u32 lip = sk->src_ip4;
+    __u16 lport = (__u16)sk->src_port; /* host order */
     struct ambit_addr key = {};
     key.ip = sk->dst_ip4;
     key.port = (__u16)sk->dst_port;
-    struct ambit_addr *orig = ambit_orig_dst.lookup(&key);
+    struct ambit_addr *orig = 0;
+    if (lip == cfg->outbound_ip && lport == bpf_ntohs(cfg->outbound_port))
+        orig = ambit_out_dst.lookup(&key);
+    else if (lip == cfg->inbound_ip && lport == bpf_ntohs(cfg->inbound_port))
+        orig = ambit_in_dst.lookup(&key);
     if (!orig)
-        return 1; /* not ours: keep the kernel's own answer (e.g. from iptables) */
+        return 1; /* not ours: keep the kernel's own answer (e.g. from iptables), or its ENOENT */
     struct sockaddr_in *sin = ctx->optval;
     if ((void *)(sin + 1) > ctx->optval_end)
         return 1;
@@ -242,9 +286,8 @@ static __always_inline int skb_tcp(struct __sk_buff *skb, __u32 *saddr, __u32 *d
 
 static __always_inline int skb_check(struct __sk_buff *skb, int egress)
 {
-    u64 cg = bpf_skb_cgroup_id(skb);
-    struct ambit_pod *pod = ambit_pods.lookup(&cg);
-    if (!pod || !pod->enrolled)
+    struct ambit_pod *pod = skb_pod(skb);
+    if (!pod)
         return 1;
     __u32 saddr, daddr;
     __u16 sport, dport;
@@ -261,7 +304,7 @@ static __always_inline int skb_check(struct __sk_buff *skb, int egress)
         if (ambit_port_excepted(pod, egress ? dport : sport))
             return 1;
     }
-    ambit_count_drop(pod->cgroup_id ? pod->cgroup_id : cg, egress ? AMBIT_EV_DROP_EGRESS : AMBIT_EV_DROP_INGRESS,
+    ambit_count_drop(pod->cgroup_id, egress ? AMBIT_EV_DROP_EGRESS : AMBIT_EV_DROP_INGRESS,
                      saddr, daddr, sport, dport);
     return 0;
 }

@@ -9,12 +9,20 @@
  * TC ingress hook, so they are not captured again.
  *
  *   ambit_tc_ingress  (ingress of fabric interfaces and pods' host-side veths)
- *       a SYN to an enrolled pod: STRICT -> drop and count; PERMISSIVE -> DNAT
- *       to the ztunnel's 15006 listener, remembering (client ip, client port)
- *       -> original destination in ambit_orig_dst (which also answers the
- *       ztunnel's SO_ORIGINAL_DST). Later packets of that flow are DNATed by
- *       the same entry; anything else to the pod passes to the pod's
- *       cgroup_skb ingress program, which drops TCP not from the ztunnel.
+ *       TCP from an enrolled pod's address to anything but the ztunnel is
+ *       dropped and counted (the cgroup programs already stop it inside the
+ *       pod; this catches a process that left the pod's cgroup but not its
+ *       network namespace).
+ *       A SYN to an enrolled pod: STRICT on that port -> drop and count;
+ *       PERMISSIVE -> DNAT to the ztunnel's 15006 listener, remembering
+ *       (client ip, client port) -> original destination in in_orig_dst (which
+ *       also answers the ztunnel's SO_ORIGINAL_DST on 15006). The mode is the
+ *       pod's, or its port's from ambit_port_modes (portLevelMtls). Later
+ *       packets of that flow are DNATed by the same entry; anything else to the
+ *       pod passes to the pod's cgroup_skb ingress program, which drops TCP not
+ *       from the ztunnel. A DNATed frame that arrived on a bridge port is
+ *       readdressed to the bridge's MAC (ambit_ifaces), so the bridge hands it
+ *       to the node instead of forwarding it to the pod (same-node clients).
  *   ambit_tc_egress   (egress of the same interfaces)
  *       reverse NAT: from ztunnel:15006 to a recorded client -> from the
  *       original pod ip:port.
@@ -79,6 +87,12 @@ int ambit_tc_ingress(struct __sk_buff *skb)
     struct ambit_pkt p = {};
     if (!parse_tcp4(skb, &p))
         return TC_ACT_OK;
+    struct ambit_pod_ip *src = ambit_pod_ips.lookup(&p.saddr);
+    if (src && src->enrolled && !ambit_ztunnel.lookup(&p.daddr)) {
+        ambit_count_drop(src->cgroup_id, AMBIT_EV_DROP_EGRESS, p.saddr, p.daddr, bpf_ntohs(p.sport),
+                         bpf_ntohs(p.dport));
+        return TC_ACT_SHOT;
+    }
     struct ambit_pod_ip *pod = ambit_pod_ips.lookup(&p.daddr);
     if (!pod || !pod->enrolled)
         return TC_ACT_OK;
@@ -91,7 +105,14 @@ int ambit_tc_ingress(struct __sk_buff *skb)
     key.port = p.sport;
     int syn = (p.flags & 0x02) && !(p.flags & 0x10);
     if (syn) {
-        if (pod->mode == AMBIT_MODE_STRICT || !cfg || !cfg->inbound_ip) {
+        __u8 mode = pod->mode;
+        struct ambit_port_key pk = {};
+        pk.ip = p.daddr;
+        pk.port = p.dport;
+        __u8 *port_mode = ambit_port_modes.lookup(&pk);
+        if (port_mode)
+            mode = *port_mode;
+        if (mode == AMBIT_MODE_STRICT || !cfg || !cfg->inbound_ip) {
             ambit_count_drop(pod->cgroup_id, AMBIT_EV_DROP_STRICT, p.saddr, p.daddr, bpf_ntohs(p.sport),
                              bpf_ntohs(p.dport));
             return TC_ACT_SHOT;
@@ -99,15 +120,19 @@ int ambit_tc_ingress(struct __sk_buff *skb)
         struct ambit_addr orig = {};
         orig.ip = p.daddr;
         orig.port = p.dport;
-        ambit_orig_dst.update(&key, &orig);
+        ambit_in_dst.update(&key, &orig);
     } else {
-        struct ambit_addr *orig = ambit_orig_dst.lookup(&key);
+        struct ambit_addr *orig = ambit_in_dst.lookup(&key);
         /* not a captured flow (e.g. replies to an excepted outbound port):
          * the pod's cgroup_skb ingress program decides */
         if (!orig || orig->ip != p.daddr || orig->port != p.dport || !cfg || !cfg->inbound_ip)
             return TC_ACT_OK;
     }
     if (rewrite(skb, p.l4_off, 1, p.daddr, cfg->inbound_ip, p.dport, cfg->inbound_port) < 0)
+        return TC_ACT_SHOT;
+    __u32 ifindex = skb->ifindex;
+    struct ambit_iface *ifc = ambit_ifaces.lookup(&ifindex);
+    if (ifc && bpf_skb_store_bytes(skb, 0, ifc->mac, sizeof(ifc->mac), 0) < 0)
         return TC_ACT_SHOT;
     return TC_ACT_OK;
 }
@@ -124,7 +149,7 @@ int ambit_tc_egress(struct __sk_buff *skb)
     struct ambit_addr key = {};
     key.ip = p.daddr;
     key.port = p.dport;
-    struct ambit_addr *orig = ambit_orig_dst.lookup(&key);
+    struct ambit_addr *orig = ambit_in_dst.lookup(&key);
     if (!orig)
         return TC_ACT_OK;
     __u32 new_ip = orig->ip;

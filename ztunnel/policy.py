@@ -1165,6 +1165,22 @@ def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str
     return mode, by
 
 
+def mtls_port_modes(dst: Workload, policies: PolicySet) -> tuple[str, dict[int, str]]:
+    """`dst`'s workload-wide mode and the ports whose mode differs from it (portLevelMtls),
+    as `mtls_mode` decides each: what the kernel needs to drop or capture plaintext per port."""
+    default = mtls_mode(dst, 0, policies)
+    ports: set[int] = set()
+    for p in policies.peer_authn:
+        if p.port_modes and p.namespace == dst.namespace and _selects(p.match_labels, dst.labels):
+            ports.update(p.port_modes)
+    out = {}
+    for port in sorted(ports):
+        m = mtls_mode(dst, port, policies)
+        if m != default:
+            out[port] = m
+    return default, out
+
+
 def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> str:
     """Effective PeerAuthentication mode on `dst`'s (workload) `port`: "STRICT", "PERMISSIVE" or
     "DISABLE". Workload selector > namespace > mesh (root namespace) > PERMISSIVE; UNSET inherits.

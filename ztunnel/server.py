@@ -288,20 +288,29 @@ class Ztunnel:
     # ------------------------------------------------------------------ readiness
 
     def readiness(self) -> tuple[bool, str]:
+        ok, why, _ = self._readiness()
+        return ok, why
+
+    def _readiness(self) -> tuple[bool, str, list[str]]:
+        """(ready, why, identities still waiting for a certificate)."""
         if not self._snapshot_loaded:
-            return False, "no cluster state loaded yet"
+            return False, "no cluster state loaded yet", []
         if self._stopping:
-            return False, "draining"
+            return False, "draining", []
         assert self.certs is not None
         missing = sorted(str(i) for i in self.local_identities(self.store.current)
                          if self.certs.current(i) is None)
         if missing:
-            return False, f"waiting for certificates: {', '.join(missing)}"
-        return True, "ready"
+            return False, f"waiting for certificates: {', '.join(missing)}", missing
+        return True, "ready", []
 
     def _ready_handler(self, method: str, query: dict[str, str]) -> Response:
-        ok, why = self.readiness()
-        return Response.json({"ready": ok, "reason": why}, 200 if ok else 503)
+        ok, why, missing = self._readiness()
+        # `serving`: the listeners are up with a cluster state, so redirected connections are
+        # handled (those of identities in `waiting_for_certificates` fail until the CA answers).
+        serving = self._snapshot_loaded and not self._stopping
+        return Response.json({"ready": ok, "reason": why, "serving": serving,
+                              "waiting_for_certificates": missing}, 200 if ok else 503)
 
     def _metrics_handler(self, method: str, query: dict[str, str]) -> Response:
         live = list(self.ctx.conns.live.values()) if self.ctx else []

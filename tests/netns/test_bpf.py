@@ -218,7 +218,7 @@ def client(env: Env) -> Iterator[Proc]:
 def test_programs_attached_and_maps_pinned(env: Env) -> None:
     env.dp.attach_pod(env.cg["pod"])
     assert all(env.dp.pod_attached(env.cg["pod"]).values())
-    assert {"config", "pods", "orig_dst", "events"} <= set(os.listdir(env.pin))
+    assert {"config", "pods", "out_orig_dst", "in_orig_dst", "port_modes", "events"} <= set(os.listdir(env.pin))
     assert sorted(env.dp.interface_programs(env.node_ifs[0], Path("/run/netns") / env.ns["node"])) == [
         "ambit_tc_egress",
         "ambit_tc_ingress",
@@ -232,6 +232,114 @@ def test_outbound_redirect_and_original_dst(env: Env, client: Proc) -> None:
     assert ans.startswith(f"ORIG 10.77.9.9:8080 FROM {POD_IP}:") and " ON 15001" in ans, ans
     # loopback is never redirected
     assert client.ask("tcp 127.0.0.1 9").startswith("ERR ECONNREFUSED")
+
+
+def test_unspecified_address_stays_in_the_pod(env: Env, client: Proc) -> None:
+    """0.0.0.0 means "this host": redirected, the ztunnel would dial it in the node's netns
+    and reach the node's 127.0.0.1 admin ports. It stays in the pod (nothing listens there)."""
+    env.dp.attach_pod(env.cg["pod"])
+    env.enroll(True)
+    for addr in ("0.0.0.0", "0.1.2.3"):
+        ans = client.ask(f"tcp {addr} 15000")
+        assert not ans.startswith("ORIG"), f"{addr} was redirected to the ztunnel: {ans}"
+
+
+def test_subcgroup_made_after_enrollment_is_enrolled(env: Env) -> None:
+    """A process moved into a cgroup created under the pod's after enrollment (a container
+    started later, or one the process made itself) is redirected and cannot bypass."""
+    env.dp.attach_pod(env.cg["pod"])
+    cid = env.enroll(True)
+    late = env.cg["pod"] / "late" / "deeper"
+    late.mkdir(parents=True)
+    env.cg["late"] = late
+    proc = env.spawn("pod", CLIENT, cgroup="late")
+    try:
+        assert env.dp.uncovered_subcgroups(env.cg["pod"]) == []
+        ans = proc.ask("tcp 10.77.9.9 8080")
+        assert ans.startswith("ORIG 10.77.9.9:8080") and " ON 15001" in ans, ans
+        before = env.dp.drop_counts()[cid].egress if cid in env.dp.drop_counts() else 0
+        proc.ask(f"raw {PEER_IP} 80")
+        assert env.dp.drop_counts()[cid].egress >= before + 1, "raw SYN from a sub-cgroup is counted against the pod"
+    finally:
+        proc.stop()
+        env.procs.remove(proc)
+        del env.cg["late"]
+        late.rmdir()
+        late.parent.rmdir()
+
+
+def test_process_outside_the_pod_cgroup_still_cannot_bypass(env: Env) -> None:
+    """A process in the pod's netns but not its cgroup: TC on the node side drops its TCP."""
+    env.dp.attach_pod(env.cg["pod"])
+    cid = env.enroll(True)
+    outside = env.spawn("pod", CLIENT)
+    try:
+        before = env.dp.drop_counts()[cid].egress if cid in env.dp.drop_counts() else 0
+        ans = outside.ask(f"tcp {PEER_IP} 80")
+        assert ans.startswith("ERR timeout"), f"plaintext left an enrolled pod's address: {ans}"
+        assert env.dp.drop_counts()[cid].egress >= before + 1
+        # the ztunnel's addresses stay reachable (replies to the ztunnel take this path too)
+        assert outside.ask(f"tcp {NODE_IP} 8080").startswith("APP")
+    finally:
+        outside.stop()
+        env.procs.remove(outside)
+
+
+# From the peer (not enrolled): a plaintext connection to the PERMISSIVE pod (TC records
+# an inbound original destination for this client address), then a connection from the
+# same address straight to 15001, hoping the ztunnel answers SO_ORIGINAL_DST from it.
+LAUNDER = r"""
+import socket, sys
+pod, node, port = sys.argv[1], sys.argv[2], 41234
+def dial(host, p):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.settimeout(2); s.connect((host, p))
+    data = b""
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        data += b
+    s.close()
+    return data.split(b"\n")[0].decode()
+print(dial(pod, 9000), flush=True)
+print(dial(node, 15001), flush=True)
+"""
+
+
+def test_inbound_original_dst_never_answers_on_15001(env: Env) -> None:
+    env.dp.attach_pod(env.cg["pod"])
+    env.enroll(True, mode="PERMISSIVE")
+    p = env.spawn("peer", LAUNDER, POD_IP, NODE_IP)
+    try:
+        assert p.p.stdout is not None
+        first, second = p.p.stdout.readline().strip(), p.p.stdout.readline().strip()
+        assert first.startswith(f"ORIG {POD_IP}:9000") and " ON 15006" in first, first
+        assert env.dp.original_destination(PEER_IP, 41234, "inbound") == (POD_IP, 9000)
+        assert second.startswith("NOORIG"), f"15001 answered an unenrolled client: {second}"
+        assert env.dp.original_destination(PEER_IP, 41234, "outbound") is None
+    finally:
+        p.stop()
+        env.procs.remove(p)
+
+
+def test_port_level_modes(env: Env) -> None:
+    """portLevelMtls: a port may be more or less strict than its pod."""
+    env.dp.attach_pod(env.cg["pod"])
+    peer = env.spawn("peer", CLIENT)
+    try:
+        env.dp.set_pod(env.cg["pod"], POD_IP, enrolled=True, mode="STRICT", port_modes={9000: "PERMISSIVE"})
+        assert env.dp.port_modes(POD_IP) == {9000: "PERMISSIVE"}
+        assert " ON 15006" in peer.ask(f"tcp {POD_IP} 9000")
+        assert peer.ask(f"tcp {POD_IP} 9001").startswith("ERR timeout")
+        env.dp.set_pod(env.cg["pod"], POD_IP, enrolled=True, mode="PERMISSIVE", port_modes={9001: "STRICT"})
+        assert env.dp.port_modes(POD_IP) == {9001: "STRICT"}, "the old exception is gone"
+        assert " ON 15006" in peer.ask(f"tcp {POD_IP} 9000")
+        assert peer.ask(f"tcp {POD_IP} 9001").startswith("ERR timeout")
+    finally:
+        peer.stop()
+        env.procs.remove(peer)
+        env.enroll(True)
+    assert env.dp.port_modes(POD_IP) == {}
 
 
 def test_enroll_unenroll_running_pod_by_map_update(env: Env, client: Proc) -> None:
