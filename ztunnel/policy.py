@@ -1056,7 +1056,13 @@ def _evaluate(
         audit = [p for p in applicable if p.action == "AUDIT"]
         if audit:
             notes.append(f"AUDIT policies {_refs(audit)} apply; AUDIT only logs and never decides")
-        return Decision(True, "DEFAULT", None, None, f"allowed: no ALLOW or DENY policy applies to {subject}", tuple(notes))
+        denies = [p for p in applicable if p.action == "DENY"]
+        if denies:
+            why = (f"allowed: no DENY policy matched ({len(denies)} appl{'ies' if len(denies) == 1 else 'y'}: "
+                   f"{_refs(denies)}) and no ALLOW policy applies to {subject}")
+        else:
+            why = f"allowed: no ALLOW or DENY policy applies to {subject}"
+        return Decision(True, "DEFAULT", None, None, why, tuple(notes))
     for p in allows:
         for r in p.rules:
             if l4 and r.l7_fields:

@@ -15,6 +15,7 @@ from ztunnel.identity.caclient import CaError
 from ztunnel.identity.manager import (
     BACKOFF_MAX,
     BACKOFF_MIN,
+    PROBE_INTERVAL,
     CertManager,
     CertNotReady,
     backoff_delay,
@@ -215,3 +216,46 @@ async def test_run_loop_with_injected_sleep(ca: FakeCa, clock: Clock) -> None:
     # Each sleep is until the half-life of the current certificate; 3 issuances happened.
     assert len(ca.calls) == 3
     assert all(TTL / 2 - 400 < d <= TTL / 2 + 1 for d in slept)
+
+
+class ProbedCa(FakeCa):
+    """A FakeCa that also answers the manager's reachability probe."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.probes = 0
+
+    async def reachable(self, timeout: float) -> bool:
+        self.probes += 1
+        return not self.fail
+
+
+async def test_identities_in_backoff_are_retried_as_soon_as_the_ca_answers(clock: Clock) -> None:
+    """After a long outage the backoff is minutes; a CA that answers a probe ends the wait."""
+    ca = ProbedCa(clock)
+    slept: list[float] = []
+    m = CertManager(ca, clock=clock, ttl_seconds=TTL, rng=random.Random(5), bundle=ca.material.bundle,
+                    sleep=lambda d: _advance(clock, slept, d))
+    ca.fail = True
+    m.track([A])
+    for _ in range(9):  # a long outage: the backoff grows past a minute
+        clock.now = max(clock.now, m._entries[A].next_attempt)
+        await m.run_once()
+    assert m._entries[A].next_attempt - clock.now > 60
+    outage_calls = len(ca.calls)
+    ca.fail = False  # the CA is back; its probe says so long before the backoff ends
+    runner = asyncio.ensure_future(m.run())
+    for _ in range(200):
+        if m.current(A) is not None:
+            break
+        await asyncio.sleep(0)
+    runner.cancel()
+    await m.close()
+    assert len(ca.calls) == outage_calls + 1 and ca.probes >= 1
+    assert sum(slept) <= 2 * PROBE_INTERVAL, f"waited {sum(slept):.0f}s of virtual time for a CA that was back"
+
+
+async def _advance(clock: Clock, slept: list[float], delay: float) -> None:
+    slept.append(delay)
+    clock.now += delay
+    await asyncio.sleep(0)

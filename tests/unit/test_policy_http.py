@@ -85,7 +85,7 @@ CASES: list[tuple[str, str, str, str, str, dict[str, str], bool, str]] = [
     ("not-request-principals-always", src("notRequestPrincipals", '["*"]'), "GET", "/", "web", {}, True, "no request principal"),
     ("remote-ip-xff", src("remoteIpBlocks", '["203.0.113.0/24"]'), "GET", "/", "web", {"X-Forwarded-For": "203.0.113.9, 10.1.0.1"}, True, "remote IP 203.0.113.9"),
     ("remote-ip-peer", src("remoteIpBlocks", '["10.9.0.0/16"]'), "GET", "/", "web", {}, True, "remote IP 10.9.0.1"),
-    ("deny-is-precise-at-l7", op("methods", "[DELETE]", action="DENY"), "GET", "/", "web", {}, True, "no ALLOW or DENY"),
+    ("deny-is-precise-at-l7", op("methods", "[DELETE]", action="DENY"), "GET", "/", "web", {}, True, "no DENY policy matched"),
     ("deny-matches-at-l7", op("methods", "[DELETE]", action="DENY"), "DELETE", "/", "web", {}, False, "denied by DENY policy shop/p rule 0"),
     ("target-ref-gateway", GATEWAY_ONLY, "POST", "/", "web", {}, False, "shop/p"),
     ("target-ref-gateway-ok", GATEWAY_ONLY, "GET", "/", "web", {}, True, "shop/p rule 0"),

@@ -10,6 +10,7 @@ rotates a projected token in place (then no client certificate is used).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -119,7 +120,13 @@ class CaClient:
             cert, key, ca = read_credentials(self.credential_dir)
             creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
         self._channel = grpc.aio.secure_channel(
-            address, creds, options=[("grpc.ssl_target_name_override", server_name)]
+            address, creds, options=[
+                ("grpc.ssl_target_name_override", server_name),
+                # gRPC's own reconnect backoff grows to 120 s by default; keep it short so a
+                # CA that comes back is seen within seconds (our retries have their own backoff).
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ]
         )
         self._call = self._channel.unary_unary(
             caproto.METHOD,
@@ -149,6 +156,14 @@ class CaClient:
         if not chain:
             raise CaError(f"CA {self.address} returned an empty certificate chain", grpc.StatusCode.INTERNAL)
         return chain
+
+    async def reachable(self, timeout: float) -> bool:
+        """Whether the channel to the CA connects (TLS included) within `timeout`."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         await self._channel.close(None)

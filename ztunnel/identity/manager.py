@@ -4,7 +4,10 @@ For every tracked identity the manager generates an ECDSA P-256 key locally
 (a fresh one per issuance; keys never leave the process), asks the CA for an
 X.509-SVID, verifies what comes back, and renews at half of the certificate's
 lifetime. On CA failure it retries with jittered exponential backoff (0.5 s
-doubling to 150 s) while the old certificate keeps serving until it expires.
+doubling to 150 s) while the old certificate keeps serving until it expires;
+while identities wait in backoff it probes the CA every few seconds (when the
+CA client can), and retries them at once when the CA answers again, so a long
+outage does not leave them waiting out a backoff of minutes.
 `get()` fails closed: after a bounded wait it raises CertNotReady, never
 returns an expired or foreign certificate. Clock and sleep are injected so
 tests run on virtual time.
@@ -35,10 +38,17 @@ log = logging.getLogger("ambit.identity")
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 150.0
 BACKOFF_JITTER = 0.2  # each delay is its base +-20%, then clamped to [BACKOFF_MIN, BACKOFF_MAX]
+PROBE_INTERVAL = 2.0  # how often a CA in outage is probed while identities wait in backoff
 
 
 class CaClientLike(Protocol):
     async def create_certificate(self, csr_pem: str, ttl_seconds: int) -> list[str]: ...
+
+
+class ProbingCa(CaClientLike, Protocol):
+    async def reachable(self, timeout: float) -> bool:
+        """True when the CA answers now (cheap: no certificate is issued)."""
+        ...
 
 
 class CertNotReady(IdentityError):
@@ -288,12 +298,43 @@ class CertManager:
         dues = [self._due(e) for e in self._entries.values() if e.task is None]
         return min(dues) if dues else None
 
+    def _waiting(self) -> list[_Entry]:
+        """Entries in backoff whose next attempt is further away than the probe interval."""
+        now = self.clock()
+        return [e for e in self._entries.values()
+                if e.task is None and e.failures and e.next_attempt > now + PROBE_INTERVAL]
+
+    async def probe_ca(self) -> bool:
+        """Ask a probing CA client whether the CA answers; if so, retry every identity in backoff
+        now. True when something was rescheduled."""
+        waiting = self._waiting()
+        reachable = getattr(self.ca, "reachable", None)
+        if not waiting or reachable is None:
+            return False
+        try:
+            ok = bool(await reachable(min(1.0, PROBE_INTERVAL)))
+        except Exception as err:  # a probe that fails says only "not yet"
+            log.debug("CA probe failed: %s", err)
+            ok = False
+        if not ok:
+            return False
+        now = self.clock()
+        for e in waiting:
+            e.next_attempt = now
+        log.info("the CA answers again: retrying %d identit%s now", len(waiting), "y" if len(waiting) == 1 else "ies")
+        return True
+
     async def run(self) -> None:
-        """Renew forever: sleep (injected) until the next due time or until track()/get() wakes it."""
+        """Renew forever: sleep (injected) until the next due time or until track()/get() wakes it.
+        While identities wait in backoff, wake every PROBE_INTERVAL to probe the CA."""
         while not self._closed:
             self._wake.clear()
+            if await self.probe_ca():
+                continue
             nxt = await self.run_once()
             delay = BACKOFF_MAX if nxt is None else max(0.0, nxt - self.clock())
+            if self._waiting() and hasattr(self.ca, "reachable"):
+                delay = min(delay, PROBE_INTERVAL)
             sleeper = asyncio.ensure_future(self._sleep(delay))
             waker = asyncio.ensure_future(self._wake.wait())
             try:
