@@ -2,11 +2,14 @@
 
 Hot path notes:
 - `TcpLeg` is an asyncio `BufferedProtocol`: the loop reads straight into one
-  reused 256 KiB buffer (`recv_into`), no per-read allocation.
-- A chunk is handed to the other leg as a memoryview of that buffer. An HBONE
-  leg gives it to h2, which frames (copies) it anyway; a TCP leg must copy it
-  once (`bytes(view)`) because transports may keep a reference to what they
-  could not send at once (uvloop queues memoryviews without copying).
+  256 KiB buffer (`recv_into`) shared by every leg of the thread, no per-read
+  allocation and no per-connection buffer (an idle connection costs no buffer).
+- A chunk is handed to the other leg as a memoryview of that buffer, and the
+  rule that makes sharing it safe: no leg keeps that view past `send`. An
+  HBONE leg gives it to h2, which frames (copies) it at once; a TCP leg copies
+  it (`bytes(view)`), as it must anyway because transports may keep a
+  reference to what they could not send at once (uvloop queues memoryviews
+  without copying).
 - Back-pressure both ways: when a leg cannot take more (its transport buffer
   is over the high-water mark, or the HBONE stream window is exhausted) the
   other leg stops reading until it drains; an HBONE leg "stops reading" by
@@ -15,6 +18,8 @@ Hot path notes:
   other leg; the splice is done when both directions are done, or at once
   when either leg fails (the other one is then reset).
 - Byte counts are plain int additions; metrics read them in batches.
+- A finished splice and its legs drop their references to each other, so a
+  closed connection is freed at once by refcounting, not by a later GC pass.
 - Allocator: the first splice of a process keeps chunk-sized blocks on the
   glibc heap (`tune_allocator`), instead of an mmap/munmap (and fresh pages to
   fault in) for every copy of every chunk.
@@ -27,6 +32,7 @@ import ctypes
 import functools
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -35,6 +41,8 @@ from ztunnel.conntrack import ByteCounters
 log = logging.getLogger("ambit.ztunnel.copy")
 
 BUFFER_SIZE = 256 * 1024
+# bytes a leg keeps before its splice exists (a handshake, or data racing the dial)
+EARLY_LIMIT = BUFFER_SIZE
 # transport write buffer limits: pause the other leg's reads above HIGH
 WRITE_HIGH = 512 * 1024
 WRITE_LOW = 128 * 1024
@@ -47,7 +55,9 @@ _M_MMAP_THRESHOLD = -3
 
 
 class Leg(Protocol):
-    """One side of a splice."""
+    """One side of a splice. `send` must not keep `data` (a view of a shared buffer) after it returns."""
+
+    splice: Splice | None
 
     def attach(self, splice: Splice) -> None: ...
     def send(self, data: bytes | memoryview) -> None: ...
@@ -139,6 +149,7 @@ class Splice:
             self._finish(None)
             self.down.close()
             self.up.close()
+            self._detach()
 
     def on_lost(self, leg: Leg, error: str | None) -> None:
         """A leg is gone. A clean close ends the other side gracefully; an error resets it."""
@@ -153,6 +164,7 @@ class Splice:
         else:
             other.abort()
         self._finish(error)
+        self._detach()
 
     def on_write_paused(self, leg: Leg) -> None:
         self.other(leg).pause_reading()
@@ -167,6 +179,7 @@ class Splice:
         self.down.abort()
         self.up.abort()
         self._finish(error)
+        self._detach()
 
     def _finish(self, error: str | None) -> None:
         if self.done:
@@ -178,15 +191,48 @@ class Splice:
         if self._on_done is not None:
             self._on_done(error)
 
+    def _detach(self) -> None:
+        """Done: the legs forget the splice, so the pair is freed by refcount, not by the GC.
+
+        (A splice and its legs point at each other; left to the cyclic GC, every
+        finished connection's objects waited for a full collection.)
+        """
+        self._on_done = None
+        for leg in (self.down, self.up):
+            if leg.splice is self:
+                leg.splice = None
+
+
+class _ReceiveBuffer(threading.local):
+    """The receive buffer every TcpLeg of a thread (of its event loop) reads into."""
+
+    view: memoryview | None = None
+
+
+_receive = _ReceiveBuffer()
+
+
+def receive_buffer() -> memoryview:
+    """This thread's shared receive buffer (BUFFER_SIZE bytes), made on first use.
+
+    Shared, because nothing keeps what a leg reads past `buffer_updated`:
+    every consumer copies a chunk before returning (h2 frames it, a TCP leg
+    copies it, the pre-splice bytes are appended to `early`), so one buffer
+    serves every connection. A buffer per connection was 256 KiB of each idle
+    connection's memory.
+    """
+    view = _receive.view
+    if view is None:
+        view = _receive.view = memoryview(bytearray(BUFFER_SIZE))
+    return view
+
 
 class TcpLeg(asyncio.BufferedProtocol):
     """A TCP socket as a splice leg. Before attach, received bytes and EOF are kept."""
 
-    def __init__(self, buffer_size: int = BUFFER_SIZE,
-                 on_connected: Callable[[TcpLeg], None] | None = None) -> None:
+    def __init__(self, on_connected: Callable[[TcpLeg], None] | None = None) -> None:
         self._on_connected = on_connected
-        self._buf = bytearray(buffer_size)
-        self._view = memoryview(self._buf)
+        self._view = receive_buffer()
         self.transport: asyncio.Transport | None = None
         self.splice: Splice | None = None
         self.early = bytearray()
@@ -219,7 +265,7 @@ class TcpLeg(asyncio.BufferedProtocol):
             self.splice.on_data(self, self._view[:nbytes])
         else:
             self.early += self._view[:nbytes]
-            if len(self.early) >= len(self._buf):
+            if len(self.early) >= EARLY_LIMIT:
                 self.pause_reading()  # nobody to forward to yet: bound what we hold
             if self.on_early is not None:
                 self.on_early(self)
