@@ -1,7 +1,8 @@
 """What every proxy path shares: config, state, certificates, connection table, metrics, tasks.
 
 A plain holder built by `ztunnel.server.Ztunnel`; the inbound and outbound
-paths and the pool read it, nothing here does I/O.
+paths and the pool read it, nothing here does I/O. Its one task of its own:
+closing connections start the (delayed, single) heap trim in `tasks`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import ZtunnelConfig
 from ztunnel.conntrack import ConnectionTable, ConnRecord
+from ztunnel.copy import HeapTrimmer
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.manager import CertManager
 from ztunnel.identity.svid import TrustBundle
@@ -38,7 +40,16 @@ class ProxyContext:
     access_log: AccessLog
     conns: ConnectionTable = field(default_factory=ConnectionTable)
     tasks: TaskSet = field(default_factory=lambda: TaskSet("conn"))
+    heap: HeapTrimmer = field(default_factory=HeapTrimmer)
     draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.conns.on_close.append(self._connection_closed)
+
+    def _connection_closed(self, rec: ConnRecord) -> None:
+        # what closed connections freed goes back to the OS (the allocator tuning keeps it otherwise)
+        if not self.tasks.closed and self.heap.closed():
+            self.tasks.spawn("heap-trim", self.heap.run())
 
     def refuse(self, rec: ConnRecord, reason_key: str, reason: str, *, flags: str = "-") -> None:
         """Close a refused (never proxied) connection's record: log, count, access-log."""

@@ -20,9 +20,11 @@ Hot path notes:
 - Byte counts are plain int additions; metrics read them in batches.
 - A finished splice and its legs drop their references to each other, so a
   closed connection is freed at once by refcounting, not by a later GC pass.
-- Allocator: the first splice of a process keeps chunk-sized blocks on the
-  glibc heap (`tune_allocator`), instead of an mmap/munmap (and fresh pages to
-  fault in) for every copy of every chunk.
+- Allocator: the ztunnel keeps chunk-sized blocks on the glibc heap
+  (`tune_allocator`), instead of an mmap/munmap (and fresh pages to fault in)
+  for every copy of every chunk; since freed heap then stays with the
+  process, `HeapTrimmer` hands it back (`malloc_trim`) once connections have
+  closed, at most once per interval.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import functools
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -50,6 +53,10 @@ WRITE_LOW = 128 * 1024
 # up to TRIM bytes freed at the heap's top are kept for the next chunks
 HEAP_MMAP_THRESHOLD = 1024 * 1024
 HEAP_TRIM_THRESHOLD = 4 * 1024 * 1024
+# HeapTrimmer: a trim once this many connections have closed, this many seconds later
+# (so a burst of closes is one trim)
+TRIM_AFTER_CLOSED = 16
+TRIM_DELAY = 2.0
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, from glibc's <malloc.h>
 _M_MMAP_THRESHOLD = -3
 
@@ -78,6 +85,16 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 
 @functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library when it is glibc (mallopt/malloc_trim take glibc's numbers)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
+@functools.cache
 def tune_allocator() -> bool:
     """Serve the data path's chunk-sized buffers from the heap (glibc only); True when set.
 
@@ -90,15 +107,72 @@ def tune_allocator() -> bool:
     two ztunnels' CPU in a bulk transfer. A fixed 1 MiB threshold keeps them on
     the heap, and a 4 MiB trim threshold keeps up to that much freed heap for
     the next chunks instead of returning it at once. The ztunnel calls it once, at start.
+    The price is that freed heap stays with the process: `HeapTrimmer` returns it.
     """
+    libc = _glibc()
+    if libc is None:
+        return False
     try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return False  # another C library: its mallopt (if any) takes other numbers
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
                     and libc.mallopt(_M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD))
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
+
+
+def release_heap() -> bool:
+    """Give the free pages of the C heap back to the OS (glibc `malloc_trim`); True when any were.
+
+    Unlike the trim threshold, which only ever shrinks the top of the heap,
+    this also releases whole free pages in the middle of it, which is where
+    most of what closed connections freed ends up.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.malloc_trim(0))
+    except AttributeError:
+        return False
+
+
+class HeapTrimmer:
+    """Returns freed heap to the OS after connections close: one delayed trim per burst of closes.
+
+    `closed()` counts a finished connection and says when the owner should
+    start `run()`; `run()` waits `delay` seconds (a burst of closes becomes one
+    trim, and there is at most one trim per `delay`), then trims. Nothing runs
+    while connections only open, so a bulk transfer keeps its recycled heap.
+    """
+
+    def __init__(self, min_closed: int = TRIM_AFTER_CLOSED, delay: float = TRIM_DELAY,
+                 trim: Callable[[], bool] = release_heap) -> None:
+        self.min_closed = min_closed
+        self.delay = delay
+        self._trim = trim
+        self.closed_since = 0  # connections closed since the last trim
+        self.pending = False  # a run() is scheduled or running
+        self.trims = 0
+
+    def closed(self) -> bool:
+        """A connection closed; True when the caller should start `run()` now."""
+        self.closed_since += 1
+        if self.pending or self.closed_since < self.min_closed:
+            return False
+        self.pending = True
+        return True
+
+    async def run(self) -> None:
+        try:
+            await asyncio.sleep(self.delay)
+            closed, self.closed_since = self.closed_since, 0
+            started = time.perf_counter()
+            released = self._trim()
+            self.trims += 1
+            log.debug("heap trim after %d closed connections: %s in %.1f ms", closed,
+                      "released memory" if released else "nothing to release",
+                      (time.perf_counter() - started) * 1000)
+        finally:
+            self.pending = False
 
 
 class Splice:

@@ -43,6 +43,11 @@ class TaskSet:
         if exc is not None:
             log.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
 
+    @property
+    def closed(self) -> bool:
+        """close() has begun: spawn() refuses new tasks."""
+        return self._closed
+
     def names(self) -> list[str]:
         return sorted(t.get_name() for t in self._tasks)
 

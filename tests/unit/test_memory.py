@@ -1,4 +1,5 @@
-"""What keeps the data path's memory small: the shared receive buffer, splices that free themselves."""
+"""What keeps the data path's memory small and returned: the shared receive buffer, splices that
+free themselves, the heap trim after closes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from ztunnel.conntrack import ByteCounters
-from ztunnel.copy import Splice, TcpLeg
+from ztunnel.copy import HeapTrimmer, Splice, TcpLeg
 
 
 @pytest.fixture
@@ -77,3 +78,18 @@ async def test_a_finished_splice_is_freed_without_the_gc(no_gc: None, end: str) 
     ref = weakref.ref(sp)
     del sp
     assert ref() is None
+
+
+async def test_heap_trimmer_trims_once_per_burst_of_closes() -> None:
+    trims: list[int] = []
+
+    def trim() -> bool:
+        trims.append(1)
+        return True
+
+    t = HeapTrimmer(min_closed=3, delay=0.0, trim=trim)
+    # the third close asks for a run; closes while it is pending only count
+    assert [t.closed() for _ in range(5)] == [False, False, True, False, False]
+    await t.run()
+    assert trims == [1] and t.trims == 1 and not t.pending and t.closed_since == 0
+    assert [t.closed() for _ in range(3)] == [False, False, True]  # a new burst counts from zero
