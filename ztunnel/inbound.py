@@ -234,6 +234,14 @@ class Inbound:
             ctx.refuse(rec, "policy_denied" if chk.status == 401 else "unknown_destination",
                        chk.reason, flags="DENY" if chk.status == 401 else "NR")
             return
+        reset = "client reset the stream before the workload answered"
+        if leg.closed:
+            # reset in the same read as its HEADERS (a rapid-reset flood): never dial
+            ctx.conns.close(rec, reset)
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            leg.on_early_reset = task.cancel  # a reset while dialing cancels the dial; nothing is answered
         try:
             up = await dial(req.host, req.port, ctx.config.timeouts.connect)
         except UpstreamError as e:
@@ -243,9 +251,14 @@ class Inbound:
             log.warning("inbound %s -> %s: %s", conn.identity, req.authority, e)
             ctx.conns.close(rec, str(e))
             return
+        except asyncio.CancelledError:
+            ctx.conns.close(rec, reset if leg.closed else "cancelled while dialing the workload")
+            raise
+        finally:
+            leg.on_early_reset = None
         if leg.closed:
             up.abort()
-            ctx.conns.close(rec, "client reset the stream before the workload answered")
+            ctx.conns.close(rec, reset)
             return
         conn.respond(leg, 200)
         await splice_and_wait(ctx, leg, up, [rec], rec.counters)

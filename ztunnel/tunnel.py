@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from ztunnel.copy import WRITE_HIGH, WRITE_LOW, Splice, set_nodelay
@@ -53,6 +53,9 @@ class StreamLeg:
         self._unacked = 0
         self._blocked = False
         self.response: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        # called once if the stream is reset before a splice is attached (the inbound
+        # side cancels the workload dial it is waiting for)
+        self.on_early_reset: Callable[[], object] | None = None
 
     # -- from the connection
 
@@ -87,6 +90,9 @@ class StreamLeg:
             self.response.exception()  # only the pool awaits it; never "unretrieved"
         if self.splice is not None:
             self.splice.on_lost(self, error)
+        elif self.on_early_reset is not None:
+            hook, self.on_early_reset = self.on_early_reset, None
+            hook()
 
     def on_window(self) -> None:
         self._flush_pending()
