@@ -1,16 +1,20 @@
 """What keeps the data path's memory small and returned: the shared receive buffer, splices that
-free themselves, the heap trim after closes."""
+free themselves, the heap trim after closes, and HBONE's bounded memory of closed streams."""
 
 from __future__ import annotations
 
 import gc
+import tracemalloc
 import weakref
 from collections.abc import Iterator
 
 import pytest
 
+from tests.unit.test_hbone_peers import Pair
 from ztunnel.conntrack import ByteCounters
 from ztunnel.copy import HeapTrimmer, Splice, TcpLeg
+from ztunnel.hbone import ConnectRequest, TunnelResponse
+from ztunnel.hbone.connection import CLOSED_STREAMS_KEPT
 
 
 @pytest.fixture
@@ -93,3 +97,29 @@ async def test_heap_trimmer_trims_once_per_burst_of_closes() -> None:
     await t.run()
     assert trims == [1] and t.trims == 1 and not t.pending and t.closed_since == 0
     assert [t.closed() for _ in range(3)] == [False, False, True]  # a new burst counts from zero
+
+
+def test_hbone_remembers_a_bounded_number_of_closed_streams() -> None:
+    """h2 keeps how each closed stream ended; by default for 65,536 streams per connection."""
+    pair = Pair()
+
+    def churn(n: int) -> None:
+        for _ in range(n):
+            sid = pair.client.open_stream("10.1.0.5:8080")
+            _, s_events = pair.pump()
+            assert [e for e in s_events if isinstance(e, ConnectRequest)]
+            pair.server.respond(sid, 503)  # the stream ends with the answer
+            c_events, _ = pair.pump()
+            assert TunnelResponse(sid, 503) in c_events
+
+    tracemalloc.start()
+    try:
+        churn(CLOSED_STREAMS_KEPT + 100)  # the history is full
+        base = tracemalloc.get_traced_memory()[0]
+        churn(2000)
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    # ~100 KB now (the history's dict tables, as they churn); h2's default history grows by
+    # ~250 bytes per stream here, 500 KB and on
+    assert grown < 250_000, grown
