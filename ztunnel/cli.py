@@ -60,6 +60,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--access-log", default="-", help="access log file, '-' for stdout")
     p.add_argument("--drain-timeout", type=float, default=5.0, help="seconds live connections get on shutdown")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
+    p.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS",
+                   help="validity asked of the CA for workload certificates (default 86400; renewed at half)")
     p.add_argument("--loopback-workloads", action="store_true",
                    help="workloads live on this host's loopback (test and benchmark rigs only): let "
                         "passthrough dial 127.0.0.0/8, which is refused on a real node")
@@ -94,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> ZtunnelConfig:
         peer_hbone_port=args.peer_hbone_port,
         timeouts=Timeouts(drain=args.drain_timeout),
         loopback_workloads=args.loopback_workloads,
+        cert_ttl_seconds=args.cert_ttl,
     )
 
 

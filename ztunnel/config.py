@@ -145,5 +145,7 @@ class ZtunnelConfig:
                         "credential (tls.crt, tls.key, ca.crt) comes from `ambit ca node-credential` "
                         "(or give --ca-token-file for a CA that reviews ServiceAccount tokens)"
                     )
+        if self.cert_ttl_seconds < 10:
+            raise ConfigError(f"--cert-ttl: {self.cert_ttl_seconds}s is too short to renew at half-life; give at least 10")
         if ":" not in self.ca_address:
             raise ConfigError(f"--ca: {self.ca_address!r} is not HOST:PORT")

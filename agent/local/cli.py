@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--without", action="append", default=[], choices=["ca", "agent", "ztunnel"],
         help="do not run this component (repeatable), e.g. to run it by hand under a debugger",
     )
+    p.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS",
+                   help="validity of workload certificates (default 86400; e.g. 60 to watch them rotate)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="remove everything the cluster made (idempotent, also after a crash)")
@@ -99,7 +101,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from agent.local import cluster
 
     components = [c for c in ("ca", "agent", "ztunnel") if c not in args.without]
-    report = _guard(cluster.up, args.state_dir, args.nodes, components=components)
+    report = _guard(cluster.up, args.state_dir, args.nodes, components=components, cert_ttl=args.cert_ttl)
     lay = report.layout
     print(f"cluster {lay.cid} up in {lay.state_dir}")
     for n in lay.nodes:

@@ -97,7 +97,8 @@ def supervisor_alive(layout: Layout) -> int | None:
 
 
 def up(
-    state_dir: Path, nodes: int = 2, *, wait: float = 3.0, components: Iterable[str] = L.COMPONENTS
+    state_dir: Path, nodes: int = 2, *, wait: float = 3.0, components: Iterable[str] = L.COMPONENTS,
+    cert_ttl: int = 86400,
 ) -> UpReport:
     """Create the cluster: fabric, control and node namespaces, the CA files, the supervisor."""
     state_dir = Path(os.path.realpath(state_dir))
@@ -107,7 +108,7 @@ def up(
             raise LocalError(f"a local cluster is already up in {state_dir}; `ambit local down --state-dir {state_dir}` first")
         log.warning("a previous cluster in %s was not shut down; cleaning it up first", state_dir)
         down(state_dir)
-    layout = L.plan(state_dir, nodes, cgroups.find_root(), components)
+    layout = L.plan(state_dir, nodes, cgroups.find_root(), components, cert_ttl)
     report = UpReport(layout)
     undo = Undo()
     try:

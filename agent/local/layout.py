@@ -76,6 +76,8 @@ class Layout:
     nodes: tuple[NodePlan, ...]
     # which node processes the supervisor runs (`up --without` drops some)
     components: tuple[str, ...] = ("ca", "agent", "ztunnel")
+    # validity of workload certificates (seconds); short ones exercise rotation
+    cert_ttl: int = 86400
 
     # -- paths ---------------------------------------------------------------
     @property
@@ -161,7 +163,8 @@ class Layout:
 COMPONENTS = ("ca", "agent", "ztunnel")
 
 
-def plan(state_dir: Path, nodes: int, cgroup_root: Path, components: Iterable[str] = COMPONENTS) -> Layout:
+def plan(state_dir: Path, nodes: int, cgroup_root: Path, components: Iterable[str] = COMPONENTS,
+         cert_ttl: int = 86400) -> Layout:
     """The naming and address plan of a cluster with `nodes` nodes in `state_dir`."""
     real = Path(os.path.realpath(state_dir))
     cid = cluster_id(real)
@@ -195,6 +198,7 @@ def plan(state_dir: Path, nodes: int, cgroup_root: Path, components: Iterable[st
         control_address=f"10.200.{k}.2",
         nodes=tuple(plans),
         components=comps,
+        cert_ttl=cert_ttl,
     )
 
 

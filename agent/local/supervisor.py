@@ -288,6 +288,7 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                     # 15001/15006 on the pods' gateway: node-local, reachable from its pods;
                     # 15008/15020/15021 default to the node's fabric address.
                     "--outbound", f"{n.gateway}:15001", "--inbound-plaintext", f"{n.gateway}:15006",
+                    "--cert-ttl", str(layout.cert_ttl),
                 ),
                 cgroup=base / n.name / "_ztunnel",
                 log=node_dir / "ztunnel.log",
