@@ -9,7 +9,8 @@ setup:
 	@bash scripts/setup.sh
 
 lint: setup
-	@$(VENV)/bin/ruff check agent ztunnel waypoint controlplane tests bench
+	@$(VENV)/bin/ruff check ambit agent ztunnel waypoint controlplane tests bench
+	@out=$$($(VENV)/bin/lint-imports --no-cache 2>&1) || { echo "$$out"; exit 1; }; echo "$$out" | tail -n 1
 
 typecheck: setup
 	@$(VENV)/bin/mypy
@@ -31,4 +32,4 @@ clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
 
 proto: setup
-	@$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. ztunnel/proto/*.proto
+	@$(PY) -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. --pyi_out=. ambit/wire/*.proto

@@ -3,6 +3,8 @@ network-namespace and cgroup handling, the flow table and the `ambit` CLI."""
 
 from __future__ import annotations
 
+from ambit import AmbitError
 
-class AgentError(Exception):
+
+class AgentError(AmbitError):
     """Base of every error the agent raises; the message says what and what to do."""

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from agent import AgentError
-from agent.cli import CliError
 from agent.runtime import parse_runtime_spec
+from ambit.args import CliError
 
 EXAMPLE = """example:
   ambit agent run --node node-a --cluster local:/run/ambit/local/cluster --runtime local:/run/ambit/local \\
@@ -64,7 +64,7 @@ def make_runtime(spec: str, node: str) -> Any:
 def run(args: argparse.Namespace) -> int:
     from agent.agentd import Agent, AgentConfig
     from agent.bpf import Datapath
-    from agent.cluster.source import open_source
+    from ambit.sources import open_source
 
     try:
         runtime = make_runtime(args.runtime, args.node)
@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     )
     annotator: Any = runtime if hasattr(runtime, "set_annotation") else None
     if annotator is None and args.cluster.startswith("kubernetes"):
-        from agent.cluster.kube import KubePodAnnotator, api_client_from_spec
+        from agent.kubeannotate import KubePodAnnotator
+        from ambit.sources.kube import api_client_from_spec
 
         annotator = KubePodAnnotator(api_client_from_spec(args.cluster))
     agent = Agent(source=source, runtime=runtime, annotator=annotator, datapath=datapath, config=config)

@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 from agent import AgentError
 from agent.bpf import Datapath, DropCounts
-from agent.cluster.model import REDIRECTION, ClusterState, Pod
-from agent.cluster.source import ClusterSource
 from agent.enroll import (
     Action,
     Actual,
@@ -41,9 +39,11 @@ from agent.feed import FeedServer
 from agent.flowjoin import join_flows
 from agent.flows import FlowTable
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
+from ambit.cluster import REDIRECTION, ClusterState, Pod
+from ambit.sources import ClusterSource
 
 if TYPE_CHECKING:
-    from ztunnel.state import Snapshot
+    from ambit.snapshot import Snapshot
 
 log = logging.getLogger("ambit.agent")
 
@@ -74,7 +74,7 @@ def kernel_mode(mode: str) -> str:
 
 def pod_modes(snap: Snapshot, pod: Pod) -> tuple[str, tuple[tuple[int, str], ...]]:
     """The pod's inbound plaintext mode for the kernel, and the ports that differ from it."""
-    from ztunnel.policy import mtls_port_modes
+    from ambit.policy import mtls_port_modes
 
     w = snap.workload_by_ip(pod.ip) if pod.ip else None
     if w is None:
@@ -111,7 +111,7 @@ class Agent:
     # -- one reconcile pass ------------------------------------------------------
 
     def desired(self, cluster: ClusterState) -> dict[str, Desired]:
-        from ztunnel.state import build_snapshot
+        from ambit.snapshot import build_snapshot
 
         out: dict[str, Desired] = {}
         snap: Snapshot | None = None  # built once per pass, and only when an enrolled pod has an IP

@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from ambit.args import CliError
+
 # group name -> (module that registers it, one-line help)
 GROUPS: dict[str, tuple[str, str]] = {
     "ca": ("controlplane.cli", "the cluster CA: init, node-credential, run"),
@@ -30,14 +32,6 @@ EPILOG = """examples:
   ambit flows --node node-a
   ambit policy check --from shop/frontend --to shop/backend-0:8080
 """
-
-
-class CliError(Exception):
-    """A user-facing error: printed without a traceback, exit status 1 (or `.status`)."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -91,8 +85,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: subcommands raise
-    # agent.cli.CliError, which must be the class that main() catches.
-    from agent.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

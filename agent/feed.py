@@ -17,9 +17,9 @@ from typing import Any
 
 import grpc
 
-from agent.cluster.model import ClusterState
-from agent.cluster.source import ClusterSource
-from ztunnel.proto import feed_pb2, feed_pb2_grpc
+from ambit.cluster import ClusterState
+from ambit.sources import ClusterSource
+from ambit.wire import feed_pb2, feed_pb2_grpc
 
 log = logging.getLogger("ambit.agent.feed")
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from agent.cli import CliError
+from ambit.args import CliError
 
 AGENT_ADMIN_PORT = 15010
 ZTUNNEL_ADMIN_PORT = 15000

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 from agent import cgroups
 from agent import netns as nsops
-from agent.cluster.model import Pod
+from ambit.cluster import Pod
 
 log = logging.getLogger("ambit.kubecgroup")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from agent.cluster.model import Pod
+from ambit.cluster import Pod
 
 REDIRECTION_ENABLED = "enabled"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ambit import AmbitError
 
-class ControlPlaneError(Exception):
+
+class ControlPlaneError(AmbitError):
     """Base of every control-plane error; the message says what and what to do."""

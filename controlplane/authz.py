@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.cluster.model import ClusterState
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId
+from ambit.cluster import ClusterState
+from ambit.spiffe import SpiffeError, SpiffeId
 
 OK = "OK"
 INVALID_ARGUMENT = "INVALID_ARGUMENT"

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.cli import CliError
-from agent.cluster import ClusterError
-from agent.cluster.source import open_source
+from ambit.args import CliError, duration
+from ambit.cluster import ClusterError
+from ambit.sources import open_source
 from controlplane import ControlPlaneError
 from controlplane.pki import NODE_TTL, CaMaterial, write_node_credential
 from controlplane.server import (
@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="directory to write the CA into")
     p.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default cluster.local)")
     p.add_argument("--force", action="store_true", help="replace an existing CA in --dir")
+    p.add_argument("--node-credential", action="append", default=[], metavar="NODE=DIR",
+                   help="also issue NODE's credential into DIR, as `ambit ca node-credential` (repeatable)")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_init)
 
@@ -61,7 +63,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the CA directory")
     p.add_argument("--node", required=True, help="node name (as in the Pods' spec.nodeName)")
     p.add_argument("--out", required=True, type=Path, help="directory for tls.crt, tls.key, ca.crt")
-    p.add_argument("--ttl", type=_duration, default=NODE_TTL, help="validity, e.g. 365d, 12h (default 365d)")
+    p.add_argument("--ttl", type=duration, default=NODE_TTL, help="validity, e.g. 365d, 12h (default 365d)")
     p.add_argument("--trust-domain", default=None, help="override the trust domain read from the root")
     p.add_argument("-o", "--output", choices=("table", "json"), default="table")
     p.set_defaults(func=cmd_node_credential)
@@ -78,7 +80,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--dir", required=True, type=Path, help="the CA directory")
     p.add_argument("--cluster", required=True, help="cluster state source: local:PATH or kubernetes")
     p.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help=f"HOST:PORT (default 127.0.0.1:{DEFAULT_PORT})")
-    p.add_argument("--max-ttl", type=_duration, default=dt.timedelta(seconds=DEFAULT_MAX_TTL),
+    p.add_argument("--max-ttl", type=duration, default=dt.timedelta(seconds=DEFAULT_MAX_TTL),
                    help="cap on the requested validity (default 24h)")
     p.add_argument("--audit-log", type=Path, default=None, help="append audit JSON lines here (default stderr)")
     p.add_argument("--trust-domain", default=None, help="override the trust domain read from the root")
@@ -94,18 +96,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--token-audience", action="append", default=None, metavar="AUD",
                    help="tokenreview: audience the token must carry (repeatable; default ambit-ca)")
     p.set_defaults(func=cmd_run)
-
-
-def _duration(text: str) -> dt.timedelta:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    t = text.strip()
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 24h, 365d") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
-    return dt.timedelta(seconds=value)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -134,15 +124,24 @@ def _print(args: argparse.Namespace, rows: dict[str, Any]) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    creds: list[tuple[str, Path]] = []
+    for spec in args.node_credential:
+        node, sep, out = spec.partition("=")
+        if not sep or not node or not out:
+            raise CliError(f"--node-credential {spec!r}: expected NODE=DIR, e.g. node-a=/tmp/node-a")
+        creds.append((node, Path(out)))
     try:
         m = CaMaterial.generate(args.trust_domain)
         m.write(args.dir, force=args.force)
+        for node, out in creds:
+            write_node_credential(m, node, out)
     except ControlPlaneError as e:
         raise CliError(str(e)) from e
     _print(args, {
         "dir": args.dir, "trust_domain": m.trust_domain,
         "root_expires": m.root.not_valid_after_utc.isoformat(),
         "ca_cert_expires": m.ca_cert.not_valid_after_utc.isoformat(),
+        "node_credentials": ", ".join(n for n, _ in creds) or "-",
     })
     return 0
 

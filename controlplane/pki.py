@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ambit.spiffe import SpiffeError, SpiffeId, validate_trust_domain, validate_uri
+from ambit.svid import SvidError, TrustBundle, load_pem_chain
 from controlplane import ControlPlaneError
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId, validate_trust_domain, validate_uri
-from ztunnel.identity.svid import SvidError, TrustBundle, load_pem_chain
 
 ROOT_CERT = "root-cert.pem"
 CA_CERT = "ca-cert.pem"

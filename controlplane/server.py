@@ -27,7 +27,9 @@ import grpc
 import grpc.aio
 from cryptography import x509
 
-from agent.cluster.source import ClusterSource
+from ambit.sources import ClusterSource
+from ambit.svid import SvidError, verify_svid
+from ambit.wire import ca as caproto
 from controlplane import ControlPlaneError, authz
 from controlplane.pki import (
     NODE_NAMESPACE,
@@ -37,8 +39,6 @@ from controlplane.pki import (
     key_pem,
     node_of,
 )
-from ztunnel.identity import caproto
-from ztunnel.identity.svid import SvidError, verify_svid
 
 log = logging.getLogger("ambit.ca")
 

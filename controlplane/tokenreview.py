@@ -77,7 +77,7 @@ class TokenReviewAuthenticator:
     @classmethod
     def from_spec(cls, spec: str = "kubernetes", **kw: Any) -> TokenReviewAuthenticator:
         """Credentials as for the cluster source: `kubernetes` (in-cluster) or `kubernetes:KUBECONFIG`."""
-        from agent.cluster.kube import api_client_from_spec
+        from ambit.sources.kube import api_client_from_spec
 
         return cls(api_client_from_spec(spec), **kw)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ambit import AmbitError
 
-class ZtunnelError(Exception):
+
+class ZtunnelError(AmbitError):
     """Base of every error the ztunnel raises; the message says what and what to do."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 from pathlib import Path
 
-from agent.cli import CliError
+from ambit.args import CliError, duration
 from ztunnel.config import (
     ADMIN_PORT,
     HBONE_PORT,
@@ -60,8 +61,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--access-log", default="-", help="access log file, '-' for stdout")
     p.add_argument("--drain-timeout", type=float, default=5.0, help="seconds live connections get on shutdown")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
-    p.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS",
-                   help="validity asked of the CA for workload certificates (default 86400; renewed at half)")
+    p.add_argument("--cert-ttl", type=duration, default=dt.timedelta(days=1), metavar="DURATION",
+                   help="validity asked of the CA for workload certificates, e.g. 24h, 90s (default 24h; renewed at half)")
     p.add_argument("--loopback-workloads", action="store_true",
                    help="workloads live on this host's loopback (test and benchmark rigs only): let "
                         "passthrough dial 127.0.0.0/8, which is refused on a real node")
@@ -96,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ZtunnelConfig:
         peer_hbone_port=args.peer_hbone_port,
         timeouts=Timeouts(drain=args.drain_timeout),
         loopback_workloads=args.loopback_workloads,
-        cert_ttl_seconds=args.cert_ttl,
+        cert_ttl_seconds=int(args.cert_ttl.total_seconds()),
     )
 
 

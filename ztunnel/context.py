@@ -13,18 +13,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ambit.svid import TrustBundle
+from ambit.tasks import TaskSet
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import ZtunnelConfig
 from ztunnel.conntrack import ConnectionTable, ConnRecord
 from ztunnel.copy import HeapTrimmer
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.manager import CertManager
-from ztunnel.identity.svid import TrustBundle
 from ztunnel.metrics import Metrics
-from ztunnel.tasks import TaskSet
 
 if TYPE_CHECKING:
-    from ztunnel.state import Snapshot
+    from ambit.snapshot import Snapshot
 
 log = logging.getLogger("ambit.ztunnel")
 

@@ -18,9 +18,8 @@ from typing import Any
 
 import grpc
 
-from agent.cluster import ClusterError
-from agent.cluster.model import ClusterState, build_state
-from ztunnel.proto import feed_pb2, feed_pb2_grpc
+from ambit.cluster import ClusterError, ClusterState, build_state
+from ambit.wire import feed_pb2, feed_pb2_grpc
 
 log = logging.getLogger("ambit.ztunnel.feed")
 

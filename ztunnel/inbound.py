@@ -15,19 +15,19 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from ambit.policy import ConnectionFacts, Decision, authorize
+from ambit.spiffe import SpiffeId
+from ambit.svid import SvidError
 from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnRecord
 from ztunnel.context import ProxyContext
 from ztunnel.copy import Leg, Splice, TcpLeg
 from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import SvidError
 from ztunnel.identity.tls import identity_from_sni, peer_identity, server_context_selector
 from ztunnel.origdst import OrigDstError, original_dst
-from ztunnel.policy import ConnectionFacts, Decision, authorize
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 
 if TYPE_CHECKING:
-    from ztunnel.state import Snapshot, Workload
+    from ambit.snapshot import Snapshot, Workload
 
 log = logging.getLogger("ambit.ztunnel.inbound")
 

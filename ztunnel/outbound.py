@@ -35,7 +35,7 @@ from ztunnel.origdst import OrigDstError, original_dst
 from ztunnel.pool import Pool, PoolError
 
 if TYPE_CHECKING:
-    from ztunnel.state import ServiceInfo, Snapshot, Workload
+    from ambit.snapshot import ServiceInfo, Snapshot, Workload
 
 log = logging.getLogger("ambit.ztunnel.outbound")
 

@@ -15,11 +15,11 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from ambit.spiffe import SpiffeId
+from ambit.svid import SvidError
 from ztunnel.context import ProxyContext
 from ztunnel.hbone import HboneClient, HboneError, TunnelResponse
 from ztunnel.identity.manager import WorkloadCert
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import SvidError
 from ztunnel.identity.tls import client_context, sni_for, verify_peer
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 

@@ -15,24 +15,25 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.cluster.source import open_source
+from ambit.http import HttpServer, Response
+from ambit.policy import ConnectionFacts, mtls_mode
+from ambit.snapshot import Snapshot
+from ambit.sources import open_source
+from ambit.spiffe import SpiffeError, SpiffeId
+from ambit.svid import TrustBundle
+from ambit.tasks import TaskSet
 from ztunnel.accesslog import AccessLog
-from ztunnel.admin import HttpServer, Response
 from ztunnel.config import ConfigError, Listen, ZtunnelConfig
 from ztunnel.context import ProxyContext
 from ztunnel.copy import tune_allocator
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.caclient import CaClient
 from ztunnel.identity.manager import CaClientLike, CertManager
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId
-from ztunnel.identity.svid import TrustBundle
 from ztunnel.inbound import Inbound
 from ztunnel.metrics import CONTENT_TYPE, Metrics
 from ztunnel.outbound import Outbound
-from ztunnel.policy import ConnectionFacts, mtls_mode
 from ztunnel.pool import Pool
-from ztunnel.state import LocalStateSource, Snapshot, StateSource, StateStore
-from ztunnel.tasks import TaskSet
+from ztunnel.state import LocalStateSource, StateSource, StateStore
 
 log = logging.getLogger("ambit.ztunnel")
 
@@ -393,8 +394,8 @@ class Ztunnel:
         if dst is None:
             return Response.json({"error": f"no workload {dst_uid} in this ztunnel's state"}, 404)
         mtls = query.get("mtls", "true").lower() not in ("false", "0", "no")
+        from ambit.policy import HttpFacts, check
         from ztunnel.inbound import via_waypoint
-        from ztunnel.policy import HttpFacts, check
 
         facts = ConnectionFacts(query.get("source_ip", "0.0.0.0"), src if mtls else None, dst, port, mtls)
         http = None

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from agent import AgentError
-from agent.cli import CliError
 from agent.local.layout import DEFAULT_STATE_DIR
+from ambit.args import CliError, duration
 
 EXAMPLES_UP = """examples:
   ambit local up                      # 2 nodes (node-a, node-b), CA, agents, ztunnels
@@ -47,8 +48,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--without", action="append", default=[], choices=["ca", "agent", "ztunnel"],
         help="do not run this component (repeatable), e.g. to run it by hand under a debugger",
     )
-    p.add_argument("--cert-ttl", type=int, default=86400, metavar="SECONDS",
-                   help="validity of workload certificates (default 86400; e.g. 60 to watch them rotate)")
+    p.add_argument("--cert-ttl", type=duration, default=dt.timedelta(days=1), metavar="DURATION",
+                   help="validity of workload certificates, e.g. 24h (default), or 60s to watch them rotate")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="remove everything the cluster made (idempotent, also after a crash)")
@@ -101,7 +102,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from agent.local import cluster
 
     components = [c for c in ("ca", "agent", "ztunnel") if c not in args.without]
-    report = _guard(cluster.up, args.state_dir, args.nodes, components=components, cert_ttl=args.cert_ttl)
+    report = _guard(cluster.up, args.state_dir, args.nodes, components=components, cert_ttl=int(args.cert_ttl.total_seconds()))
     lay = report.layout
     print(f"cluster {lay.cid} up in {lay.state_dir}")
     for n in lay.nodes:

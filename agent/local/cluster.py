@@ -23,14 +23,12 @@ from typing import Any
 
 from agent import cgroups
 from agent import netns as nsops
-from agent.cluster import ClusterError
-from agent.cluster.model import KNOWN_KINDS, build_state, load_documents, parse_object
 from agent.local import LocalError
 from agent.local import layout as L
 from agent.local import supervisor as sup
 from agent.local.layout import Layout
 from agent.local.store import Obj, Store, describe, object_key
-from controlplane import pki
+from ambit.cluster import KNOWN_KINDS, ClusterError, build_state, load_documents, parse_object
 
 log = logging.getLogger("ambit.local")
 
@@ -185,14 +183,14 @@ def _rm(p: Path) -> None:
 
 
 def _init_ca(layout: Layout) -> None:
-    """Create the cluster CA in <state>/ca and one node credential per node (the CA's in-process API)."""
-    try:
-        material = pki.CaMaterial.generate(L.TRUST_DOMAIN)
-        material.write(layout.ca_dir)
-        for n in layout.nodes:
-            pki.write_node_credential(material, n.name, layout.node_credential_dir(n.name))
-    except pki.PkiError as e:
-        raise LocalError(f"creating the cluster CA in {layout.ca_dir}: {e}") from e
+    """Create the cluster CA in <state>/ca and one node credential per node, with `ambit ca init`
+    (the CA's own command: the local cluster uses the control plane only through its interfaces)."""
+    argv = [*sup.AMBIT, "ca", "init", "--dir", str(layout.ca_dir), "--trust-domain", L.TRUST_DOMAIN]
+    for n in layout.nodes:
+        argv += ["--node-credential", f"{n.name}={layout.node_credential_dir(n.name)}"]
+    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise LocalError(f"creating the cluster CA in {layout.ca_dir}: {r.stderr.strip() or r.stdout.strip()}")
 
 
 def _stop_supervisor(layout: Layout, timeout: float = 10.0) -> None:

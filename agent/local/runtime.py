@@ -13,11 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import netns as nsops
-from agent.cluster.model import Pod
 from agent.local import LocalError
 from agent.local import layout as L
 from agent.local.cluster import store_of
 from agent.local.layout import Layout
+from ambit.cluster import Pod
 
 
 class LocalPodRuntime:

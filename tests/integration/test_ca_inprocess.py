@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.cluster.source import LocalDirSource
+from ambit.sources import LocalDirSource
+from ambit.spiffe import SpiffeId
 from controlplane.pki import CaMaterial, write_node_credential
 from controlplane.server import AuditLog, CaServer, CaServerError
 from ztunnel.identity.caclient import CaClient
 from ztunnel.identity.manager import make_csr
-from ztunnel.identity.spiffe import SpiffeId
 
 POD = "kind: Pod\nmetadata: {name: p, namespace: ns1}\nspec: {nodeName: n1, serviceAccountName: sa1}\n"
 

@@ -18,12 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2
 
+from ambit.spiffe import SpiffeId
+from ambit.svid import verify_svid
 from controlplane.pki import CA_SERVER_NAME, CaMaterial, cert_pem, key_pem, write_node_credential
 from tests.integration.ca_process import ca_process
 from ztunnel.identity.caclient import CaClient, CaError
 from ztunnel.identity.manager import CertManager, make_csr
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import verify_svid
 
 FRONTEND = SpiffeId("cluster.local", "shop", "frontend")
 CLUSTER = textwrap.dedent("""

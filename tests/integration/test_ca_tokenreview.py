@@ -26,7 +26,10 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent.cluster.kube import KubernetesSource, api_client_from_spec
+from ambit.sources.kube import KubernetesSource, api_client_from_spec
+from ambit.spiffe import SpiffeId
+from ambit.svid import verify_svid
+from ambit.wire import ca as caproto
 from controlplane.pki import CA_SERVER_NAME, CaMaterial, cert_pem, key_pem, write_node_credential
 from controlplane.server import AuditLog, CaServer
 from controlplane.tokenreview import (
@@ -39,11 +42,8 @@ from tests.integration.ca_process import ca_process
 from tests.integration.kubeapi_double import KubeApiDouble, TokenInfo, pod, recorded
 from ztunnel.cli import config_from_args
 from ztunnel.config import ConfigError, ZtunnelConfig
-from ztunnel.identity import caproto
 from ztunnel.identity.caclient import CaClient, CaError
 from ztunnel.identity.manager import CertManager, make_csr
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import verify_svid
 
 API_TOKEN = "ca-api-s3cret"  # what the CA itself shows the API server
 NODE_SA = "system:serviceaccount:ambit-system:ambit"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster.model import ClusterState
-from agent.cluster.source import LocalDirSource
 from agent.feed import FeedServer, diff_objects
+from ambit.cluster import ClusterState
+from ambit.sources import LocalDirSource
+from ambit.wire import feed_pb2
 from ztunnel.feed import AgentFeedSource, FeedProtocolError, apply_update
-from ztunnel.proto import feed_pb2
 
 NS = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {ambit.dev/dataplane-mode: ambient}}\n"
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from agent.cluster.model import Meta, Pod
 from agent.kubecgroup import KubePodRuntime
+from ambit.cluster import Meta, Pod
 
 
 def test_host_interface_and_node_interfaces_via_netlink(tmp_path: Path) -> None:

@@ -21,17 +21,11 @@ import pytest
 import yaml
 from kubernetes import client
 
-from agent.cluster import ClusterError
-from agent.cluster.kube import KubeError, KubePodAnnotator, KubernetesSource, api_client_from_spec
-from agent.cluster.model import REDIRECTION, Meta
-from agent.cluster.source import open_source
-from tests.integration.kubeapi_double import (
-    KubeApiDouble,
-    authz,
-    peer_authn,
-    pod,
-    recorded,
-)
+from agent.kubeannotate import KubePodAnnotator
+from ambit.cluster import REDIRECTION, ClusterError, Meta
+from ambit.sources import open_source
+from ambit.sources.kube import KubeError, KubernetesSource, api_client_from_spec
+from tests.integration.kubeapi_double import KubeApiDouble, authz, peer_authn, pod, recorded
 
 PODS = "/api/v1/pods"
 NAMESPACES = "/api/v1/namespaces"

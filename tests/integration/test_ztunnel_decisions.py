@@ -7,16 +7,16 @@ import struct
 
 import pytest
 
-from agent.cluster.model import build_state, load_documents
+from ambit.cluster import build_state, load_documents
+from ambit.snapshot import Snapshot, build_snapshot
+from ambit.spiffe import SpiffeId
 from tests.integration.ztunnel_harness import NAMESPACES, node_yaml, pod_yaml, service_yaml
 from ztunnel import socks5
 from ztunnel.config import ConfigError, Listen, parse_listen
 from ztunnel.hbone.wire import BadRequest, parse_authority
-from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.inbound import check_inbound, client_address
 from ztunnel.origdst import OrigDstError, parse_sockaddr
 from ztunnel.outbound import HBONE, LOCAL, PASSTHROUGH, REFUSE, plan_outbound, resolve_name
-from ztunnel.state import Snapshot, build_snapshot
 
 STRICT = """
 ---

@@ -19,10 +19,10 @@ import h2.events
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ambit.spiffe import SpiffeId
 from controlplane.pki import CaMaterial
 from tests.integration.ztunnel_harness import Mesh, echo_server, loopback_mesh
 from ztunnel.identity.manager import WorkloadCert
-from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.identity.tls import client_context, sni_for
 
 pytestmark = pytest.mark.timeout(60)

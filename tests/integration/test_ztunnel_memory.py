@@ -21,10 +21,10 @@ import h2.events
 import h2.exceptions
 import pytest
 
+from ambit.spiffe import SpiffeId
 from tests.integration.test_ztunnel_hbone import RawClient, make_cert
 from tests.integration.ztunnel_harness import Mesh, echo_server, loopback_mesh
 from ztunnel.conntrack import ConnRecord
-from ztunnel.identity.spiffe import SpiffeId
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from ambit.spiffe import SpiffeId
 from tests.integration.ztunnel_harness import loopback_mesh
-from ztunnel.identity.spiffe import SpiffeId
 from ztunnel.pool import PoolError
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.cluster.source import LocalDirSource
+from ambit.sources import LocalDirSource
 from controlplane.pki import CaMaterial, write_node_credential
 from controlplane.server import AuditLog, CaServer
 from ztunnel.config import Listen, Timeouts, ZtunnelConfig

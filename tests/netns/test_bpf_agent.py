@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.agentd import Agent, AgentConfig
-from agent.cluster.model import ClusterState, Pod, build_state, load_documents
-from agent.cluster.source import LocalDirSource
 from agent.enroll import Annotate
+from ambit.cluster import ClusterState, Pod, build_state, load_documents
+from ambit.sources import LocalDirSource
 from tests.netns.test_bpf import CLIENT, GW2, NODE_IP, POD_IP, Env, env  # noqa: F401  (fixture)
 
 DOCS = """

@@ -12,12 +12,12 @@ import pytest
 
 from agent import cgroups
 from agent import netns as nsops
-from agent.cluster.model import Meta, Pod
 from agent.local import LocalError
 from agent.local import cluster as C
 from agent.local import layout as L
 from agent.local import supervisor as S
 from agent.local.runtime import LocalPodRuntime, node_connector
+from ambit.cluster import Meta, Pod
 
 
 @pytest.fixture

@@ -10,12 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from agent.cluster.model import build_state
+from ambit.cluster import build_state
+from ambit.spiffe import SpiffeId
+from ambit.svid import verify_svid
 from controlplane import authz
 from controlplane.pki import CaMaterial, PkiError, node_of, write_node_credential
 from ztunnel.identity.manager import make_csr
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import verify_svid
 
 TD = "cluster.local"
 

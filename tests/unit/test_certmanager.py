@@ -10,6 +10,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from ambit.spiffe import SpiffeId
 from controlplane.pki import CaMaterial, cert_pem
 from ztunnel.identity.caclient import CaError
 from ztunnel.identity.manager import (
@@ -20,7 +21,6 @@ from ztunnel.identity.manager import (
     CertNotReady,
     backoff_delay,
 )
-from ztunnel.identity.spiffe import SpiffeId
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.UTC).timestamp()
 A = SpiffeId("cluster.local", "shop", "frontend")

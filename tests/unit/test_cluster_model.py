@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster import ClusterError
-from agent.cluster.model import build_state, load_documents
-from agent.cluster.source import LocalDirSource
+from ambit.cluster import ClusterError, build_state, load_documents
+from ambit.sources import LocalDirSource
 
 DOCS = """
 apiVersion: v1

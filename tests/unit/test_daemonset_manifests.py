@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from agent.cluster.kube import ISTIO_SECURITY_GROUP
+from ambit.sources.kube import ISTIO_SECURITY_GROUP
 
 DIR = Path(__file__).resolve().parents[2] / "daemonset"
 ZTUNNEL_PORTS = {15001, 15006, 15008, 15000, 15020, 15021}

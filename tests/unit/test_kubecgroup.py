@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster.model import Meta, Pod
 from agent.kubecgroup import (
     KubePodRuntime,
     cgroup2_root,
@@ -15,6 +14,7 @@ from agent.kubecgroup import (
     first_pid,
     pod_cgroup_candidates,
 )
+from ambit.cluster import Meta, Pod
 
 UID = "6f4b1c2d-0a1b-4c5d-8e9f-0123456789ab"
 UND = UID.replace("-", "_")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from agent.cluster.model import build_state
 from agent.local.cluster import read_manifests
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.policy import ConnectionFacts, authorize, mtls_mode
-from ztunnel.state import build_snapshot
+from ambit.cluster import build_state
+from ambit.policy import ConnectionFacts, authorize, mtls_mode
+from ambit.snapshot import build_snapshot
+from ambit.spiffe import SpiffeId
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

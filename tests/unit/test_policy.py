@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cluster.model import build_state, load_documents
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.policy import ConnectionFacts, Decision, authorize, mtls_mode, mtls_policy
-from ztunnel.state import Snapshot, build_snapshot
+from ambit.cluster import build_state, load_documents
+from ambit.policy import ConnectionFacts, Decision, authorize, mtls_mode, mtls_policy
+from ambit.snapshot import Snapshot, build_snapshot
+from ambit.spiffe import SpiffeId
 
 CLUSTER = """
 apiVersion: v1

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cluster.model import build_state, load_documents
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.policy import ConnectionFacts, HttpFacts, authorize_http
-from ztunnel.state import build_snapshot
+from ambit.cluster import build_state, load_documents
+from ambit.policy import ConnectionFacts, HttpFacts, authorize_http
+from ambit.snapshot import build_snapshot
+from ambit.spiffe import SpiffeId
 
 CLUSTER = """
 apiVersion: v1
@@ -111,7 +111,7 @@ def test_authorize_http(
 
 
 def test_check_judges_at_the_waypoint_or_the_ztunnel() -> None:
-    from ztunnel.policy import check
+    from ambit.policy import check
 
     policies = op("methods", "[GET]")
     snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")

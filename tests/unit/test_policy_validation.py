@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.cluster.model import build_state, load_documents
-from ztunnel.policy import CompiledAuthz, CompiledPeerAuthn, PolicyError, PolicySet, compile_policy
+from ambit.cluster import build_state, load_documents
+from ambit.policy import CompiledAuthz, CompiledPeerAuthn, PolicyError, PolicySet, compile_policy
 
 
 def compile_yaml(text: str) -> CompiledAuthz | CompiledPeerAuthn:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId, validate_trust_domain
+from ambit.spiffe import SpiffeError, SpiffeId, validate_trust_domain
 
 GOOD = [
     ("spiffe://cluster.local/ns/default/sa/default", ("cluster.local", "default", "default")),

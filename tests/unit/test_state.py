@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster.model import ClusterState, build_state, load_documents
-from agent.cluster.source import LocalDirSource
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.policy import ConnectionFacts, authorize
-from ztunnel.state import LocalStateSource, Snapshot, StateStore, build_snapshot
+from ambit.cluster import ClusterState, build_state, load_documents
+from ambit.policy import ConnectionFacts, authorize
+from ambit.snapshot import Snapshot, build_snapshot
+from ambit.sources import LocalDirSource
+from ambit.spiffe import SpiffeId
+from ztunnel.state import LocalStateSource, StateStore
 
 CLUSTER = """
 apiVersion: v1

@@ -11,15 +11,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ambit.spiffe import SpiffeId
+from ambit.svid import SvidError, SvidExpired, SvidNotYetValid, TrustBundle, verify_svid
 from controlplane.pki import CaMaterial
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import (
-    SvidError,
-    SvidExpired,
-    SvidNotYetValid,
-    TrustBundle,
-    verify_svid,
-)
 
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
 ID = SpiffeId("cluster.local", "shop", "frontend")

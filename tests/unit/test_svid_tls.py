@@ -8,11 +8,11 @@ import ssl
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ambit.spiffe import SpiffeId
+from ambit.svid import SvidError
 from controlplane.pki import CaMaterial
 from ztunnel.identity import IdentityError, tls
 from ztunnel.identity.manager import WorkloadCert
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import SvidError
 
 SERVER = SpiffeId("cluster.local", "shop", "backend")
 CLIENT = SpiffeId("cluster.local", "shop", "frontend")

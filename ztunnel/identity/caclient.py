@@ -17,7 +17,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from ztunnel.identity import IdentityError, caproto
+from ambit.wire import ca as caproto
+from ztunnel.identity import IdentityError
 
 log = logging.getLogger("ambit.identity.ca")
 

@@ -29,9 +29,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ambit.spiffe import SpiffeId
+from ambit.svid import SvidError, TrustBundle, check_leaf, verify_svid
 from ztunnel.identity import IdentityError
-from ztunnel.identity.spiffe import SpiffeId
-from ztunnel.identity.svid import SvidError, TrustBundle, check_leaf, verify_svid
 
 log = logging.getLogger("ambit.identity")
 

@@ -23,16 +23,10 @@ from typing import Any
 
 from cryptography import x509
 
+from ambit.spiffe import SpiffeError, SpiffeId
+from ambit.svid import SvidError, TrustBundle, check_leaf, check_validity, verify_svid
 from ztunnel.identity import IdentityError
 from ztunnel.identity.manager import WorkloadCert
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId
-from ztunnel.identity.svid import (
-    SvidError,
-    TrustBundle,
-    check_leaf,
-    check_validity,
-    verify_svid,
-)
 
 ALPN = "h2"
 _ENCODING_DER = getattr(_ssl, "ENCODING_DER", 2)

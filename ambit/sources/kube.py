@@ -6,7 +6,7 @@ Services, EndpointSlices, and Istio's AuthorizationPolicy/PeerAuthentication in
 watches from the list's resourceVersion; a `410 Gone` relists, a broken watch
 reconnects from the last seen resourceVersion after a jittered backoff. The
 objects stay plain dicts, exactly as the API served them, and are fed to
-`agent.cluster.model.build_state`, so this source and `local:PATH` share one
+`ambit.cluster.build_state`, so this source and `local:PATH` share one
 model. An object that does not parse keeps its last good version in force and
 is reported in `last_error`.
 
@@ -33,8 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.watch.watch import iter_resp_lines
 
-from agent.cluster import ClusterError
-from agent.cluster.model import ClusterState, Pod, build_state, parse_object
+from ambit.cluster import ClusterError, ClusterState, build_state, parse_object
 
 log = logging.getLogger("ambit.cluster.kube")
 
@@ -580,35 +579,3 @@ def resolve_target_ports(
             p = {**p, "targetPort": number}
         new_ports.append(p)
     return {**svc, "spec": {**spec, "ports": new_ports}}, problems
-
-
-# ---------------------------------------------------------------------------
-# annotations
-
-
-class KubePodAnnotator:
-    """Writes agent-owned pod annotations with a JSON merge patch. Implements `PodAnnotator`."""
-
-    def __init__(self, api_client: client.ApiClient, request_timeout: float = 10.0) -> None:
-        self._core = client.CoreV1Api(api_client)
-        self._timeout = request_timeout
-
-    def set_annotation(self, pod: Pod, key: str, value: str | None) -> None:
-        """Set `key` to `value` (None removes it) on the pod; raises KubeError naming the pod."""
-        # merge-patch: a null value deletes the key, and only this key is touched.
-        body = {"metadata": {"annotations": {key: value}}}
-        try:
-            # The answer (the whole pod) is not needed: skip decoding it into models.
-            resp = self._core.patch_namespaced_pod(
-                pod.name,
-                pod.namespace,
-                body,
-                _content_type="application/merge-patch+json",
-                _request_timeout=self._timeout,
-                _preload_content=False,
-            )
-            resp.release_conn()  # type: ignore[attr-defined]
-        except ApiException as e:
-            raise KubeError(describe_api_error(e, f"annotating pod {pod.key} with {key}")) from e
-        except urllib3.exceptions.HTTPError as e:
-            raise KubeError(describe_api_error(e, f"annotating pod {pod.key} with {key}")) from e

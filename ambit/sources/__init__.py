@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
 
-from agent.cluster import ClusterError
-from agent.cluster.model import ClusterState, build_state, load_documents
+from ambit.cluster import ClusterError, ClusterState, build_state, load_documents
 
 log = logging.getLogger("ambit.cluster")
 
@@ -133,7 +132,7 @@ def open_source(spec: str) -> ClusterSource:
     if spec.startswith("local:"):
         return LocalDirSource(spec.removeprefix("local:"))
     if spec == "kubernetes" or spec.startswith("kubernetes:"):
-        from agent.cluster.kube import KubernetesSource
+        from ambit.sources.kube import KubernetesSource
 
         return KubernetesSource.from_spec(spec)
     raise ClusterError(f"unknown cluster source {spec!r}; use local:PATH or kubernetes")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from ztunnel.proto import feed_pb2 as ztunnel_dot_proto_dot_feed__pb2
+from ambit.wire import feed_pb2 as ambit_dot_wire_dot_feed__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in ztunnel/proto/feed_pb2_grpc.py depends on'
+        + ' but the generated code in ambit/wire/feed_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class StateFeedStub:
         """
         self.Watch = channel.unary_stream(
                 '/ambit.feed.v1.StateFeed/Watch',
-                request_serializer=ztunnel_dot_proto_dot_feed__pb2.WatchRequest.SerializeToString,
-                response_deserializer=ztunnel_dot_proto_dot_feed__pb2.StateUpdate.FromString,
+                request_serializer=ambit_dot_wire_dot_feed__pb2.WatchRequest.SerializeToString,
+                response_deserializer=ambit_dot_wire_dot_feed__pb2.StateUpdate.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,8 @@ def add_StateFeedServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
-                    request_deserializer=ztunnel_dot_proto_dot_feed__pb2.WatchRequest.FromString,
-                    response_serializer=ztunnel_dot_proto_dot_feed__pb2.StateUpdate.SerializeToString,
+                    request_deserializer=ambit_dot_wire_dot_feed__pb2.WatchRequest.FromString,
+                    response_serializer=ambit_dot_wire_dot_feed__pb2.StateUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -84,8 +84,8 @@ class StateFeed:
             request,
             target,
             '/ambit.feed.v1.StateFeed/Watch',
-            ztunnel_dot_proto_dot_feed__pb2.WatchRequest.SerializeToString,
-            ztunnel_dot_proto_dot_feed__pb2.StateUpdate.FromString,
+            ambit_dot_wire_dot_feed__pb2.WatchRequest.SerializeToString,
+            ambit_dot_wire_dot_feed__pb2.StateUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,7 @@
 """Kubernetes-shaped cluster objects and the immutable `ClusterState` snapshot.
 
 Pure: parses already-loaded YAML/JSON documents, never touches files or sockets.
-Policies are kept as raw objects here; `ztunnel.policy` validates and compiles them.
+Policies are kept as raw objects here; `ambit.policy` validates and compiles them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,12 @@ from typing import Any
 
 import yaml
 
-from agent.cluster import ClusterError
+from ambit import AmbitError
+
+
+class ClusterError(AmbitError):
+    """A cluster object or source is invalid; the message names the object and field."""
+
 
 DATAPLANE_MODE = "ambit.dev/dataplane-mode"
 USE_WAYPOINT = "ambit.dev/use-waypoint"

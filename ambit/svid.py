@@ -17,11 +17,11 @@ from cryptography import x509
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ztunnel.identity import IdentityError
-from ztunnel.identity.spiffe import SpiffeError, SpiffeId
+from ambit import AmbitError
+from ambit.spiffe import SpiffeError, SpiffeId
 
 
-class SvidError(IdentityError):
+class SvidError(AmbitError):
     """A certificate chain is not a valid X.509-SVID for the trust bundle; names the rule."""
 
 
@@ -150,7 +150,7 @@ def check_signing(cert: x509.Certificate, trust_domain: str) -> None:
             if not uri.startswith("spiffe://"):
                 continue
             try:
-                from ztunnel.identity.spiffe import validate_uri
+                from ambit.spiffe import validate_uri
 
                 td, _ = validate_uri(uri)
             except SpiffeError as e:

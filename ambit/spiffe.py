@@ -10,7 +10,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 
-from ztunnel.identity import IdentityError
+from ambit import AmbitError
 
 SCHEME = "spiffe://"
 MAX_ID_BYTES = 2048
@@ -21,7 +21,7 @@ TRUST_DOMAIN_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
 PATH_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
 
 
-class SpiffeError(IdentityError):
+class SpiffeError(AmbitError):
     """A string is not a valid workload SPIFFE ID; the message names the rule it breaks."""
 
 

@@ -1,0 +1,402 @@
+"""Decisions: an L4 connection at the ztunnel, an HTTP request at a waypoint, the mTLS mode.
+
+Pure functions of their arguments (facts about the connection or request and a
+`PolicySet`), so they are tested by tables. Order: STRICT mTLS, the waypoint,
+DENY, then ALLOW (default deny once one applies), else allow.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ambit.policy.index import PolicySet, _selects
+from ambit.policy.match import (
+    _HEADER_KEY,
+    CompiledAuthz,
+    CompiledRule,
+    Entry,
+    FieldMatch,
+    IpAddress,
+    _attr_words,
+)
+from ambit.spiffe import SpiffeId
+
+if TYPE_CHECKING:
+    from ambit.snapshot import Workload
+
+# ---------------------------------------------------------------------------
+# facts and decisions
+
+
+@dataclass(frozen=True)
+class ConnectionFacts:
+    """What the ztunnel knows about an inbound connection (identity from the verified certificate)."""
+
+    src_ip: str
+    src_identity: SpiffeId | None
+    dst: Workload
+    dst_port: int
+    mtls: bool
+
+
+@dataclass(frozen=True)
+class HttpFacts:
+    """One HTTP request at a waypoint. `headers` names are matched case-insensitively."""
+
+    method: str
+    path: str
+    host: str
+    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which policy and rule decided, and a sentence saying why."""
+
+    allowed: bool
+    action: str  # "ALLOW" | "DENY" | "DEFAULT"
+    policy: str | None  # "ns/name"
+    rule: int | None
+    reason: str
+    # Things an operator should know that did not decide the outcome, e.g. rules
+    # skipped because they need HTTP attributes and no waypoint enforces them.
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "allowed": self.allowed,
+            "action": self.action,
+            "policy": self.policy,
+            "rule": self.rule,
+            "reason": self.reason,
+            "notes": list(self.notes),
+        }
+
+
+class _Attrs:
+    """Lazily computed attributes of one connection/request; shared across all rules."""
+
+    def __init__(self, facts: ConnectionFacts, http: HttpFacts | None) -> None:
+        self.facts = facts
+        self.http = http
+        self._cache: dict[str, object] = {}
+
+    def get(self, attr: str) -> object:
+        if attr in self._cache:
+            return self._cache[attr]
+        v = self._compute(attr)
+        self._cache[attr] = v
+        return v
+
+    def _compute(self, attr: str) -> object:
+        f, h = self.facts, self.http
+        ident = f.src_identity
+        if attr == "source.principal":
+            return f"{ident.trust_domain}/ns/{ident.namespace}/sa/{ident.service_account}" if ident else None
+        if attr == "source.namespace":
+            return ident.namespace if ident else None
+        if attr == "source.service_account":
+            return (ident.namespace, ident.service_account) if ident else None
+        if attr == "source.ip":
+            return _ip_or_none(f.src_ip)
+        if attr == "destination.ip":
+            return _ip_or_none(f.dst.ip)
+        if attr == "destination.port":
+            return f.dst_port
+        if h is None:
+            return None
+        if attr == "remote.ip":
+            # The original client as the first X-Forwarded-For hop, else the peer.
+            xff = self.header("x-forwarded-for")
+            first = xff.split(",")[0].strip() if xff else ""
+            return _ip_or_none(first) or _ip_or_none(f.src_ip)
+        if attr == "request.host":
+            return h.host or self.header("host")
+        if attr == "request.method":
+            return h.method
+        if attr == "request.path":
+            return h.path
+        m = _HEADER_KEY.match(attr)
+        if m:
+            return self.header(m.group(1))
+        # request.auth.* (no JWT authentication in ambit) and connection.sni.
+        return None
+
+    def header(self, name: str) -> str | None:
+        low = name.lower()
+        for k, v in self.http.headers.items() if self.http else ():
+            if k.lower() == low:
+                return v
+        return None
+
+
+def _ip_or_none(s: str | None) -> IpAddress | None:
+    if not s:
+        return None
+    try:
+        return ipaddress.ip_address(s)
+    except ValueError:
+        return None
+
+
+def _show(v: object) -> str:
+    if isinstance(v, tuple):
+        return "/".join(str(x) for x in v)
+    return str(v)
+
+
+def _match_field(fm: FieldMatch, attrs: _Attrs) -> str | None:
+    """Explanation when the field matches, None when it does not."""
+    value = attrs.get(fm.attr)
+    hit: int | None = None
+    exact = fm.exact
+    if exact is not None:
+        # Empty strings never match, as in the slow path.
+        hit = exact.get(value) if value != "" else None
+    else:
+        for i, m in enumerate(fm.values):
+            if m.matches(value):
+                hit = i
+                break
+    if hit is not None:
+        if fm.negate:
+            return None
+        return f"{_attr_words(fm.attr)} {_show(value)} matches {fm.name}[{hit}]"
+    if not fm.negate:
+        return None
+    if value is None:
+        return f"no {_attr_words(fm.attr)}, so {fm.name} does not exclude it"
+    return f"{_attr_words(fm.attr)} {_show(value)} is not in {fm.name}"
+
+
+def _match_entry(e: Entry, attrs: _Attrs, l4_only: bool) -> str | None:
+    parts = []
+    for fm in e.fields:
+        if fm.l7 and l4_only:
+            continue
+        why = _match_field(fm, attrs)
+        if why is None:
+            return None
+        parts.append(why)
+    if not parts:
+        return f"{e.path} has only HTTP fields, ignored at L4"
+    return " and ".join(parts)
+
+
+def _match_rule(r: CompiledRule, attrs: _Attrs, l4_only: bool) -> str | None:
+    parts = []
+    for group in (r.sources, r.operations):
+        if group is None:
+            continue
+        for e in group:
+            why = _match_entry(e, attrs, l4_only)
+            if why is not None:
+                parts.append(why)
+                break
+        else:
+            return None
+    for e in r.conditions:
+        why = _match_entry(e, attrs, l4_only)
+        if why is None:
+            return None
+        parts.append(why)
+    return "; ".join(parts) if parts else "the rule is empty and matches every connection"
+
+
+def _refs(ps: Sequence[CompiledAuthz]) -> str:
+    return ", ".join(p.ref for p in ps)
+
+
+def _evaluate(
+    applicable: Sequence[CompiledAuthz], attrs: _Attrs, l4: bool, subject: str
+) -> Decision:
+    notes: list[str] = []
+    # 1. DENY: any matching rule denies. At L4 a rule's HTTP parts are ignored,
+    # so a DENY written for HTTP denies more, never less (as Istio's ztunnel).
+    for p in applicable:
+        if p.action != "DENY":
+            continue
+        for r in p.rules:
+            why = _match_rule(r, attrs, l4_only=l4)
+            if why is not None:
+                if l4 and r.l7_fields:
+                    notes.append(
+                        f"{p.ref} rule {r.index} uses HTTP fields ({', '.join(r.l7_fields)}) "
+                        "that the ztunnel cannot see; they were ignored, so it denies more than written"
+                    )
+                return Decision(
+                    False, "DENY", p.ref, r.index,
+                    f"denied by DENY policy {p.ref} rule {r.index}: {why}", tuple(notes),
+                )
+    # 2. ALLOW: once any ALLOW policy applies, one of its rules must match.
+    allows = [p for p in applicable if p.action == "ALLOW"]
+    if not allows:
+        audit = [p for p in applicable if p.action == "AUDIT"]
+        if audit:
+            notes.append(f"AUDIT policies {_refs(audit)} apply; AUDIT only logs and never decides")
+        denies = [p for p in applicable if p.action == "DENY"]
+        if denies:
+            why = (f"allowed: no DENY policy matched ({len(denies)} appl{'ies' if len(denies) == 1 else 'y'}: "
+                   f"{_refs(denies)}) and no ALLOW policy applies to {subject}")
+        else:
+            why = f"allowed: no ALLOW or DENY policy applies to {subject}"
+        return Decision(True, "DEFAULT", None, None, why, tuple(notes))
+    for p in allows:
+        for r in p.rules:
+            if l4 and r.l7_fields:
+                # An ALLOW rule that needs HTTP cannot match at L4: stricter, never looser.
+                notes.append(
+                    f"{p.ref} rule {r.index} needs HTTP fields ({', '.join(r.l7_fields)}) and no "
+                    "waypoint enforces it, so it cannot allow"
+                )
+                continue
+            why = _match_rule(r, attrs, l4_only=l4)
+            if why is not None:
+                return Decision(
+                    True, "ALLOW", p.ref, r.index,
+                    f"allowed by ALLOW policy {p.ref} rule {r.index}: {why}", tuple(notes),
+                )
+        if not p.rules:
+            notes.append(f"{p.ref} has no rules: it allows nothing")
+    n = len(allows)
+    noun = "policy applies" if n == 1 else "policies apply"
+    skipped = sum(1 for p in allows for r in p.rules if l4 and r.l7_fields)
+    hint = ""
+    if skipped:
+        hint = (
+            f" ({skipped} ALLOW rule{'s need' if skipped > 1 else ' needs'} HTTP attributes; "
+            "give the destination a waypoint to enforce them)"
+        )
+    return Decision(
+        False, "DEFAULT", None, None,
+        f"no ALLOW policy matched: {n} ALLOW {noun} ({_refs(allows)}) and none matched{hint}",
+        tuple(notes),
+    )
+
+
+def authorize(facts: ConnectionFacts, policies: PolicySet, *, via_waypoint: bool = False) -> Decision:
+    """Decide an inbound connection at the destination's ztunnel (L4).
+
+    Order: STRICT mTLS (a plaintext connection to a STRICT port is refused), then
+    the destination's waypoint (if it has one, only connections from that waypoint
+    are admitted: the waypoint enforces every policy with the client's identity;
+    `via_waypoint=True` says the verified peer is that waypoint), then DENY, then
+    ALLOW (default deny once one applies), else allow.
+    """
+    dst = facts.dst
+    if not facts.mtls:
+        mode, pa = mtls_policy(dst, facts.dst_port, policies)
+        if mode == "STRICT":
+            src = f"PeerAuthentication {pa}" if pa else "the mesh default"
+            return Decision(
+                False, "DENY", pa, None,
+                f"plaintext connection refused: {src} requires STRICT mTLS on {dst.uid} port {facts.dst_port}",
+            )
+    if dst.waypoint:
+        if via_waypoint:
+            return Decision(
+                True, "ALLOW", None, None,
+                f"allowed: arrived through waypoint {dst.waypoint}, which enforces {dst.uid}'s policies",
+            )
+        return Decision(
+            False, "DENY", None, None,
+            f"denied: {dst.uid} uses waypoint {dst.waypoint}; connections must come through it",
+        )
+    attrs = _Attrs(facts, None)
+    return _evaluate(policies.applicable(dst), attrs, l4=True, subject=dst.uid)
+
+
+def authorize_http(facts: ConnectionFacts, http: HttpFacts, policies: PolicySet) -> Decision:
+    """Decide one HTTP request at a waypoint, with the original client's identity in `facts`.
+
+    Every policy that selects the destination (mesh, namespace, selector,
+    targetRefs to its Service or to the waypoint) applies with all its fields.
+    """
+    attrs = _Attrs(facts, http)
+    return _evaluate(
+        policies.applicable(facts.dst, at_waypoint=True), attrs, l4=False, subject=facts.dst.uid
+    )
+
+
+def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
+    """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided (None: the default)."""
+    root = policies.root_namespace
+    mesh = ns_level = workload = None
+    # Istio takes the oldest policy at each level; objects here carry no creation
+    # time, so the first by name wins, which is at least deterministic.
+    for p in policies.peer_authn:
+        if p.match_labels is None:
+            if p.namespace == root and mesh is None:
+                mesh = p
+            elif p.namespace == dst.namespace and p.namespace != root and ns_level is None:
+                ns_level = p
+        elif (
+            # Selector policies in the root namespace are ignored, as in Istio.
+            p.namespace == dst.namespace
+            and p.namespace != root
+            and workload is None
+            and _selects(p.match_labels, dst.labels)
+        ):
+            workload = p
+    mode, by = "PERMISSIVE", None
+    for level in (mesh, ns_level, workload):
+        if level is not None and level.mode != "UNSET":
+            mode, by = level.mode, level.ref
+    if workload is not None:
+        pm = workload.port_modes.get(port, "UNSET")
+        if pm != "UNSET":
+            mode, by = pm, workload.ref
+    return mode, by
+
+
+def mtls_port_modes(dst: Workload, policies: PolicySet) -> tuple[str, dict[int, str]]:
+    """`dst`'s workload-wide mode and the ports whose mode differs from it (portLevelMtls),
+    as `mtls_mode` decides each: what the kernel needs to drop or capture plaintext per port."""
+    default = mtls_mode(dst, 0, policies)
+    ports: set[int] = set()
+    for p in policies.peer_authn:
+        if p.port_modes and p.namespace == dst.namespace and _selects(p.match_labels, dst.labels):
+            ports.update(p.port_modes)
+    out = {}
+    for port in sorted(ports):
+        m = mtls_mode(dst, port, policies)
+        if m != default:
+            out[port] = m
+    return default, out
+
+
+def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> str:
+    """Effective PeerAuthentication mode on `dst`'s (workload) `port`: "STRICT", "PERMISSIVE" or
+    "DISABLE". Workload selector > namespace > mesh (root namespace) > PERMISSIVE; UNSET inherits.
+    The ztunnel treats DISABLE like PERMISSIVE (Istio ambient cannot disable mTLS)."""
+    return mtls_policy(dst, port, policies)[0]
+
+
+def check(
+    facts: ConnectionFacts,
+    policies: PolicySet,
+    *,
+    http: HttpFacts | None = None,
+    via_waypoint: bool = False,
+) -> Decision:
+    """`ambit policy check`: decide where the mesh would. A destination with a waypoint is
+    judged as its waypoint judges (with `http`, all fields; without, as an empty request, so
+    HTTP-only rules do not match); one without is judged by its ztunnel at L4, and `http` is
+    ignored with a note, since no proxy on the path sees HTTP."""
+    dst = facts.dst
+    if dst.waypoint and not via_waypoint:
+        mtls = authorize(facts, policies, via_waypoint=True)
+        if not mtls.allowed:
+            return mtls  # refused before any waypoint logic (STRICT mTLS)
+        d = authorize_http(facts, http or HttpFacts("", "", ""), policies)
+        note = f"judged at waypoint {dst.waypoint}, which enforces {dst.uid}'s policies"
+        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (note, *d.notes))
+    d = authorize(facts, policies, via_waypoint=via_waypoint)
+    if http is not None and (http.method or http.path or http.host):
+        note = f"{dst.uid} has no waypoint: the method/path/host were not evaluated (L4 only)"
+        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (*d.notes, note))
+    return d
+

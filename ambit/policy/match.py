@@ -1,0 +1,322 @@
+"""The compiled form of Istio's security policies: matchers, rules and compiled objects.
+
+Pure. Every value a policy can name compiles into one small matcher that keeps
+its `raw` text for explanations; `CompiledAuthz` and `CompiledPeerAuthn` are
+what `compile_policy` produces and what the index and the decisions read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Literal
+
+from ambit import AmbitError
+
+API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
+MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+# `when` keys a ztunnel can evaluate without parsing HTTP (same set as istiod
+# sends to ztunnel); every other key is an HTTP attribute.
+L4_WHEN_KEYS = frozenset(
+    {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
+)
+# Every other key Istio accepts. `request.auth.*` need a RequestAuthentication
+# (JWT), which ambit has not: such values never match, their not-forms always do.
+L7_WHEN_KEYS = frozenset(
+    {
+        "remote.ip",
+        "connection.sni",
+        "request.auth.principal",
+        "request.auth.audiences",
+        "request.auth.presenter",
+    }
+)
+_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
+_CLAIM_KEY = re.compile(r"^request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*$")
+
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+
+
+
+
+class PolicyError(AmbitError):
+    """A policy object is invalid; the message names the object (kind ns/name) and the field."""
+
+
+# ---------------------------------------------------------------------------
+# matchers: one compiled value each, `raw` kept for explanations
+
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Istio's string forms: exact, `prefix*`, `*suffix`, and `*` (presence: any non-empty value)."""
+
+    kind: Literal["exact", "prefix", "suffix", "presence"]
+    value: str
+    raw: str
+    ignore_case: bool = False
+
+    @classmethod
+    def parse(cls, raw: str, ignore_case: bool = False) -> StringMatch:
+        v = raw.lower() if ignore_case else raw
+        if v == "*":
+            return cls("presence", "", raw, ignore_case)
+        if v.startswith("*"):
+            return cls("suffix", v[1:], raw, ignore_case)
+        if v.endswith("*"):
+            return cls("prefix", v[:-1], raw, ignore_case)
+        return cls("exact", v, raw, ignore_case)
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        if self.ignore_case:
+            value = value.lower()
+        if self.kind == "exact":
+            return value == self.value
+        if self.kind == "prefix":
+            return value.startswith(self.value)
+        if self.kind == "suffix":
+            return value.endswith(self.value)
+        return True
+
+
+@dataclass(frozen=True)
+class HostMatch:
+    """`hosts`: case-insensitive string forms, tried with and without the `:port` suffix."""
+
+    inner: StringMatch
+
+    @property
+    def raw(self) -> str:
+        return self.inner.raw
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        if self.inner.matches(value):
+            return True
+        host, sep, port = value.rpartition(":")
+        # "[::1]:80" and "a:80" carry a port; a bare IPv6 literal does not.
+        return bool(sep) and port.isdigit() and not host.endswith(":") and self.inner.matches(host)
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    """`paths`: exact, `/prefix*`, `*suffix`, `*`, or a template with `{*}` / `{**}` segments."""
+
+    raw: str
+    string: StringMatch | None
+    pattern: re.Pattern[str] | None
+
+    @classmethod
+    def parse(cls, raw: str) -> PathMatch:
+        if "{*}" in raw or "{**}" in raw:
+            out = []
+            for part in re.split(r"(\{\*\*\}|\{\*\})", raw):
+                if part == "{*}":
+                    out.append(r"[^/]+")
+                elif part == "{**}":
+                    out.append(r".*")
+                else:
+                    out.append(re.escape(part))
+            return cls(raw, None, re.compile("".join(out)))
+        return cls(raw, StringMatch.parse(raw), None)
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, str) or not value:
+            return False
+        # Istio matches the path without its query string.
+        value = value.split("?", 1)[0]
+        if self.pattern is not None:
+            return self.pattern.fullmatch(value) is not None
+        assert self.string is not None
+        return self.string.matches(value)
+
+
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class NetMatch:
+    """`ipBlocks` and IP conditions: a CIDR, or a single IP as a /32 or /128."""
+
+    raw: str
+    network: IpNetwork
+
+    def matches(self, value: object) -> bool:
+        if not isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        return value.version == self.network.version and value in self.network
+
+
+@dataclass(frozen=True)
+class PortMatch:
+    raw: str
+    port: int
+
+    def matches(self, value: object) -> bool:
+        return value == self.port
+
+
+@dataclass(frozen=True)
+class ServiceAccountMatch:
+    """`serviceAccounts`: `ns/sa`, or a bare `sa` in the policy's namespace."""
+
+    raw: str
+    namespace: str
+    service_account: str
+
+    def matches(self, value: object) -> bool:
+        return value == (self.namespace, self.service_account)
+
+
+Matcher = StringMatch | HostMatch | PathMatch | NetMatch | PortMatch | ServiceAccountMatch
+
+# attribute -> words used in explanations
+_ATTR_WORDS = {
+    "source.principal": "source principal",
+    "source.namespace": "source namespace",
+    "source.service_account": "source service account",
+    "source.ip": "source IP",
+    "remote.ip": "remote IP",
+    "request.auth.principal": "request principal",
+    "destination.ip": "destination IP",
+    "destination.port": "destination port",
+    "request.host": "host",
+    "request.method": "method",
+    "request.path": "path",
+    "connection.sni": "SNI",
+}
+
+
+def _attr_words(attr: str) -> str:
+    m = _HEADER_KEY.match(attr)
+    if m:
+        return f"header {m.group(1).lower()}"
+    return _ATTR_WORDS.get(attr, attr)
+
+
+@dataclass(frozen=True)
+class FieldMatch:
+    """One field of an entry, e.g. `notPrincipals`: any value matching (or none, when negated)."""
+
+    name: str  # as written: "principals", "notPorts", "values"
+    attr: str  # the attribute it reads: "source.principal", "destination.port", ...
+    negate: bool
+    l7: bool  # needs HTTP parsing (a waypoint) to be evaluated
+    values: tuple[Matcher, ...]
+
+    @cached_property
+    def exact(self) -> Mapping[object, int] | None:
+        """value -> first index, when every value is an exact match: one dict lookup per field."""
+        out: dict[object, int] = {}
+        for i, m in enumerate(self.values):
+            if isinstance(m, PortMatch):
+                key: object = m.port
+            elif isinstance(m, StringMatch) and m.kind == "exact" and not m.ignore_case:
+                key = m.value
+            elif isinstance(m, ServiceAccountMatch):
+                key = (m.namespace, m.service_account)
+            else:
+                return None
+            out.setdefault(key, i)
+        return out
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One `from[i].source`, `to[i].operation` or `when[i]`: all its fields must match."""
+
+    path: str  # "from[0].source"
+    fields: tuple[FieldMatch, ...]
+
+    @property
+    def l7_fields(self) -> tuple[str, ...]:
+        return tuple(f"{self.path}.{f.name}" for f in self.fields if f.l7)
+
+
+@dataclass(frozen=True)
+class CompiledRule:
+    """`rules[index]`: every present clause must match; each of `from`/`to` is an OR of entries."""
+
+    index: int
+    sources: tuple[Entry, ...] | None  # None: no `from`, any source
+    operations: tuple[Entry, ...] | None  # None: no `to`, any operation
+    conditions: tuple[Entry, ...]  # `when`: all must match
+
+    @cached_property
+    def l7_fields(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for group in (self.sources or (), self.operations or (), self.conditions):
+            for e in group:
+                out.extend(e.l7_fields)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    kind: str  # "Service" | "Gateway"
+    namespace: str
+    name: str
+
+
+class _Named:
+    """The names every compiled policy answers to."""
+
+    namespace: str
+    name: str
+    kind: str
+
+    @property
+    def ref(self) -> str:
+        """`ns/name`, as decisions and logs name it."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def key(self) -> str:
+        """Same key as `PolicyObject.key`."""
+        return f"{self.kind}/{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CompiledAuthz(_Named):
+    """A valid AuthorizationPolicy, ready to evaluate."""
+
+    namespace: str
+    name: str
+    api_version: str
+    action: Action
+    match_labels: Mapping[str, str] | None = field(hash=False)  # None: no selector
+    target_refs: tuple[TargetRef, ...]
+    rules: tuple[CompiledRule, ...]
+    resource_version: str = ""
+
+    kind = "AuthorizationPolicy"
+
+
+@dataclass(frozen=True)
+class CompiledPeerAuthn(_Named):
+    """A valid PeerAuthentication."""
+
+    namespace: str
+    name: str
+    api_version: str
+    match_labels: Mapping[str, str] | None = field(hash=False)
+    mode: str  # one of MTLS_MODES
+    port_modes: Mapping[int, str] = field(hash=False)
+    resource_version: str = ""
+
+    kind = "PeerAuthentication"
+
+
+CompiledPolicy = CompiledAuthz | CompiledPeerAuthn
+
