@@ -31,7 +31,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ztunnel-cgroup", type=Path, help="the ztunnel's cgroup v2 dir (SO_ORIGINAL_DST answers)")
     p.add_argument("--admin", default="127.0.0.1:15010", help="admin HTTP listen address, '' to disable")
     p.add_argument("--state-feed", type=Path, metavar="SOCKET",
-                   help="serve the node's ztunnel its cluster state on this unix socket")
+                   help="serve the node's ztunnel its compiled snapshot on this unix socket")
+    p.add_argument("--state-dir", type=Path, metavar="DIR",
+                   help="where the node's last good policies are kept across restarts "
+                        "(default /var/lib/ambit/<node>; 'none' keeps them in memory only)")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--root-namespace", default="istio-system")
     p.set_defaults(func=run)
@@ -95,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         node=args.node, ztunnel_outbound=outbound, ztunnel_inbound=inbound, ztunnel_addresses=addrs,
         ztunnel_cgroup=zcg, admin=admin, trust_domain=args.trust_domain, root_namespace=args.root_namespace,
         feed_socket=args.state_feed,
+        state_dir=None if str(args.state_dir) == "none" else (args.state_dir or Path("/var/lib/ambit") / args.node),
     )
     annotator: Any = runtime if hasattr(runtime, "set_annotation") else None
     if annotator is None and args.cluster.startswith("kubernetes"):

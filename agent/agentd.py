@@ -1,25 +1,27 @@
-"""The node agent process: follows the cluster, reconciles this node's pods into
-the eBPF datapath, owns the loaded programs and maps, reads flow events, and
+"""The node agent process: follows the cluster, compiles the node's snapshot once,
+feeds it to the node's ztunnel, reconciles this node's pods into the eBPF datapath
+from the same snapshot, owns the loaded programs and maps, reads flow events, and
 serves a small admin API (/status, /pods, /flows, /bypass, /healthz). /flows joins
 the kernel's flow records with the ztunnel's connection records (agent.flowjoin),
 which the agent reads from the ztunnel's admin endpoint on the node's loopback.
 
-Reconciling is planned by `agent.enroll.plan` and executed here; every pass is
-idempotent, so a restarted agent converges by re-running it (attachments made
-by its predecessor are adopted by `Datapath`).
+Every snapshot is built from the previous one, so an invalid edit of a policy
+keeps its last good version; those versions are saved on the node
+(agent.lastgood) so that a restarted agent keeps them too. Reconciling is
+planned by `agent.enroll.plan` and executed here; every pass is idempotent, so a
+restarted agent converges by re-running it (attachments made by its
+predecessor are adopted by `Datapath`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent import AgentError
 from agent.bpf import Datapath, DropCounts
@@ -38,12 +40,14 @@ from agent.enroll import (
 from agent.feed import FeedServer
 from agent.flowjoin import join_flows
 from agent.flows import FlowTable
+from agent.lastgood import LastGood
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 from ambit.cluster import REDIRECTION, ClusterState, Pod
+from ambit.http import HttpServer, Response, Routes, get_json
+from ambit.policy import mtls_port_modes
+from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource
-
-if TYPE_CHECKING:
-    from ambit.snapshot import Snapshot
+from ambit.tasks import TaskSet
 
 log = logging.getLogger("ambit.agent")
 
@@ -62,8 +66,10 @@ class AgentConfig:
     root_namespace: str = "istio-system"
     node_netns: Path | None = None  # None: the agent already runs in the node's netns
     ztunnel_admin: tuple[str, int] = ("127.0.0.1", 15000)
-    # Where the agent serves its live feed of cluster state to the node's ztunnel (None: off).
+    # Where the agent serves its live feed of the node's snapshot to the ztunnel (None: off).
     feed_socket: Path | None = None
+    # Where the agent keeps the node's last good policies across restarts (None: in memory only).
+    state_dir: Path | None = None
 
 
 def kernel_mode(mode: str) -> str:
@@ -74,8 +80,6 @@ def kernel_mode(mode: str) -> str:
 
 def pod_modes(snap: Snapshot, pod: Pod) -> tuple[str, tuple[tuple[int, str], ...]]:
     """The pod's inbound plaintext mode for the kernel, and the ports that differ from it."""
-    from ambit.policy import mtls_port_modes
-
     w = snap.workload_by_ip(pod.ip) if pod.ip else None
     if w is None:
         return "PERMISSIVE", ()
@@ -95,9 +99,14 @@ class Agent:
     actual: dict[str, Actual] = field(default_factory=dict)
     retries: dict[str, str] = field(default_factory=dict)
     _state: ClusterState | None = None  # the newest cluster state taken from the source
+    # The node's compiled snapshot, and the cluster state it was built from: the one source
+    # of the ztunnel's config, the kernel's pod settings, `ambit policies` and `ambit status`.
+    snapshot: Snapshot | None = None
+    _snapshot_of: ClusterState | None = None
+    _lastgood: LastGood | None = None
     _pods: dict[str, Pod] = field(default_factory=dict)
     _ifaces: set[str] = field(default_factory=set)
-    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _tasks: TaskSet = field(default_factory=lambda: TaskSet("agent"))
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: bool = False
     ztunnel_conns: list[dict[str, Any]] = field(default_factory=list)
@@ -110,11 +119,33 @@ class Agent:
 
     # -- one reconcile pass ------------------------------------------------------
 
-    def desired(self, cluster: ClusterState) -> dict[str, Desired]:
-        from ambit.snapshot import build_snapshot
+    def update_snapshot(self, cluster: ClusterState) -> Snapshot:
+        """Compile the node's snapshot from `cluster` and the previous snapshot (invalid objects
+        keep their last good version) and save its policies on the node when they changed."""
+        cfg = self.config
+        if self.snapshot is None:
+            if cfg.state_dir is not None:
+                self._lastgood = LastGood(cfg.state_dir)
+                self.snapshot = self._lastgood.seed(cfg.node, cfg.trust_domain, cfg.root_namespace)
+            else:
+                self.snapshot = Snapshot.empty(cfg.node, cfg.trust_domain, cfg.root_namespace)
+        old_errors = set(self.snapshot.errors)
+        snap = build_snapshot(cluster, cfg.node, trust_domain=cfg.trust_domain,
+                              root_namespace=cfg.root_namespace, previous=self.snapshot)
+        for e in snap.errors:
+            if e not in old_errors:
+                log.error("policy/state error: %s", e)
+        if self._lastgood is not None:
+            try:
+                self._lastgood.save(snap)
+            except OSError as e:  # the snapshot still applies; only a later restart would lose it
+                log.error("cannot save the last good policies to %s: %s", self._lastgood.path, e)
+        self.snapshot, self._snapshot_of = snap, cluster
+        return snap
 
+    def desired(self, cluster: ClusterState) -> dict[str, Desired]:
+        snap = self.snapshot if self._snapshot_of is cluster and self.snapshot else self.update_snapshot(cluster)
         out: dict[str, Desired] = {}
-        snap: Snapshot | None = None  # built once per pass, and only when an enrolled pod has an IP
         for pod in cluster.pods_on_node(self.config.node):
             if pod.phase in ("Succeeded", "Failed"):
                 continue
@@ -122,13 +153,7 @@ class Agent:
             mode = "PERMISSIVE"
             port_modes: tuple[tuple[int, str], ...] = ()
             if enrolled and pod.ip:
-                try:
-                    if snap is None:
-                        snap = build_snapshot(cluster, self.config.node, trust_domain=self.config.trust_domain,
-                                              root_namespace=self.config.root_namespace)
-                    mode, port_modes = pod_modes(snap, pod)
-                except Exception as e:  # a policy bug must not stop redirection; PERMISSIVE still goes via 15006
-                    log.warning("%s: computing mTLS mode: %s", pod.key, e)
+                mode, port_modes = pod_modes(snap, pod)
             out[pod.key] = Desired(
                 key=pod.key,
                 ip=pod.ip,
@@ -216,26 +241,29 @@ class Agent:
 
     # -- the process -------------------------------------------------------------
 
-    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks[name] = asyncio.create_task(coro, name=name)
-
     async def run(self) -> None:
         self.datapath.set_config(self.config.ztunnel_outbound, self.config.ztunnel_inbound)
         self.datapath.set_ztunnel_addresses(self.config.ztunnel_addresses)
         if self.config.ztunnel_cgroup is not None:
             self.datapath.attach_ztunnel(self.config.ztunnel_cgroup)
         if self.config.feed_socket is not None:
-            self.feed = FeedServer(self.source, self.config.feed_socket, self.config.node)
-            await self.feed.start(follow=False)
-        self._spawn("agent-follow", self._follow())
-        self._spawn("agent-events", self._events())
-        self._spawn("agent-ztunnel-watch", self._watch_ztunnel())
+            # the first snapshot before serving it: the ztunnel never sees an empty one
+            first = self.update_snapshot(self.source.current())
+            self.feed = FeedServer(self.config.feed_socket, self.config.node, first)
+            await self.feed.start()
+        admin: HttpServer | None = None
         if self.config.admin:
-            server = await asyncio.start_server(self._admin, *self.config.admin)
-            self._spawn("agent-admin", self._serve(server))
+            admin = HttpServer("agent admin", self.admin_routes())
+            await admin.start(*self.config.admin)
         try:
-            await asyncio.gather(*self._tasks.values())
+            await asyncio.gather(
+                self._tasks.spawn("follow", self._follow()),
+                self._tasks.spawn("events", self._events()),
+                self._tasks.spawn("ztunnel-watch", self._watch_ztunnel()),
+            )
         finally:
+            if admin is not None:
+                await admin.close()
             await self.close()
 
     async def _follow(self) -> None:
@@ -247,7 +275,7 @@ class Agent:
                 latest.append(state)
                 self._wake.set()
 
-        self._spawn("agent-source", pull())
+        self._tasks.spawn("source", pull())
         while not self._stop:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RETRY_INTERVAL if self.retries else 30)
@@ -256,8 +284,9 @@ class Agent:
                 state = latest[-1]
                 latest.clear()
                 self._state = state
+                snap = self.update_snapshot(state)
                 if self.feed is not None:
-                    await self.feed.publish(state)
+                    await self.feed.publish(snap)
             if self._state is not None:
                 # Netlink and BPF syscalls block; pyroute2 also refuses to run inside a running loop.
                 await asyncio.to_thread(self.reconcile, self._state)
@@ -274,12 +303,12 @@ class Agent:
         host, port = self.config.ztunnel_admin
         while not self._stop:
             try:
-                status, ready = await http_get_json(host, port, "/healthz/ready")
+                status, ready = await get_json(host, port, "/healthz/ready")
                 info = ready if isinstance(ready, dict) else {}
                 self.ztunnel_ready = (status == 200, "" if status == 200 else str(info.get("reason", ready)))
                 self.ztunnel_serving = status == 200 or bool(info.get("serving"))
                 self.ztunnel_waiting = frozenset(str(i) for i in info.get("waiting_for_certificates") or ())
-                status, conns = await http_get_json(host, port, "/connections")
+                status, conns = await get_json(host, port, "/connections")
                 if status == 200:
                     items = conns.get("items", conns) if isinstance(conns, dict) else conns
                     self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
@@ -361,30 +390,27 @@ class Agent:
             return ""
         return f"spiffe://{self.config.trust_domain}/ns/{pod.namespace}/sa/{pod.service_account}"
 
-    async def _serve(self, server: asyncio.base_events.Server) -> None:
-        async with server:
-            await server.serve_forever()
+    def admin_routes(self) -> Routes:
+        def view(fn: Any) -> Any:
+            return lambda method, query: Response.json(fn())
 
-    def admin_view(self, path: str) -> tuple[int, Any]:
-        if path == "/healthz":
-            return 200, {"ok": True, "pods": len(self.actual), "retries": self.retries}
-        if path == "/pods":
-            return 200, [self._pod_view(k) for k in sorted(set(self.actual) | set(self.retries))]
-        if path == "/status":
-            return 200, self.status_view()
-        if path == "/flows":
-            return 200, {"items": self.joined_flows()}
-        if path == "/flows/kernel":
-            return 200, {"items": self.flows.snapshot()}
-        if path == "/bypass":
-            counts = self.datapath.drop_counts()
-            out = []
-            for key, a in sorted(self.actual.items()):
-                c = counts.get(a.cgroup_ids[0]) if a.cgroup_ids else None
-                out.append({"pod": key, "egress": c.egress if c else 0, "ingress": c.ingress if c else 0,
-                            "inbound_strict": c.inbound_strict if c else 0})
-            return 200, out
-        return 404, {"error": f"no such path {path}: try /status, /pods, /flows, /flows/kernel, /bypass, /healthz"}
+        return {
+            "/healthz": (("GET",), view(lambda: {"ok": True, "pods": len(self.actual), "retries": self.retries})),
+            "/pods": (("GET",), view(lambda: [self._pod_view(k) for k in sorted(set(self.actual) | set(self.retries))])),
+            "/status": (("GET",), view(self.status_view)),
+            "/flows": (("GET",), view(lambda: {"items": self.joined_flows()})),
+            "/flows/kernel": (("GET",), view(lambda: {"items": self.flows.snapshot()})),
+            "/bypass": (("GET",), view(self._bypass_view)),
+        }
+
+    def _bypass_view(self) -> list[dict[str, Any]]:
+        counts = self.datapath.drop_counts()
+        out = []
+        for key, a in sorted(self.actual.items()):
+            c = counts.get(a.cgroup_ids[0]) if a.cgroup_ids else None
+            out.append({"pod": key, "egress": c.egress if c else 0, "ingress": c.ingress if c else 0,
+                        "inbound_strict": c.inbound_strict if c else 0})
+        return out
 
     def _pod_view(self, key: str) -> dict[str, Any]:
         a = self.actual.get(key)
@@ -397,47 +423,11 @@ class Agent:
                         attached=a.attached and bool(attached) and all(attached.values()), programs=attached)
         return view
 
-    async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Four read-only JSON paths on the node's loopback do not justify a web framework.
-        try:
-            line = (await asyncio.wait_for(reader.readline(), 5)).decode(errors="replace").split()
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
-            status, body = (405, {"error": "GET only"}) if not line or line[0] != "GET" else self.admin_view(
-                line[1].split("?")[0])
-            data = json.dumps(body, indent=1).encode()
-            writer.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + data)
-            await writer.drain()
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-
     async def close(self) -> None:
         """Stop tasks and release handles; programs stay attached and maps pinned (fail closed)."""
         self._stop = True
-        for t in self._tasks.values():
-            t.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await self._tasks.close()
         if self.feed is not None:
             await self.feed.stop()
         self.source.close()
         self.datapath.close()
-
-
-async def http_get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
-    """GET a JSON document from a loopback admin endpoint (the ztunnel's); (status, body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1])
-    try:
-        return status, json.loads(body) if body else None
-    except ValueError:
-        return status, body.decode(errors="replace")

@@ -1,8 +1,10 @@
-"""The agent's live feed of cluster state to its node's ztunnel.
+"""The agent's live feed of its node's compiled snapshot to the node's ztunnel.
 
-Serves `ambit.feed.v1.StateFeed/Watch` over gRPC on a unix socket: a full
-snapshot first, then only what changed. The agent never imports ztunnel
-internals; this wire (ztunnel/proto/feed.proto) is the whole contract.
+Serves `ambit.feed.v1.StateFeed/Watch` over gRPC on a unix socket: the whole
+snapshot first, then only the parts that changed (ambit.wire.snapshot cuts it
+into objects). The agent compiled every policy in it once; the ztunnel decodes
+and never compiles again, so both enforce the same last good version of every
+object. This wire (ambit/wire/feed.proto) is the whole contract.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import Any
 
 import grpc
 
-from ambit.cluster import ClusterState
-from ambit.sources import ClusterSource
+from ambit.snapshot import Snapshot
 from ambit.wire import feed_pb2, feed_pb2_grpc
+from ambit.wire.snapshot import encode_snapshot
 
 log = logging.getLogger("ambit.agent.feed")
 
@@ -76,8 +78,8 @@ class _Servicer(feed_pb2_grpc.StateFeedServicer):  # type: ignore[misc]
             sent: Mapping[ObjectKey, Mapping[str, Any]] = {}
             version = 0
             while True:
-                state = self._server.state
-                objects = state.objects
+                snap = self._server.snapshot
+                objects = self._server.objects
                 if version == 0:
                     yield encode_update(1, True, objects, sorted(objects), [])
                     version = 1
@@ -87,40 +89,35 @@ class _Servicer(feed_pb2_grpc.StateFeedServicer):  # type: ignore[misc]
                         version += 1
                         yield encode_update(version, False, objects, upserts, removals)
                 sent = objects
-                await self._server.wait_for_change(state)
+                await self._server.wait_for_change(snap)
         finally:
             self._server.subscribers -= 1
             log.info("ztunnel of node %s left the state feed", peer)
 
 
 class FeedServer:
-    """Follows a ClusterSource and serves its state to ztunnels on `unix:<socket_path>`."""
+    """Serves the node's snapshot to its ztunnel on `unix:<socket_path>`; the agent publishes."""
 
-    def __init__(self, source: ClusterSource, socket_path: Path, node: str) -> None:
-        self.source = source
+    def __init__(self, socket_path: Path, node: str, snapshot: Snapshot) -> None:
         self.socket_path = Path(socket_path)
         self.node = node
-        self.state: ClusterState = source.current()
+        self.snapshot = snapshot
+        self.objects = encode_snapshot(snapshot)  # encoded once per snapshot, for every subscriber
         self.subscribers = 0
         self._changed = asyncio.Condition()
         self._server: grpc.aio.Server | None = None
-        self._follow: asyncio.Task[None] | None = None
 
-    async def wait_for_change(self, seen: ClusterState) -> None:
+    async def wait_for_change(self, seen: Snapshot) -> None:
         async with self._changed:
-            await self._changed.wait_for(lambda: self.state is not seen)
+            await self._changed.wait_for(lambda: self.snapshot is not seen)
 
-    async def publish(self, state: ClusterState) -> None:
+    async def publish(self, snapshot: Snapshot) -> None:
+        objects = encode_snapshot(snapshot)
         async with self._changed:
-            self.state = state
+            self.snapshot, self.objects = snapshot, objects
             self._changed.notify_all()
 
-    async def _follow_source(self) -> None:
-        async for state in self.source.changes():
-            await self.publish(state)
-
-    async def start(self, follow: bool = True) -> None:
-        """Serve; with `follow`, publish the source's states itself (else the owner calls publish)."""
+    async def start(self) -> None:
         self.socket_path.parent.mkdir(parents=True, exist_ok=True)
         if self.socket_path.exists():
             # A socket left by a previous agent of this node; nothing else binds here.
@@ -131,18 +128,9 @@ class FeedServer:
         await server.start()
         os.chmod(self.socket_path, 0o600)
         self._server = server
-        if follow:
-            self._follow = asyncio.create_task(self._follow_source(), name="feed-follow-source")
-        log.info("serving the state feed on unix:%s", self.socket_path)
+        log.info("serving the snapshot feed on unix:%s", self.socket_path)
 
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            try:
-                await self._follow
-            except asyncio.CancelledError:
-                pass
-            self._follow = None
         if self._server is not None:
             await self._server.stop(grace=0.5)
             self._server = None

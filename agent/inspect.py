@@ -10,7 +10,6 @@ non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import socket
 import sys
@@ -27,6 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from ambit.args import CliError
+from ambit.http import request_on
 
 AGENT_ADMIN_PORT = 15010
 ZTUNNEL_ADMIN_PORT = 15000
@@ -56,23 +56,16 @@ class NodeAdmin:
                 f"cannot reach the {what} admin endpoint on {self.label} "
                 f"({self.host}:{port}): {e.strerror or e}. Is the {what} running on this node?"
             ) from e
-        conn = http.client.HTTPConnection(self.host, port, timeout=self.timeout)
-        conn.sock = sock
         try:
-            conn.request("GET", path, headers={"Accept": "application/json"})
-            resp = conn.getresponse()
-            body = resp.read()
-        except (OSError, http.client.HTTPException) as e:
+            status, body = request_on(sock, self.host, "GET", path)
+        except (OSError, ValueError) as e:
             raise CliError(f"the {what} on {self.label} did not answer {path}: {e}") from e
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            detail = body.decode(errors="replace").strip()[:300]
-            raise CliError(f"the {what} on {self.label} answered {path} with {resp.status}: {detail}")
-        try:
-            return json.loads(body)
-        except ValueError as e:
-            raise CliError(f"the {what} on {self.label} sent invalid JSON for {path}: {e}") from e
+        if status >= 400:
+            detail = (body if isinstance(body, str) else json.dumps(body)).strip()[:300]
+            raise CliError(f"the {what} on {self.label} answered {path} with {status}: {detail}")
+        if isinstance(body, str):
+            raise CliError(f"the {what} on {self.label} sent invalid JSON for {path}: {body[:100]!r}")
+        return body
 
     def agent(self, path: str) -> Any:
         return self.get(AGENT_ADMIN_PORT, path, "agent")

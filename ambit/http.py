@@ -1,8 +1,12 @@
-"""The ztunnel's small HTTP endpoints: admin (15000), Prometheus metrics (15020), readiness (15021).
+"""The small HTTP/1.1 server and clients of every process's admin, metrics and readiness endpoints.
 
-A minimal asyncio HTTP/1.1 server (one request per connection, JSON bodies):
-the admin surface is tiny and local, and no HTTP server library is among the
-project's dependencies. Handlers are plain functions of (method, path, query).
+One module for all of them (the ztunnel's 15000/15020/15021, the agent's 15010,
+the waypoint's, and the CLI that reads them), over `h11` for the protocol: no
+hand-written parsing. Handlers are plain functions of (method, query) that
+return a `Response` (JSON by default); unknown paths answer 404 and wrong
+methods 405, both as JSON naming what exists; a handler that raises answers 500
+and never takes the process down. Bodies are small: requests are bounded at 64
+KiB and connections idle for 10 s are closed.
 """
 
 from __future__ import annotations
@@ -10,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("ambit.ztunnel.admin")
+import h11
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           408: "Request Timeout", 500: "Internal Server Error", 503: "Service Unavailable"}
+log = logging.getLogger("ambit.http")
+
+MAX_REQUEST = 64 * 1024
+IDLE_TIMEOUT = 10.0
 
 
 @dataclass
@@ -37,12 +44,13 @@ class Response:
 
 
 Handler = Callable[[str, dict[str, str]], Response | Awaitable[Response]]
+Routes = Mapping[str, tuple[tuple[str, ...], Handler]]
 
 
 class HttpServer:
     """Routes `path -> (methods, handler)`; anything else is 404/405 with a JSON error."""
 
-    def __init__(self, name: str, routes: Mapping[str, tuple[tuple[str, ...], Handler]]) -> None:
+    def __init__(self, name: str, routes: Routes) -> None:
         self.name = name
         self.routes = routes
         self.server: asyncio.Server | None = None
@@ -58,29 +66,51 @@ class HttpServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
         try:
-            try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-                return
-            resp = await self._dispatch(head)
-            writer.write(
-                f"HTTP/1.1 {resp.status} {REASONS.get(resp.status, 'Status')}\r\n"
-                f"Content-Type: {resp.content_type}\r\nContent-Length: {len(resp.body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + resp.body
-            )
-            await writer.drain()
-        except (ConnectionError, OSError):
+            while True:
+                req = await self._next_request(conn, reader)
+                if req is None:
+                    return
+                resp = await self.dispatch(req.method.decode("latin-1"), req.target.decode("latin-1"))
+                headers = [("content-type", resp.content_type), ("content-length", str(len(resp.body)))]
+                writer.write(conn.send(h11.Response(status_code=resp.status, headers=headers)) or b"")
+                writer.write(conn.send(h11.Data(data=resp.body)) or b"")
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                await writer.drain()
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, OSError, h11.LocalProtocolError):
             pass
         finally:
             writer.close()
 
-    async def _dispatch(self, head: bytes) -> Response:
-        try:
-            line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            method, target, _version = line.split(" ", 2)
-        except ValueError:
-            return Response.json({"error": "malformed request line"}, 400)
+    async def _next_request(self, conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Request | None:
+        """The next request with its (ignored) body read; None at EOF, timeout or a malformed one."""
+        req: h11.Request | None = None
+        while True:
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError:
+                return None
+            if ev is h11.NEED_DATA:
+                try:
+                    data = await asyncio.wait_for(reader.read(16384), IDLE_TIMEOUT)
+                except TimeoutError:
+                    return None
+                conn.receive_data(data)
+                if not data and req is None:
+                    return None
+                continue
+            if isinstance(ev, h11.Request):
+                req = ev
+            elif isinstance(ev, h11.EndOfMessage):
+                return req
+            elif isinstance(ev, h11.ConnectionClosed):
+                return None
+
+    async def dispatch(self, method: str, target: str) -> Response:
         url = urllib.parse.urlsplit(target)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         route = self.routes.get(url.path)
@@ -97,3 +127,75 @@ class HttpServer:
         except Exception as e:  # an admin bug must not take the process down
             log.exception("%s %s failed", self.name, url.path)
             return Response.json({"error": f"{type(e).__name__}: {e}"}, 500)
+
+
+# ---------------------------------------------------------------------------
+# clients
+
+
+def _request(host: str, method: str, path: str) -> tuple[h11.Connection, bytes]:
+    """A client connection that has sent one request, and the bytes to send."""
+    conn = h11.Connection(h11.CLIENT)
+    headers = [("host", host), ("accept", "application/json"), ("connection", "close")]
+    data = (conn.send(h11.Request(method=method, target=path, headers=headers)) or b"") + (
+        conn.send(h11.EndOfMessage()) or b"")
+    return conn, data
+
+
+def _parse(conn: h11.Connection, raw: bytes) -> tuple[int, bytes]:
+    """(status, body) of the whole response to `conn`'s request, read until the peer closed."""
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    status, body = 0, bytearray()
+    while True:
+        try:
+            ev = conn.next_event()
+        except h11.RemoteProtocolError as e:
+            raise ValueError(f"malformed HTTP response: {e}") from e
+        if isinstance(ev, h11.Response):
+            status = ev.status_code
+        elif isinstance(ev, h11.Data):
+            body += ev.data
+        elif isinstance(ev, h11.EndOfMessage | h11.ConnectionClosed) or ev is h11.NEED_DATA:
+            break
+    if not status:
+        raise ValueError("no HTTP response")
+    return status, bytes(body)
+
+
+def _json(status: int, body: bytes) -> tuple[int, Any]:
+    try:
+        return status, json.loads(body) if body else None
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+async def get_json(host: str, port: int, path: str, timeout: float = 2.0) -> tuple[int, Any]:
+    """GET a JSON document from an admin endpoint; (status, body, or its text if not JSON).
+    Raises OSError/TimeoutError when unreachable, ValueError on a malformed answer."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    conn, data = _request(host, "GET", path)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    return _json(*_parse(conn, raw))
+
+
+def request_on(sock: socket.socket, host: str, method: str, path: str) -> tuple[int, Any]:
+    """One blocking request on a connected socket (the CLI's, possibly opened in another netns);
+    (status, JSON body or its text). The socket is closed afterwards."""
+    conn, data = _request(host, method, path)
+    try:
+        sock.sendall(data)
+        raw = bytearray()
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            raw += data
+    finally:
+        sock.close()
+    return _json(*_parse(conn, bytes(raw)))

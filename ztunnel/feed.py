@@ -1,9 +1,11 @@
 """The ztunnel's side of the agent's live feed: a StateSource over gRPC on a unix socket.
 
 Applies the agent's full snapshot and then its changes to a local copy of the
-cluster objects, and hands each rebuilt state to the StateStore. Losing the
-agent never stops the ztunnel: the last state stays in force while it
-reconnects with jittered exponential backoff.
+snapshot's parts, decodes the compiled `Snapshot` (nothing is validated or
+compiled again: the agent did that once, for the ztunnel and the kernel alike)
+and publishes it to the StateStore. Losing the agent never stops the ztunnel:
+the last snapshot stays in force while it reconnects with jittered exponential
+backoff.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 
 import grpc
 
-from ambit.cluster import ClusterError, ClusterState, build_state
+from ambit.snapshot import Snapshot
 from ambit.wire import feed_pb2, feed_pb2_grpc
+from ambit.wire.snapshot import WireError, decode_snapshot
 
 log = logging.getLogger("ambit.ztunnel.feed")
 
@@ -74,10 +77,10 @@ class AgentFeedSource:
         self.description = f"agent-feed:unix:{self.socket_path}"
 
     async def run(self, store: Any) -> None:
-        """Follow the feed forever, calling `store.apply(ClusterState)` for each new state."""
-        await self.follow(store.apply)
+        """Follow the feed forever, publishing each new snapshot to `store`."""
+        await self.follow(store.publish)
 
-    async def follow(self, sink: Callable[[ClusterState], Any]) -> None:
+    async def follow(self, sink: Callable[[Snapshot], Any]) -> None:
         delay = self.min_backoff
         objects: dict[ObjectKey, dict[str, Any]] = {}
         have_snapshot = False
@@ -89,8 +92,10 @@ class AgentFeedSource:
                     async for update in call:
                         objects = apply_update(objects, update, have_snapshot)
                         have_snapshot = True
-                        state = build_state(objects.values())
-                        result = sink(state)
+                        snap = decode_snapshot(objects)
+                        if snap.node != self.node:
+                            raise WireError(f"the agent sent the snapshot of node {snap.node}, not {self.node}")
+                        result = sink(snap)
                         if asyncio.iscoroutine(result):
                             await result
                         self.updates_applied += 1
@@ -102,9 +107,9 @@ class AgentFeedSource:
                     raise ConnectionResetError("the agent ended the feed")
             except asyncio.CancelledError:
                 raise
-            except (grpc.aio.AioRpcError, FeedProtocolError, ClusterError, ConnectionResetError) as e:
+            except (grpc.aio.AioRpcError, FeedProtocolError, WireError, ConnectionResetError) as e:
                 detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                if isinstance(e, FeedProtocolError | ClusterError):
+                if isinstance(e, FeedProtocolError | WireError):
                     # Start over with a fresh snapshot on the next connection.
                     have_snapshot = False
                 msg = (

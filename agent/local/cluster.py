@@ -28,7 +28,15 @@ from agent.local import layout as L
 from agent.local import supervisor as sup
 from agent.local.layout import Layout
 from agent.local.store import Obj, Store, describe, object_key
-from ambit.cluster import KNOWN_KINDS, ClusterError, build_state, load_documents, parse_object
+from ambit.cluster import (
+    KNOWN_KINDS,
+    POLICY_KINDS,
+    ClusterError,
+    build_state,
+    load_documents,
+    parse_object,
+)
+from ambit.policy import PolicyError, compile_policy
 
 log = logging.getLogger("ambit.local")
 
@@ -337,6 +345,14 @@ def validate(layout: Layout, store: Store, objs: Sequence[Obj]) -> None:
                     raise LocalError(
                         f"{where}: {', '.join(changed)} cannot change on a live pod; delete the pod and apply it again"
                     )
+        if key[0] in POLICY_KINDS:
+            # Compiled as the agent will compile it: an invalid policy never reaches the cluster
+            # (where the last good version would stay in force and the edit be ignored).
+            try:
+                compile_policy(next(p for p in state.policies if p.kind == key[0] and p.meta.namespace == key[1]
+                                    and p.meta.name == key[2]))
+            except PolicyError as e:
+                raise LocalError(str(e)) from e
         if key[0] == "Service":
             cip = (o.get("spec") or {}).get("clusterIP")
             old = store.get(key)

@@ -266,7 +266,7 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                 argv=_ambit(
                     "agent", "run", "--node", n.name, "--cluster", cluster,
                     "--runtime", f"local:{layout.state}", "--bpf-dir", n.bpf_dir,
-                    "--state-feed", str(node_dir / "feed.sock"),
+                    "--state-feed", str(node_dir / "feed.sock"), "--state-dir", str(node_dir),
                 ),
                 cgroup=base / n.name / "_agent",
                 log=node_dir / "agent.log",

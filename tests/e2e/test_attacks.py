@@ -268,3 +268,76 @@ def test_same_node_permissive_plaintext_is_delivered(cluster: Cluster) -> None:
     recs = poll(lambda: c.records("node-a", direction="inbound_plaintext", dst_workload="mesh/local"), 5,
                 "node-a's inbound_plaintext record")
     assert recs[-1]["decision"] == "allow", recs[-1]
+
+
+def _status_row(c: Cluster, node: str, key: str) -> dict[str, Any]:
+    r = c.cli("status", "--node", node, "-o", "json", check=False)
+    if r.returncode not in (0, 4):
+        return {}
+    return next((p for p in json.loads(r.stdout)["pods"] if p["pod"] == key), {})
+
+
+def _policy_row(c: Cluster, node: str, name: str) -> dict[str, Any]:
+    r = c.cli("policies", "--node", node, "-o", "json", check=False)
+    if r.returncode != 0:
+        return {}
+    return next((p for p in json.loads(r.stdout)["items"] if p.get("name") == name), {})
+
+
+def test_strict_holds_through_an_invalid_edit_and_restarts(cluster: Cluster) -> None:
+    """Hole 4: after an invalid edit of a STRICT PeerAuthentication the kernel went PERMISSIVE
+    at once, and after a ztunnel (or agent) restart plaintext reached the pod."""
+    c = cluster
+    local_ip = c.ip("mesh/local")
+    def peer_authn(mode: str) -> dict[str, Any]:
+        return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": "strict-local", "namespace": "mesh"},
+                "spec": {"selector": {"matchLabels": {"app": "local"}}, "mtls": {"mode": mode}}}
+
+    strict = peer_authn("STRICT")
+    path = c.tmp / "strict-local.yaml"
+
+    def plaintext_refused() -> bool:
+        return not c.talk("plain/outsider", local_ip, PORT, "plaintext", timeout=1.5).ok
+
+    def strict_everywhere() -> bool:
+        row, pol = _status_row(c, "node-a", "mesh/local"), _policy_row(c, "node-a", "strict-local")
+        return row.get("mode") == "STRICT" and bool(row.get("maps_in_sync")) and pol.get("mode") == "STRICT"
+
+    try:
+        c.apply([strict], "strict-local.yaml")
+        poll(strict_everywhere, 15, "STRICT in the kernel and the ztunnel", interval=0.3)
+        assert plaintext_refused()
+        # `ambit local apply` refuses the typo itself ...
+        typo = peer_authn("STRCT")
+        r = c.local("apply", "-f", str(_write(c.tmp / "typo.yaml", typo)), check=False)
+        assert r.returncode != 0 and "spec.mtls.mode" in r.stderr, r
+        # ... so it reaches the cluster the way an API server without schema validation would store it
+        stored = c.state / "cluster" / "peerauthentication" / "mesh.strict-local.yaml"
+        tmp = stored.with_suffix(".tmp")
+        tmp.write_text(json.dumps(typo))
+        tmp.replace(stored)
+
+        def rejected() -> bool:
+            dump = c.cli_json("policies", "--node", "node-a")
+            return any("STRCT" in e for e in dump.get("errors", []))
+
+        poll(rejected, 15, "the invalid edit reported by node-a", interval=0.3)
+        assert strict_everywhere(), "the last good STRICT left the kernel or the ztunnel"
+        assert plaintext_refused()
+        for units in (["ztunnel"], ["agent"], ["agent", "ztunnel"]):
+            for unit in units:
+                c.local("restart", unit, "--node", "node-a")
+            poll(lambda: _status_row(c, "node-a", "mesh/local").get("redirected"), 30,
+                 f"mesh/local redirected after restarting {' and '.join(units)}", interval=0.3)
+            poll(strict_everywhere, 15, f"STRICT after restarting {' and '.join(units)}", interval=0.3)
+            assert plaintext_refused(), f"plaintext reached the STRICT pod after restarting {units}"
+        assert c.talk("mesh/client", local_ip, PORT, "mtls").ok, "mesh traffic must still flow"
+    finally:
+        c.local("delete", "-f", str(_write(path, strict)), "--ignore-not-found")
+    poll(lambda: not plaintext_refused(), 20, "plaintext to the PERMISSIVE pod again", interval=0.3)
+
+
+def _write(path: Path, obj: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(obj))
+    return path

@@ -1,4 +1,5 @@
-"""The agent -> ztunnel live feed over gRPC on a unix socket: snapshot, changes, agent restart."""
+"""The agent -> ztunnel live feed over gRPC on a unix socket: the compiled snapshot, its
+changes, an agent restart."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent.feed import FeedServer, diff_objects
-from ambit.cluster import ClusterState
-from ambit.sources import LocalDirSource
+from ambit.cluster import build_state, load_documents
+from ambit.snapshot import Snapshot, build_snapshot
 from ambit.wire import feed_pb2
 from ztunnel.feed import AgentFeedSource, FeedProtocolError, apply_update
 
@@ -22,6 +23,15 @@ def pod(name: str, ip: str, node: str = "node-a", labels: str = "{app: web}") ->
         f"---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {labels}}}\n"
         f"spec: {{nodeName: {node}, serviceAccountName: web}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
     )
+
+
+STRICT = ("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\n"
+          "metadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n")
+
+
+def compiled(text: str, previous: Snapshot | None = None, node: str = "node-a") -> Snapshot:
+    """What the agent builds and publishes for `node`."""
+    return build_snapshot(build_state(load_documents(text)), node, previous=previous)
 
 
 async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -44,36 +54,39 @@ def test_delta_before_snapshot_is_refused() -> None:
 
 
 async def test_snapshot_then_changes_then_agent_restart(tmp_path: Path) -> None:
-    cluster = tmp_path / "cluster"
-    cluster.mkdir()
-    (cluster / "a.yaml").write_text(NS + pod("web-0", "10.1.0.5"))
     sock = tmp_path / "agent.sock"
-    seen: list[ClusterState] = []
-
-    server = FeedServer(LocalDirSource(cluster), sock, node="node-a")
+    seen: list[Snapshot] = []
+    snap = compiled(NS + pod("web-0", "10.1.0.5") + STRICT)
+    server = FeedServer(sock, "node-a", snap)
     await server.start()
     feed = AgentFeedSource(sock, "node-a", min_backoff=0.05, max_backoff=0.2)
     follower = asyncio.create_task(feed.follow(seen.append), name="test-feed")
     try:
-        await until(lambda: bool(seen) and ("shop", "web-0") in seen[-1].pods)
-        assert feed.connected and seen[-1].is_enrolled(seen[-1].pods[("shop", "web-0")])
+        await until(lambda: bool(seen) and seen[-1].workload_by_ip("10.1.0.5") is not None)
+        got = seen[-1]
+        assert feed.connected and got.workload_by_ip("10.1.0.5").enrolled  # type: ignore[union-attr]
+        # the compiled policies arrive as compiled, equal to the agent's
+        assert got.policies == snap.policies and got.version == snap.version
 
-        # a change: one pod added, the other relabelled out of the mesh
-        (cluster / "a.yaml").write_text(
-            NS + pod("web-0", "10.1.0.5", labels="{ambit.dev/dataplane-mode: none}") + pod("web-1", "10.1.0.6")
-        )
-        await until(lambda: ("shop", "web-1") in seen[-1].pods)
-        st = seen[-1]
-        assert not st.is_enrolled(st.pods[("shop", "web-0")])
+        # a change: one pod added, the other relabelled out of the mesh; an invalid edit of the
+        # PeerAuthentication keeps its last good version, and the ztunnel gets exactly that
+        bad = STRICT.replace("mode: STRICT", "mode: STRCT")
+        snap = compiled(NS + pod("web-0", "10.1.0.5", labels="{ambit.dev/dataplane-mode: none}")
+                        + pod("web-1", "10.1.0.6") + bad, previous=snap)
+        await server.publish(snap)
+        await until(lambda: seen[-1].workload_by_ip("10.1.0.6") is not None)
+        got = seen[-1]
+        assert not got.workload_by_ip("10.1.0.5").enrolled  # type: ignore[union-attr]
+        assert got.policies.by_key["PeerAuthentication/shop/strict"].mode == "STRICT"  # type: ignore[union-attr]
+        assert got.errors == snap.errors and any("STRCT" in e for e in got.errors)
 
-        # the agent goes away: the ztunnel keeps the last state and reconnects
+        # the agent goes away: the ztunnel keeps the last snapshot and reconnects
         await server.stop()
         await until(lambda: not feed.connected)
-        assert ("shop", "web-1") in seen[-1].pods and feed.last_error
-        (cluster / "a.yaml").write_text(NS + pod("web-1", "10.1.0.6"))
-        server = FeedServer(LocalDirSource(cluster), sock, node="node-a")
+        assert seen[-1].workload_by_ip("10.1.0.6") is not None and feed.last_error
+        server = FeedServer(sock, "node-a", compiled(NS + pod("web-1", "10.1.0.6")))
         await server.start()
-        await until(lambda: feed.connected and ("shop", "web-0") not in seen[-1].pods)
+        await until(lambda: feed.connected and seen[-1].workload_by_ip("10.1.0.5") is None)
     finally:
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
@@ -82,9 +95,7 @@ async def test_snapshot_then_changes_then_agent_restart(tmp_path: Path) -> None:
 
 
 async def test_wrong_node_is_refused(tmp_path: Path) -> None:
-    cluster = tmp_path / "cluster"
-    cluster.mkdir()
-    server = FeedServer(LocalDirSource(cluster), tmp_path / "s.sock", node="node-a")
+    server = FeedServer(tmp_path / "s.sock", "node-a", compiled(NS))
     await server.start()
     feed = AgentFeedSource(tmp_path / "s.sock", "node-b", min_backoff=0.05)
     task = asyncio.create_task(feed.follow(lambda s: None), name="test-feed-wrong-node")

@@ -3,11 +3,15 @@ annotate, STRICT from PeerAuthentication, unenroll by pod label; admin views."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 from agent.agentd import Agent, AgentConfig
 from agent.enroll import Annotate
 from ambit.cluster import ClusterState, Pod, build_state, load_documents
+from ambit.http import HttpServer
 from ambit.sources import LocalDirSource
 from tests.netns.test_bpf import CLIENT, GW2, NODE_IP, POD_IP, Env, env  # noqa: F401  (fixture)
 
@@ -62,6 +66,51 @@ def state(labels: str = "", extra: str = "") -> ClusterState:
     return build_state(load_documents(DOCS.replace("POD_LABELS", labels) + extra))
 
 
+def admin(agent: Agent, path: str) -> tuple[int, Any]:
+    """GET `path` from the agent's admin routes (the HTTP server's own dispatch, no socket)."""
+    resp = asyncio.run(HttpServer("agent admin", agent.admin_routes()).dispatch("GET", path))
+    return resp.status, json.loads(resp.body)
+
+
+STRICT_TYPO = STRICT.replace("mode: STRICT", "mode: STRCT")
+
+
+def test_last_good_strict_survives_an_invalid_edit_and_an_agent_restart(env: Env, tmp_path: Path) -> None:  # noqa: F811
+    """Issue 8, hole 4: an invalid edit of a STRICT PeerAuthentication keeps STRICT in the
+    kernel, also in a restarted agent (the last good policies are saved on the node)."""
+    cfg = AgentConfig(node="n1", ztunnel_outbound=(NODE_IP, 15001), ztunnel_inbound=(NODE_IP, 15006),
+                      ztunnel_addresses=[NODE_IP, GW2], ztunnel_cgroup=env.cg["ztunnel"],
+                      node_netns=Path("/run/netns") / env.ns["node"], state_dir=tmp_path / "node")
+
+    def new_agent() -> Agent:
+        return Agent(source=LocalDirSource(tmp_path), runtime=FixtureRuntime(env), annotator=Annotations(),
+                     datapath=env.dp, config=cfg)
+
+    def kernel_mode(agent: Agent) -> str:
+        return str(env.dp.pods()[agent.actual["shop/web"].cgroup_ids[0]]["mode"])
+
+    first = new_agent()
+    try:
+        first.reconcile(state(extra=STRICT))
+        assert kernel_mode(first) == "STRICT"
+        first.reconcile(state(extra=STRICT_TYPO))
+        assert kernel_mode(first) == "STRICT", "an invalid edit must keep the last good STRICT"
+        assert first.snapshot is not None and any("STRCT" in e for e in first.snapshot.errors)
+        # a restarted agent (same node, same state dir) sees only the invalid object
+        second = new_agent()
+        second.reconcile(state(extra=STRICT_TYPO))
+        assert kernel_mode(second) == "STRICT", "the restarted agent forgot the last good version"
+        assert second.snapshot is not None
+        assert "PeerAuthentication/shop/strict" in second.snapshot.policies.by_key
+        # a valid edit replaces it, and a deletion removes it
+        second.reconcile(state(extra=STRICT.replace("STRICT", "PERMISSIVE")))
+        assert kernel_mode(second) == "PERMISSIVE"
+        second.reconcile(state())
+        assert second.snapshot is not None and not second.snapshot.policies.peer_authn
+    finally:
+        env.dp.set_pod(env.cg["pod"], POD_IP, enrolled=False)
+
+
 def test_agent_reconcile(env: Env, tmp_path: Path) -> None:  # noqa: F811
     ann = Annotations()
     cfg = AgentConfig(node="n1", ztunnel_outbound=(NODE_IP, 15001), ztunnel_inbound=(NODE_IP, 15006),
@@ -76,7 +125,7 @@ def test_agent_reconcile(env: Env, tmp_path: Path) -> None:  # noqa: F811
         assert client.ask("tcp 10.77.9.9 8080").startswith("ORIG 10.77.9.9:8080")
         # idempotent: the second pass only repeats the annotation (the in-memory annotator does not change the YAML)
         assert agent.reconcile(state()) == [Annotate("shop/web", "enabled")]
-        assert agent.admin_view("/pods")[1][0]["attached"] is True
+        assert admin(agent, "/pods")[1][0]["attached"] is True
         agent.reconcile(state(extra=STRICT))
         assert agent.actual["shop/web"].mode == "STRICT"
         assert env.dp.pods()[agent.actual["shop/web"].cgroup_ids[0]]["mode"] == "STRICT"
@@ -84,7 +133,7 @@ def test_agent_reconcile(env: Env, tmp_path: Path) -> None:  # noqa: F811
         assert "shop/web" not in agent.actual
         assert not any(env.dp.pod_attached(env.cg["pod"]).values())
         assert client.ask(f"tcp {NODE_IP} 8080").startswith("APP")
-        assert agent.admin_view("/nope")[0] == 404
+        assert admin(agent, "/nope")[0] == 404
     finally:
         client.stop()
         env.procs.remove(client)

@@ -213,6 +213,18 @@ def test_bad_input_is_refused_with_the_field(cluster: L.Layout, tmp_path: Path) 
              "spec": {"clusterIP": "10.1.2.3", "ports": [{"port": 80}]}},
             r"Service bad/s: spec.clusterIP 10.1.2.3 is outside",
         ),
+        # a policy is compiled as the agent would: an invalid one never reaches the cluster
+        (
+            {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+             "metadata": {"name": "strict", "namespace": "bad"}, "spec": {"mtls": {"mode": "STRCT"}}},
+            r"PeerAuthentication bad/strict: spec.mtls.mode: .*STRICT",
+        ),
+        (
+            {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+             "metadata": {"name": "ips", "namespace": "bad"},
+             "spec": {"rules": [{"from": [{"source": {"ipBlocks": ["10.0.0.300/8"]}}]}]}},
+            r"AuthorizationPolicy bad/ips: spec.rules\[0\].from\[0\].source.ipBlocks\[0\]",
+        ),
     ]
     for i, (obj, msg) in enumerate(cases):
         m = write_manifest(tmp_path / f"bad{i}.yaml", ns, obj)
