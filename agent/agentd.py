@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import AgentError
-from agent.bpf import Datapath, DropCounts
+from agent.bpf import Datapath, DropCounts, cgroup_id
 from agent.enroll import (
     Action,
     Actual,
@@ -33,8 +33,11 @@ from agent.enroll import (
     Desired,
     Detach,
     Forget,
+    KernelPod,
     Retry,
     WriteSettings,
+    adopt,
+    orphans,
     plan,
 )
 from agent.feed import FeedServer
@@ -103,6 +106,7 @@ class Agent:
     # of the ztunnel's config, the kernel's pod settings, `ambit policies` and `ambit status`.
     snapshot: Snapshot | None = None
     _snapshot_of: ClusterState | None = None
+    _adopted: bool = False  # the kernel's state of the node's pods was read (first pass)
     _lastgood: LastGood | None = None
     _pods: dict[str, Pod] = field(default_factory=dict)
     _ifaces: set[str] = field(default_factory=set)
@@ -171,14 +175,59 @@ class Agent:
         # every failure is shown in /status and retried on the short interval.
         self.retries = {}
         self._attach_interfaces()
-        actions = plan(self.desired(cluster), self.actual)
+        desired = self.desired(cluster)
+        if not self._adopted:
+            # first pass of this agent: start from what the kernel holds (an earlier agent's work)
+            with contextlib.suppress(AgentError):
+                for key, a in adopt(desired, self._cgroup_ids(desired), self._kernel_pods(desired)).items():
+                    self.actual.setdefault(key, a)
+                self._adopted = True
+        actions = plan(desired, self.actual)
         for act in actions:
-            try:
-                self._execute(act)
-            except AgentError as e:
-                log.warning("%s: %s", act.key, e)
-                self.retries[act.key] = str(e)
-        return actions
+            self._run(act)
+        try:
+            gc = orphans(self.actual, self.datapath.pods(), self.datapath.pod_ips())
+        except AgentError as e:
+            log.warning("reading the kernel's pod maps: %s", e)
+            gc = []
+        for act in gc:
+            log.info("forgetting a kernel entry of a pod that is gone: %s", act.key)
+            self._run(act)
+        return [*actions, *gc]
+
+    def _run(self, act: Action) -> None:
+        try:
+            self._execute(act)
+        except AgentError as e:
+            log.warning("%s: %s", act.key, e)
+            self.retries[act.key] = str(e)
+
+    def _cgroup_ids(self, desired: dict[str, Desired]) -> dict[str, int]:
+        out = {}
+        for key, d in desired.items():
+            if d.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    out[key] = cgroup_id(d.cgroup)
+        return out
+
+    def _kernel_pods(self, desired: dict[str, Desired]) -> dict[int, KernelPod]:
+        """The kernel's entries for the desired pods' cgroups (attachments checked per pod)."""
+        ids = self._cgroup_ids(desired)
+        paths = {ids[k]: d.cgroup for k, d in desired.items() if k in ids and d.cgroup is not None}
+        ip_of = {cid: ip for ip, cid in self.datapath.pod_ips().items()}
+        out = {}
+        for cid, k in self.datapath.pods().items():
+            path = paths.get(cid)
+            if path is None or k["pod_cgroup_id"] != cid:
+                continue
+            ip = ip_of.get(cid)
+            attached = self.datapath.pod_attached(path)
+            out[cid] = KernelPod(
+                cgroup_id=cid, enrolled=k["enrolled"], mode=k["mode"], port_exceptions=tuple(k["port_exceptions"]),
+                ip=ip, port_modes=tuple(sorted(self.datapath.port_modes(ip).items())) if ip else (),
+                attached=bool(attached) and all(attached.values()),
+            )
+        return out
 
     def _attach_interfaces(self) -> None:
         wanted = list(self.runtime.node_interfaces())

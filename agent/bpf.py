@@ -524,6 +524,10 @@ class Datapath:
             }
         return out
 
+    def pod_ips(self) -> dict[str, int]:
+        """Pod IP -> the pod's cgroup id, as TC sees them."""
+        return {be32_to_ip(int(k.value)): int(v.cgroup_id) for k, v in self._table("ambit_pod_ips").items()}
+
     def drop_counts(self) -> dict[int, DropCounts]:
         """Per pod cgroup id: TCP packets dropped because they bypassed the ztunnel."""
         return {

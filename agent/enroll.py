@@ -7,11 +7,17 @@ result yields no actions (idempotent). Ordering keeps the no-plaintext rule:
 on enrollment the settings are written, then the programs attached, then the
 pod annotated; on unenrollment the `enrolled` flag is cleared first (effect
 stops at once), then programs detached, settings forgotten, annotation removed.
+
+The actual state outlives the agent (pinned maps, attached programs), so a
+restarted agent first `adopt`s what the kernel holds for the node's pods, and
+every pass forgets `orphans`: kernel entries of pods that no longer exist
+(deleted while no agent ran, or while one was killed mid-pass). A stale entry
+would otherwise keep an address enrolled that a new pod may be given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,4 +147,44 @@ def _unenroll(key: str, a: Actual | None, d: Desired | None) -> list[Action]:
         out.append(Forget(key, a.cgroup_ids, a.ip))
     if d is not None and d.annotated:
         out.append(Annotate(key, None))
+    return out
+
+
+@dataclass(frozen=True)
+class KernelPod:
+    """What the kernel maps hold for one pod cgroup (written by this agent or an earlier one)."""
+
+    cgroup_id: int
+    enrolled: bool
+    mode: str
+    port_exceptions: tuple[int, ...]
+    ip: str | None
+    port_modes: tuple[tuple[int, str], ...]
+    attached: bool
+
+
+def adopt(desired: Mapping[str, Desired], cgroup_ids: Mapping[str, int],
+          kernel: Mapping[int, KernelPod]) -> dict[str, Actual]:
+    """The actual state of the node's pods as the kernel holds it: what a restarted agent
+    starts from, so that `plan` unenrolls a pod whose label went while no agent ran."""
+    out: dict[str, Actual] = {}
+    for key, d in desired.items():
+        cid = cgroup_ids.get(key)
+        k = kernel.get(cid) if cid is not None else None
+        if d.cgroup is None or k is None:
+            continue
+        out[key] = Actual(key=key, cgroup=d.cgroup, cgroup_ids=(k.cgroup_id,), ip=k.ip, attached=k.attached,
+                          enrolled=k.enrolled, mode=k.mode, port_exceptions=k.port_exceptions,
+                          port_modes=k.port_modes)
+    return out
+
+
+def orphans(actual: Mapping[str, Actual], kernel_cgroup_ids: Iterable[int],
+            kernel_ips: Mapping[str, int]) -> list[Forget]:
+    """Kernel entries that belong to no pod the agent knows: forget them."""
+    known_ids = {cid for a in actual.values() for cid in a.cgroup_ids}
+    known_ips = {a.ip for a in actual.values() if a.ip}
+    out = [Forget(f"orphan/cgroup-{cid}", (cid,), None) for cid in sorted(set(kernel_cgroup_ids) - known_ids)]
+    # an address alone: its cgroup may be a known pod's whose address changed
+    out += [Forget(f"orphan/{ip}", (), ip) for ip in sorted(set(kernel_ips) - known_ips)]
     return out

@@ -14,8 +14,11 @@ from agent.enroll import (
     Desired,
     Detach,
     Forget,
+    KernelPod,
     Retry,
     WriteSettings,
+    adopt,
+    orphans,
     plan,
 )
 
@@ -83,3 +86,36 @@ def test_many_pods_sorted_and_independent() -> None:
     desired = {"b/x": d(key="b/x", annotated=True), "a/y": d(key="a/y", cgroup=None)}
     actual = {"b/x": a(key="b/x")}
     assert plan(desired, actual) == [Retry("a/y", "the pod's cgroup does not exist yet")]
+
+
+def kp(**kw: object) -> KernelPod:
+    base: dict[str, object] = dict(cgroup_id=7, enrolled=True, mode="STRICT", port_exceptions=(), ip="10.1.0.2",
+                                   port_modes=((8080, "PERMISSIVE"),), attached=True)
+    base.update(kw)
+    return KernelPod(**base)  # type: ignore[arg-type]
+
+
+def test_a_restarted_agent_adopts_the_kernels_state() -> None:
+    got = adopt({"ns/p": d()}, {"ns/p": 7}, {7: kp()})
+    assert got == {"ns/p": a(mode="STRICT", port_modes=((8080, "PERMISSIVE"),))}
+    # nothing to adopt: no cgroup yet, no kernel entry, or another cgroup's entry
+    assert adopt({"ns/p": d(cgroup=None)}, {}, {7: kp()}) == {}
+    assert adopt({"ns/p": d()}, {"ns/p": 8}, {7: kp()}) == {}
+
+
+def test_a_label_removed_while_no_agent_ran_is_unenrolled_after_adoption() -> None:
+    actual = adopt({"ns/p": d(enrolled=False)}, {"ns/p": 7}, {7: kp()})
+    acts = plan({"ns/p": d(enrolled=False)}, actual)
+    assert acts[0] == WriteSettings("ns/p", CG, "10.1.0.2", False, "STRICT", (), ((8080, "PERMISSIVE"),))
+    assert Detach("ns/p", CG) in acts and Forget("ns/p", (7,), "10.1.0.2") in acts
+
+
+def test_orphans_are_kernel_entries_of_pods_that_are_gone() -> None:
+    actual = {"ns/p": a()}
+    # a pod deleted while no agent ran: its cgroup entry and its address
+    assert orphans(actual, [7, 9], {"10.1.0.2": 7, "10.1.0.9": 9}) == [
+        Forget("orphan/cgroup-9", (9,), None), Forget("orphan/10.1.0.9", (), "10.1.0.9")]
+    # a live pod whose address changed: the old address goes, never the live pod's cgroup entry
+    assert orphans({"ns/p": a(ip="10.1.0.3")}, [7], {"10.1.0.2": 7, "10.1.0.3": 7}) == [
+        Forget("orphan/10.1.0.2", (), "10.1.0.2")]
+    assert orphans(actual, [7], {"10.1.0.2": 7}) == []
