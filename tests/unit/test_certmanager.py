@@ -92,8 +92,8 @@ async def test_renews_at_half_life_with_a_new_key(ca: FakeCa, clock: Clock) -> N
     first = m.current(A)
     assert first is not None
     assert nxt == pytest.approx(first.renewal_time())
-    # The CA backdates notBefore by 5 minutes; half-life is measured on the validity window.
-    half = first.not_before.timestamp() + (first.not_after.timestamp() - first.not_before.timestamp()) / 2
+    # The CA backdates notBefore by 5 minutes; half-life is measured from receipt.
+    half = T0 + (first.not_after.timestamp() - T0) / 2
     assert first.renewal_time() == pytest.approx(half)
     clock.now = half - 1
     await m.run_once()
@@ -259,3 +259,17 @@ async def _advance(clock: Clock, slept: list[float], delay: float) -> None:
     slept.append(delay)
     clock.now += delay
     await asyncio.sleep(0)
+
+
+async def test_a_short_ttl_renews_at_half_of_what_is_left_not_at_once(ca: FakeCa, clock: Clock) -> None:
+    """A 60 s certificate backdated by 5 minutes: half of its own validity window lies in the
+    past, which made the manager renew it again and again. Half of what is left: 30 s."""
+    m = CertManager(ca, clock=clock, ttl_seconds=60, rng=random.Random(1), bundle=ca.material.bundle)
+    m.track([A])
+    nxt = await m.run_once()
+    cert = m.current(A)
+    assert cert is not None and cert.not_before.timestamp() < T0 - 200
+    assert nxt == pytest.approx(T0 + 30)
+    await m.run_once()
+    assert len(ca.calls) == 1, "renewed before its time"
+    await m.close()

@@ -62,6 +62,10 @@ class WorkloadCert:
     identity: SpiffeId
     key: ec.EllipticCurvePrivateKey
     chain: tuple[x509.Certificate, ...]
+    # When it was received (epoch s; None: its notBefore). CAs backdate notBefore against clock
+    # skew (ambit's by 5 minutes), so half of the certificate's own lifetime can lie in the past
+    # for a short TTL: renewal is timed from receipt instead.
+    issued_at: float | None = None
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -80,9 +84,11 @@ class WorkloadCert:
         return self.leaf.serial_number
 
     def renewal_time(self) -> float:
-        """Epoch seconds at half of the lifetime."""
-        nb, na = self.not_before.timestamp(), self.not_after.timestamp()
-        return float(nb + (na - nb) / 2)
+        """Epoch seconds at half of the lifetime left when it was received."""
+        na = self.not_after.timestamp()
+        start = self.issued_at if self.issued_at is not None else self.not_before.timestamp()
+        start = min(max(start, self.not_before.timestamp()), na)
+        return float(start + (na - start) / 2)
 
     def valid_at(self, now: float) -> bool:
         return self.not_before.timestamp() <= now < self.not_after.timestamp()
@@ -144,7 +150,7 @@ def parse_issued(
     got = verify_svid(chain, bundle, when) if bundle else check_leaf(leaf)
     if got != identity:
         raise SvidError(f"CA issued {got} when asked for {identity}")
-    return WorkloadCert(identity, key, tuple(chain))
+    return WorkloadCert(identity, key, tuple(chain), issued_at=now)
 
 
 @dataclass
