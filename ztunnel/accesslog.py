@@ -28,6 +28,7 @@ def entry(rec: ConnRecord) -> dict[str, Any]:
         "dst_service": rec.dst_service,
         "src_identity": rec.src_identity,
         "dst_identity": rec.dst_identity,
+        "src_cert_serial": rec.src_cert_serial,
         "mtls": rec.mtls,
         "route": rec.route,
         "decision": rec.decision,

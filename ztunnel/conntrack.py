@@ -45,6 +45,9 @@ class ConnRecord:
     dst_workload: str | None = None
     src_identity: str | None = None
     dst_identity: str | None = None
+    # hex serial of the certificate that proved the source identity (inbound HBONE), or that the
+    # ztunnel presented for it (outbound): which certificate authenticated this connection
+    src_cert_serial: str | None = None
     dst_service: str | None = None  # "ns/name" when dialed through a service VIP
     # The local end of the ztunnel's own connection to the destination: the key by
     # which the agent joins this record with the kernel's (sock_ops) view of the flow.
@@ -82,6 +85,7 @@ class ConnRecord:
             "dst_workload": self.dst_workload,
             "src_identity": self.src_identity,
             "dst_identity": self.dst_identity,
+            "src_cert_serial": self.src_cert_serial,
             "dst_service": self.dst_service,
             "upstream_local": self.upstream_local,
             "mtls": self.mtls,

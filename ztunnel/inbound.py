@@ -15,6 +15,8 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from cryptography import x509
+
 from ambit.policy import ConnectionFacts, Decision, authorize
 from ambit.spiffe import SpiffeId
 from ambit.svid import SvidError
@@ -212,6 +214,7 @@ class Inbound:
         rec = local_record(
             ctx, INBOUND, peer_ip, peer_port, req.host, req.port,
             src_identity=str(conn.identity) if conn.identity else None, mtls=True, route="hbone",
+            src_cert_serial=conn.peer_cert_serial,
             client_ip=req.forwarded_for,
         )
         snap = ctx.snapshot()
@@ -319,6 +322,7 @@ class InboundConnection(HboneProtocol):
         self.inbound = inbound
         self.identity: SpiffeId | None = None
         self.tls_identity: SpiffeId | None = None
+        self.peer_cert_serial: str | None = None
         self.peer: tuple[str, int] = ("-", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -330,6 +334,8 @@ class InboundConnection(HboneProtocol):
             if ssl_obj is None:
                 raise SvidError("the connection is not TLS")
             self.identity = peer_identity(ssl_obj, self.inbound.ctx.bundle)
+            der = ssl_obj.getpeercert(binary_form=True)
+            self.peer_cert_serial = f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else None
         except SvidError as e:
             log.warning("%s: rejected peer certificate: %s", self.label, e)
             self.inbound.ctx.metrics.refuse("peer_certificate")

@@ -328,6 +328,7 @@ class Outbound:
             fail(socks5.GENERAL_FAILURE, "cert_not_ready", f"no certificate for the source: {e}", "UAEX")
             return
         assert plan.node_address is not None
+        rec.src_cert_serial = f"{cert.serial:x}"
         port = ctx.config.hbone_port_for(plan.node_address)
         try:
             up_leg = await self.pool.open_stream(cert, plan.dst.identity, plan.node_address, port,

@@ -4,7 +4,10 @@ One dial in flight per key (concurrent requests await it); a connection takes
 streams until the client's concurrent-stream limit, then a second one is
 dialed; a connection with no streams is closed after an idle timeout; a dead
 or GOAWAY'd connection leaves the pool at once, its streams fail (their
-clients see a reset) and the next request dials anew.
+clients see a reset) and the next request dials anew. When the source's
+certificate is renewed, connections made with the old one take no new streams
+(new ones are dialed with the new certificate) and close once their last
+stream ends: rotation never resets an established connection.
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ class PoolError(Exception):
 class ClientConnection(HboneProtocol):
     """One pooled HBONE client connection."""
 
-    def __init__(self, pool: Pool, key: PoolKey) -> None:
+    def __init__(self, pool: Pool, key: PoolKey, cert_serial: int) -> None:
         super().__init__(HboneClient(pool.ctx.hbone, asyncio.get_running_loop().time()),
                          f"HBONE {key[0]} -> {key[1]} at {key[2]}:{key[3]}")
         self.pool = pool
         self.key = key
+        self.cert_serial = cert_serial  # of the source certificate this connection was made with
         self.usable = True
         self.total_streams = 0
         self._idle: asyncio.TimerHandle | None = None
@@ -72,6 +76,9 @@ class ClientConnection(HboneProtocol):
         return leg
 
     def stream_forgotten(self) -> None:
+        if not self.streams and not self.closed and not self.usable:
+            self._idle_close()  # retired (its certificate was renewed): nothing left to carry
+            return
         if not self.streams and not self.closed and self._idle is None:
             self._idle = self.loop.call_later(self.pool.ctx.config.timeouts.pool_idle, self._idle_close)
 
@@ -129,7 +136,10 @@ class Pool:
 
     async def _get(self, cert: WorkloadCert, key: PoolKey) -> ClientConnection:
         while True:
-            for c in self.conns.get(key, ()):
+            for c in list(self.conns.get(key, ())):
+                if c.cert_serial != cert.serial:
+                    self._retire(c)
+                    continue
                 if c.can_open():
                     return c
             fut = self._dialing.get(key)
@@ -162,6 +172,14 @@ class Pool:
                 return conn
             # full already (others took the slots): look again, maybe dial another
 
+    def _retire(self, c: ClientConnection) -> None:
+        """No new streams on a connection made with a certificate since renewed; its streams go on."""
+        if c.usable:
+            c.usable = False
+            log.info("%s: certificate renewed, new streams go to a new connection", c.label)
+        if not c.streams and not c.closed:
+            c.stream_forgotten()
+
     async def _dial(self, cert: WorkloadCert, key: PoolKey) -> ClientConnection:
         _, dst_id, host, port = key
         loop = asyncio.get_running_loop()
@@ -172,7 +190,7 @@ class Pool:
         local = (hb.host, 0) if hb is not None and hb.host not in ("0.0.0.0", "::") else None
         try:
             transport, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: ClientConnection(self, key), host, port,
+                loop.create_connection(lambda: ClientConnection(self, key, cert.serial), host, port,
                                        ssl=self._client_ctx(cert), server_hostname=sni_for(dst_id),
                                        ssl_handshake_timeout=timeout, local_addr=local),
                 timeout,
@@ -228,7 +246,8 @@ class Pool:
         return {
             "connections": [
                 {"source": str(k[0]), "destination": str(k[1]), "address": f"{k[2]}:{k[3]}",
-                 "streams": len(c.streams), "total_streams": c.total_streams, "closed": c.closed}
+                 "streams": len(c.streams), "total_streams": c.total_streams, "closed": c.closed,
+                 "cert_serial": f"{c.cert_serial:x}", "usable": c.usable}
                 for k, lst in self.conns.items() for c in lst
             ],
             "dials": self.stats.dials,
