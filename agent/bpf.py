@@ -28,7 +28,18 @@ from agent import netns as nsops
 
 log = logging.getLogger("ambit.bpf")
 
-BPF_SRC_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+def bpf_sources() -> Path:
+    """The eBPF C sources: agent/bpfsrc, the checkout's bpf/ through a link, or the copy
+    installed with the package (see pyproject's package-data)."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "bpfsrc", here.parent / "bpf"):
+        if (cand / "ambit.h").is_file():
+            return cand
+    raise BpfError(f"the eBPF sources are missing: neither {here / 'bpfsrc'} nor {here.parent / 'bpf'} "
+                   "holds ambit.h (a broken install? reinstall the ambit package)")
+
+
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/ambit")
 MAX_PORTS = 8
 MODES = {"PERMISSIVE": 0, "STRICT": 1}
@@ -355,7 +366,7 @@ class Datapath:
     tearing the node down.
     """
 
-    def __init__(self, pin_dir: Path, *, src_dir: Path = BPF_SRC_DIR) -> None:
+    def __init__(self, pin_dir: Path, *, src_dir: Path | None = None) -> None:
         self.pin_dir = Path(pin_dir)
         check_bpffs(self.pin_dir.parent if not self.pin_dir.exists() else self.pin_dir)
         cgroup2_root()
@@ -365,6 +376,7 @@ class Datapath:
         except ImportError as e:
             raise BpfError("the bcc Python module is not importable: run `make setup` (python3-bpfcc)") from e
         self.pin_dir.mkdir(parents=True, exist_ok=True)
+        src_dir = src_dir or bpf_sources()
         header = (src_dir / "ambit.h").read_text()
         self._cg = self._compile(src_dir / "cgroup.c", header)
         self._tc = self._compile(src_dir / "tc.c", header)
