@@ -341,3 +341,78 @@ def test_strict_holds_through_an_invalid_edit_and_restarts(cluster: Cluster) -> 
 def _write(path: Path, obj: dict[str, Any]) -> Path:
     path.write_text(json.dumps(obj))
     return path
+
+
+# Istio's "plaintext for health checks only" example, verbatim: the namespace is STRICT, and
+# the finance workload is STRICT except on 8080 (issue 9: the kernel keeps modes per port).
+SEED_003 = """\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: foo
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: finance
+  namespace: foo
+spec:
+  selector:
+    matchLabels:
+      app: finance
+  mtls:
+    mode: STRICT
+  portLevelMtls:
+    8080:
+      mode: DISABLE
+"""
+
+# The echo server of tests.e2e.mesh on two ports.
+TWO_PORTS = """\
+import socketserver, threading
+class H(socketserver.BaseRequestHandler):
+    def handle(self):
+        data = self.request.recv(4096)
+        self.request.sendall(b"peer=" + self.client_address[0].encode() + b" echo=" + data)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.daemon_threads = True
+servers = [socketserver.ThreadingTCPServer(("0.0.0.0", p), H) for p in (8080, 9000)]
+for s in servers[1:]:
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+servers[0].serve_forever()
+"""
+
+
+def test_port_level_mtls_exceptions_hold_in_the_kernel(cluster: Cluster) -> None:
+    c = cluster
+    objs = [namespace("foo", {ENROLL: "ambient"}),
+            pod("foo", "finance", "node-b", ["python3", "-u", "-c", TWO_PORTS], sa="finance",
+                labels={"app": "finance"})]
+    seed = c.tmp / "seed-003.yaml"
+    seed.write_text(SEED_003)
+    try:
+        c.apply(objs, "foo.yaml")
+        c.local("apply", "-f", str(seed))
+        poll(lambda: _status_row(c, "node-b", "foo/finance").get("redirected")
+             and _status_row(c, "node-b", "foo/finance").get("port_modes") == {"8080": "PERMISSIVE"}, 30,
+             "foo/finance redirected, STRICT with 8080 open to plaintext", interval=0.3)
+        ip = c.ip("foo/finance")
+        gw_b = c.node("node-b")["gateway"]
+        # plaintext from outside the mesh: 8080 only, through node-b's ztunnel (where L4 policy applies)
+        r = poll(lambda: (x := c.talk("plain/outsider", ip, 8080, "health", timeout=2)).ok and x, 15,
+                 "plaintext to finance:8080")
+        assert r.peer == gw_b, r
+        assert not c.talk("plain/outsider", ip, 9000, "nope", timeout=1.5).ok, "plaintext reached a STRICT port"
+        # mesh traffic reaches both ports
+        for port in (8080, 9000):
+            assert c.talk("mesh/client", ip, port, "mtls").ok, port
+        rec = poll(lambda: c.records("node-b", direction="inbound_plaintext", dst_workload="foo/finance"), 5,
+                   "node-b's plaintext record for finance:8080")[-1]
+        assert rec["dst"].endswith(":8080") and rec["decision"] == "allow", rec
+    finally:
+        c.local("delete", "-f", str(seed), "--ignore-not-found")
+        c.local("delete", "-f", str(c.tmp / "foo.yaml"), "--ignore-not-found")
