@@ -403,8 +403,8 @@ def test_port_level_mtls_exceptions_hold_in_the_kernel(cluster: Cluster) -> None
         ip = c.ip("foo/finance")
         gw_b = c.node("node-b")["gateway"]
         # plaintext from outside the mesh: 8080 only, through node-b's ztunnel (where L4 policy applies)
-        r = poll(lambda: (x := c.talk("plain/outsider", ip, 8080, "health", timeout=2)).ok and x, 15,
-                 "plaintext to finance:8080")
+        poll(lambda: c.talk("plain/outsider", ip, 8080, "health", timeout=2).ok, 15, "plaintext to finance:8080")
+        r = c.talk("plain/outsider", ip, 8080, "health", timeout=2)
         assert r.peer == gw_b, r
         assert not c.talk("plain/outsider", ip, 9000, "nope", timeout=1.5).ok, "plaintext reached a STRICT port"
         # mesh traffic reaches both ports
