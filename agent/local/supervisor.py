@@ -37,6 +37,7 @@ from agent import netns as nsops
 from agent.local import LocalError
 from agent.local.layout import Layout
 from agent.local.store import Store
+from ambit.tasks import TaskSet
 
 log = logging.getLogger("ambit.local.supervisor")
 
@@ -310,18 +311,12 @@ class Supervisor:
         self.store = Store(layout.cluster_dir, layout.state / "store.lock")
         self.units: dict[str, Unit] = {}
         self._stopping = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    def _own(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        self._tasks = TaskSet("supervisor")
 
     def add(self, spec: UnitSpec) -> Unit:
         unit = Unit(spec)
         self.units[spec.name] = unit
-        unit.task = self._own(unit.run(), f"unit:{spec.name}")
+        unit.task = self._tasks.spawn(f"unit:{spec.name}", unit.run())
         return unit
 
     def _refresh_spec(self, name: str) -> None:
@@ -427,9 +422,7 @@ class Supervisor:
             log.info("shutting down")
             server.close()
             await asyncio.gather(*(u.stop() for u in self.units.values()), return_exceptions=True)
-            for t in list(self._tasks):
-                t.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self._tasks.close()
             sock_path.unlink(missing_ok=True)
             (self.layout.pids_dir / "supervisor.pid").unlink(missing_ok=True)
 

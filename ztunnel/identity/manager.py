@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ambit.spiffe import SpiffeId
 from ambit.svid import SvidError, TrustBundle, check_leaf, verify_svid
+from ambit.tasks import TaskSet
 from ztunnel.identity import IdentityError
 
 log = logging.getLogger("ambit.identity")
@@ -188,6 +189,7 @@ class CertManager:
         self._entries: dict[SpiffeId, _Entry] = {}
         self._wake = asyncio.Event()
         self._limit = asyncio.Semaphore(concurrency)
+        self._fetches = TaskSet("certs")  # one fetch task per identity at most (its entry's `task`)
         self._closed = False
 
     # -- desired set -------------------------------------------------------
@@ -350,7 +352,7 @@ class CertManager:
                 waker.cancel()
 
     def _start_fetch(self, e: _Entry) -> None:
-        e.task = asyncio.get_running_loop().create_task(self._fetch(e), name=f"cert-fetch {e.identity}")
+        e.task = self._fetches.spawn(f"fetch {e.identity}", self._fetch(e))
 
     async def _fetch(self, e: _Entry) -> None:
         try:
@@ -385,12 +387,7 @@ class CertManager:
         """Stop renewing, cancel fetches, drop every key."""
         self._closed = True
         self._wake.set()
-        tasks = [e.task for e in self._entries.values() if e.task is not None]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await self._fetches.close()
         for e in self._entries.values():
             e.changed.set()
         self._entries.clear()
