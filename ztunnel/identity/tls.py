@@ -13,7 +13,6 @@ path, and a memfd is a path that lives only in this process's memory.
 
 from __future__ import annotations
 
-import _ssl  # type: ignore[import-not-found,unused-ignore]
 import datetime as dt
 import os
 import ssl
@@ -27,9 +26,9 @@ from ambit.spiffe import SpiffeError, SpiffeId
 from ambit.svid import SvidError, TrustBundle, check_leaf, check_validity, verify_svid
 from ztunnel.identity import IdentityError
 from ztunnel.identity.manager import WorkloadCert
+from ztunnel.identity.sslcompat import peer_chain_der
 
 ALPN = "h2"
-_ENCODING_DER = getattr(_ssl, "ENCODING_DER", 2)
 SNI_SUFFIX_NS = "ns"
 SNI_SUFFIX_SA = "sa"
 _DNS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
@@ -171,23 +170,11 @@ def server_context_selector(lookup: CertLookup, bundle: TrustBundle) -> ssl.SSLC
 def _peer_chain(ssl_obj: ssl.SSLObject | ssl.SSLSocket) -> list[x509.Certificate] | None:
     """The chain the peer sent (leaf first), or None where this Python cannot tell.
 
-    Python 3.13 has SSLSocket.get_unverified_chain(); 3.11 has it only on the
-    private _ssl object. The chain as sent is what verify_svid wants: it builds
-    and checks the path to the bundle itself, independently of OpenSSL.
+    The chain as sent is what verify_svid wants: it builds and checks the path
+    to the bundle itself, independently of OpenSSL.
     """
-    inner = getattr(ssl_obj, "_sslobj", ssl_obj)
-    getter = getattr(inner, "get_unverified_chain", None)
-    if getter is None:
-        return None
-    try:
-        raw = getter()
-    except (ssl.SSLError, ValueError):
-        return None
-    out = []
-    for c in raw or []:
-        der = c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER)
-        out.append(x509.load_der_x509_certificate(der))
-    return out or None
+    ders = peer_chain_der(ssl_obj)
+    return None if ders is None else [x509.load_der_x509_certificate(der) for der in ders]
 
 
 def peer_identity(ssl_obj: ssl.SSLObject | ssl.SSLSocket, bundle: TrustBundle) -> SpiffeId:
