@@ -17,24 +17,21 @@ Plain DATA frames (no padding, outside a header block, within h2's frame size
 limit) skip h2's frame buffer: h2 would copy each payload three times (into
 its buffer, a slice of it, then the frame's bytes); here it is copied once
 and the parsed frame goes straight to h2's frame handler, so flow control,
-stream states and errors stay h2's.
+stream states and errors stay h2's. That, and every other use of h2's
+insides, is in h2compat.py.
 """
 
 from __future__ import annotations
 
-import binascii
 import itertools
 from collections.abc import Sequence
 
 import h2.events as h2e
-import hyperframe.frame
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from h2.stream import StreamState
-from hyperframe.frame import DataFrame, GoAwayFrame
+from hyperframe.frame import GoAwayFrame
 
 from ztunnel.hbone.config import HboneConfig, HboneError
 from ztunnel.hbone.events import (
@@ -52,7 +49,6 @@ from ztunnel.hbone.flood import (
     CONTINUATION,
     DATA,
     FLAG_END_HEADERS,
-    FLAG_END_STREAM,
     GOAWAY,
     HEADERS,
     PUSH_PROMISE,
@@ -60,6 +56,7 @@ from ztunnel.hbone.flood import (
     Flood,
     FloodGuard,
 )
+from ztunnel.hbone.h2compat import HboneH2Connection, StreamState
 from ztunnel.hbone.wire import (
     BadRequest,
     build_connect_headers,
@@ -67,48 +64,15 @@ from ztunnel.hbone.wire import (
     parse_connect_request,
 )
 
-
-def _short_data_repr(data: bytes | None) -> str:
-    if not data:
-        return "None"
-    shown = binascii.hexlify(data[:10]).decode("ascii")
-    return "<hex:" + shown + ("..." if len(data) > 10 else "") + ">"
-
-
-# h2 formats repr(frame) for its trace log on every received frame, and
-# hyperframe's repr hex-encodes the whole payload before cutting it to 20
-# characters: a third of the CPU of a bulk transfer. This replacement returns
-# the identical string from the first 10 bytes only.
-hyperframe.frame._raw_data_repr = _short_data_repr
-
-
-def _data_body_repr(self: DataFrame) -> str:
-    # DataFrame inherits a _body_repr that serializes (joins) its whole payload
-    # just to show 10 bytes of it; same string from the first 11 bytes only.
-    head = self.serialize_padding_data() + bytes(self.data[:11]) + b"\0" * min(self.pad_length, 11)
-    return _short_data_repr(head[:11])
-
-
-DataFrame._body_repr = _data_body_repr  # type: ignore[method-assign,assignment]
-
 _PREAMBLE_LEN = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _DEFAULT_MAX_FRAME = 16_384
 _DEFAULT_WINDOW = 65_535  # RFC 9113 6.9.2: every connection window starts here
 _MAX_STREAM_ID = 2**31 - 1
-CLOSED_STREAMS_KEPT = 1024  # per connection: see _H2Connection
+# h2 remembers how each closed stream ended, to judge frames that arrive for it late (they
+# come within a round trip); its default of 65,536 streams grew a long-lived pooled
+# connection by up to 7.5 MiB at each end. Per connection:
+CLOSED_STREAMS_KEPT = 1024
 _FLAG_PADDED = 0x8
-# h2's per-frame handler (private, in h2 since 2.0): when a release drops it,
-# DATA frames go through h2.receive_data like every other frame.
-_DIRECT_DATA = callable(getattr(H2Connection, "_receive_frame", None)) and callable(
-    getattr(H2Connection, "_terminate_connection", None)
-)
-
-
-class _H2Connection(H2Connection):
-    # h2 remembers how each closed stream ended, to judge frames that arrive for it late
-    # (they come within a round trip). Its default, the last 65,536 streams at ~120 bytes
-    # each, grew a long-lived pooled connection by up to 7.5 MiB at each end.
-    MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT
 
 
 class _HboneConnection:
@@ -118,7 +82,7 @@ class _HboneConnection:
 
     def __init__(self, config: HboneConfig | None = None, now: float = 0.0) -> None:
         self._config = config or HboneConfig()
-        self._h2 = _H2Connection(
+        self._h2 = HboneH2Connection(
             H2Configuration(
                 client_side=not self._server,
                 header_encoding=None,
@@ -126,7 +90,8 @@ class _HboneConnection:
                 # so that a malformed request is answered 400 instead of killing
                 # the whole pooled connection.
                 validate_inbound_headers=not self._server,
-            )
+            ),
+            closed_streams_kept=CLOSED_STREAMS_KEPT,
         )
         self._guard = FloodGuard(self._config, server=self._server)
         self._inbuf = bytearray()
@@ -247,7 +212,7 @@ class _HboneConnection:
                     self._highest_peer_stream = sid
                 elif (
                     ftype == DATA
-                    and _DIRECT_DATA
+                    and self._h2.direct_data
                     and sid
                     and not flags & _FLAG_PADDED
                     and self._block_stream is None
@@ -323,17 +288,7 @@ class _HboneConnection:
         self, sid: int, flags: int, payload: memoryview, events: list[HboneEvent]
     ) -> None:
         """One complete plain DATA frame to h2's frame handler, like h2.receive_data would."""
-        frame = DataFrame(sid, bytes(payload))
-        frame.body_len = len(payload)
-        if flags & FLAG_END_STREAM:
-            frame.flags.add("END_STREAM")
-        try:
-            h2_events = self._h2._receive_frame(frame)
-        except ProtocolError as exc:
-            # what h2.receive_data does with it: queue the GOAWAY, then raise
-            self._h2._terminate_connection(exc.error_code)
-            raise
-        for ev in h2_events:
+        for ev in self._h2.receive_data_frame(sid, flags, payload):
             self._translate(ev, events)
             if self._closed:
                 return
@@ -409,9 +364,8 @@ class _HboneConnection:
         self._peer_last_id = min(self._peer_last_id, last_id)
         if self._server:
             return
-        for sid in sorted(self._h2.streams):
-            stream = self._h2.streams[sid]
-            if sid > self._peer_last_id and not stream.closed:
+        for sid in sorted(self._h2.tracked_stream_ids()):
+            if sid > self._peer_last_id and not self._h2.stream_closed(sid):
                 self._h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
                 self._release(sid)
                 self._blocked.discard(sid)
@@ -432,16 +386,15 @@ class _HboneConnection:
         closing the stream, which would turn our own bug into a reset.
         """
         self._check_usable(what)
-        stream = self._h2.streams.get(stream_id)
-        if stream is None:
+        state = self._h2.stream_state(stream_id)
+        if state is None:
             raise HboneError(f"{what}: stream {stream_id} does not exist or is closed")
-        state = stream.state_machine.state
         if state not in (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE):
             raise HboneError(
                 f"{what}: stream {stream_id} is not open for sending "
                 f"(state {state.name}: already ended or reset)"
             )
-        if self._server and not stream.state_machine.headers_sent:
+        if self._server and not self._h2.headers_sent(stream_id):
             raise HboneError(
                 f"{what}: stream {stream_id} is not open for sending: respond(200) first"
             )
@@ -486,12 +439,11 @@ class _HboneConnection:
     def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
         """Abort a stream (RST_STREAM); resetting an already closed stream is a no-op."""
         self._check_usable("reset_stream")
-        stream = self._h2.streams.get(stream_id)
-        if stream is None:
+        if self._h2.stream_state(stream_id) is None:
             highest = max(self._h2.highest_inbound_stream_id, self._h2.highest_outbound_stream_id)
             if stream_id <= 0 or stream_id > highest:
                 raise HboneError(f"reset_stream: stream {stream_id} was never opened")
-        elif not stream.closed:
+        elif not self._h2.stream_closed(stream_id):
             try:
                 self._h2.reset_stream(stream_id, error_code)
             except ProtocolError as exc:
@@ -519,8 +471,7 @@ class _HboneConnection:
         if len(self._finished) > 2 * self._config.server_max_concurrent_streams:
             # Long-lived pooled connections: forget streams h2 has cleaned up
             # (late frames for them no longer reach us as events).
-            _ = self._h2.open_inbound_streams, self._h2.open_outbound_streams  # h2 cleanup
-            self._finished &= self._h2.streams.keys()
+            self._finished &= self._h2.tracked_stream_ids()
 
     def _release(self, stream_id: int) -> None:
         """Return the connection credit of data the application will never consume."""
@@ -552,11 +503,11 @@ class _HboneConnection:
             self._closed = True
             return
         self._closed = True
-        if self._h2.state_machine.state != ConnectionState.CLOSED:
+        if not self._h2.goaway_done:
             self._h2.close_connection(error_code=error_code)
 
     def _abort(self, code: int, reason: str, events: list[HboneEvent]) -> None:
-        if self._h2.state_machine.state != ConnectionState.CLOSED:
+        if not self._h2.goaway_done:
             try:
                 self._h2.close_connection(error_code=code, additional_data=reason.encode()[:512])
             except ProtocolError:
@@ -571,7 +522,7 @@ class _HboneConnection:
         if self._drained():
             who = "we drained" if self._draining else "peer drained (GOAWAY)"
             self._closed = True
-            if self._h2.state_machine.state != ConnectionState.CLOSED:
+            if not self._h2.goaway_done:
                 self._h2.close_connection(error_code=ErrorCodes.NO_ERROR)
             events.append(ConnectionTerminated(int(ErrorCodes.NO_ERROR), f"{who}; no streams left"))
 
@@ -677,8 +628,7 @@ class HboneServer(_HboneConnection):
     def _answer_and_close(self, sid: int, status: int) -> None:
         self._h2.send_headers(sid, [(b":status", str(status).encode())], end_stream=True)
         self._mark_finished(sid)
-        stream = self._h2.streams.get(sid)
-        if stream is not None and not stream.closed:
+        if not self._h2.stream_closed(sid):
             # RFC 9113 8.1: a complete response lets us stop the request with NO_ERROR,
             # which frees the stream slot on both sides at once.
             self._h2.reset_stream(sid, ErrorCodes.NO_ERROR)
@@ -689,8 +639,7 @@ class HboneServer(_HboneConnection):
         self._check_usable("respond")
         if not 200 <= status <= 599:
             raise HboneError(f"respond: status {status} is not a final HTTP status")
-        stream = self._h2.streams.get(stream_id)
-        if stream is None or stream.closed or stream.state_machine.headers_sent:
+        if self._h2.stream_closed(stream_id) or self._h2.headers_sent(stream_id):
             raise HboneError(
                 f"respond: stream {stream_id} cannot be answered (unknown, reset or "
                 "already answered)"
@@ -758,11 +707,11 @@ class HboneClient(_HboneConnection):
         events.append(TunnelResponse(sid, status))
         if status != 200:
             self._mark_finished(sid)
-            stream = self._h2.streams.get(sid)
-            if stream is not None and not stream.closed and not ev.stream_ended:
-                self._h2.reset_stream(sid, ErrorCodes.CANCEL)
-            elif stream is not None and not stream.closed:
-                self._h2.end_stream(sid)  # a refusal with END_STREAM: close our side too
+            if not self._h2.stream_closed(sid):
+                if ev.stream_ended:
+                    self._h2.end_stream(sid)  # a refusal with END_STREAM: close our side too
+                else:
+                    self._h2.reset_stream(sid, ErrorCodes.CANCEL)
             self._release(sid)
 
 

@@ -1,0 +1,189 @@
+"""Every use of h2's and hyperframe's private or undocumented API, in one place, gated on their versions.
+
+connection.py drives h2 through its public API and through the subclass
+`HboneH2Connection` below, never through anything else of h2's insides; a test
+(tests/unit/test_h2compat.py) fails, saying what to do, when an h2 or
+hyperframe release changes what this module relies on. Nothing here patches
+h2, hyperframe or hpack: what changes is confined to our own connections.
+
+What each private use buys (in-memory numbers: `ztunnel/hbone/bench.py`, 256 MiB
+through one tunnel, glibc's mmap and trim thresholds raised so that page faults
+do not blur the comparison, median of 21 runs; CPU per 256 MiB received):
+
+1. Received DATA frames skip h2's frame buffer (`receive_data_frame`: private
+   `H2Connection._receive_frame`, and the instance's `_frame_dispatch_table`
+   for item 2). h2.receive_data copies each payload three times (into its
+   buffer, a slice of it, the frame's bytes); here it is copied once, then
+   h2's own per-frame handler takes the parsed frame, so flow control, stream
+   states and errors stay h2's. 67 ms instead of 79 (3,860 MiB/s instead of
+   3,270). On the ztunnel pair's bulk transfer, with item 2, two ztunnels went
+   from 2.2-2.5 to 1.5-1.8 ms of CPU per MB (370-410 to 460-550 MB/s).
+2. h2 formats `repr(frame)` for its trace log on every received frame, before
+   it calls the logger (so a no-op logger does not help), and hyperframe's
+   repr of a DATA frame joins and hex-encodes the whole payload to show 10
+   bytes of it: through h2.receive_data that is 308 ms instead of 79 (830
+   MiB/s). The frames of item 1 are `_QuietDataFrame`s, whose repr is cheap;
+   h2 dispatches on the exact class, so each of our connections maps that
+   class to h2's DATA handler. Frames that take h2's public path (padded DATA,
+   and all DATA when item 1 is off) keep hyperframe's repr and its cost.
+3. Closed-stream memory (`MAX_CLOSED_STREAMS`, an undocumented knob h2 reads
+   when a connection is made): h2 remembers how each closed stream ended, to
+   judge frames that arrive for it late (they come within a round trip). Its
+   default of 65,536 streams at ~120 bytes each grew a long-lived pooled
+   connection by up to 7.5 MiB at each end.
+4. Stream and connection state (`H2Connection.streams`, `H2Stream.state_machine`,
+   `H2Connection.state_machine`; public names, undocumented): checked before
+   sending, because h2 answers a send in the wrong state by closing the stream;
+   and the fact that reading `open_inbound_streams`/`open_outbound_streams`
+   drops closed streams from `streams` (`tracked_stream_ids`).
+
+Items 1 and 2 are gated: they are on only for the h2 and hyperframe versions
+below, those this module's tests passed with. Outside them, or when an
+attribute they need is missing, DATA frames take h2's public receive_data
+(correct, slower) and the reason is logged once. Items 3 and 4 have no public
+equivalent: they apply at any version, and the tests say when they break.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import h2
+import h2.events as h2e
+import hyperframe
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.exceptions import ProtocolError
+from h2.stream import StreamState
+from hyperframe.frame import DataFrame
+
+__all__ = [
+    "CHECKED_H2",
+    "CHECKED_HYPERFRAME",
+    "DIRECT_DATA_OFF",
+    "HboneH2Connection",
+    "StreamState",
+    "direct_data_off_reason",
+]
+
+log = logging.getLogger("ambit.ztunnel.hbone")
+
+# (major, minor) ranges, both ends included, that the private uses above were
+# checked against: h2 4.1.0, 4.2.0, 4.3.0 and 4.4.1; hyperframe 6.0.1 and 6.1.0.
+# (Before 4.4, h2 refuses to send a CONNECT without :path, so HBONE itself needs
+# 4.4: pyproject.toml.)
+CHECKED_H2 = ((4, 1), (4, 4))
+CHECKED_HYPERFRAME = ((6, 0), (6, 1))
+
+
+def _major_minor(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def direct_data_off_reason(
+    h2_version: str, hyperframe_version: str, *, has_frame_handler: bool
+) -> str | None:
+    """Why the DATA fast path (items 1 and 2) must stay off with these versions, or None."""
+    for name, version, (low, high) in (
+        ("h2", h2_version, CHECKED_H2),
+        ("hyperframe", hyperframe_version, CHECKED_HYPERFRAME),
+    ):
+        got = _major_minor(version)
+        if got is None or not low <= got <= high:
+            return (
+                f"{name} {version} is outside the versions ztunnel.hbone.h2compat was checked "
+                f"against ({name} {low[0]}.{low[1]} to {high[0]}.{high[1]})"
+            )
+    if not has_frame_handler:
+        return f"h2 {h2_version} has no H2Connection._receive_frame"
+    return None
+
+
+# None: received DATA frames take the fast path; else why they do not (tests set it too).
+DIRECT_DATA_OFF: str | None = direct_data_off_reason(
+    h2.__version__,
+    hyperframe.__version__,
+    has_frame_handler=callable(getattr(H2Connection, "_receive_frame", None)),
+)
+_logged_off = False
+
+
+def _log_off_once(reason: str) -> None:
+    global _logged_off
+    if not _logged_off:
+        _logged_off = True
+        log.warning(
+            "HBONE: received DATA frames take h2's public path (correct, but about 4 times "
+            "the CPU per byte received): %s. Run tests/unit/test_h2compat.py and "
+            "test_hbone_data_frames.py with this version and widen CHECKED_H2/"
+            "CHECKED_HYPERFRAME in ztunnel/hbone/h2compat.py when they pass.",
+            reason,
+        )
+
+
+class _QuietDataFrame(DataFrame):
+    """A DATA frame whose repr does not hex-encode its payload (item 2)."""
+
+    def __repr__(self) -> str:
+        return f"DataFrame(stream_id={self.stream_id}, flags={self.flags!r}): <{len(self.data)} bytes>"
+
+
+class HboneH2Connection(H2Connection):
+    """h2's connection with HBONE's uses of its insides (see the module docstring)."""
+
+    def __init__(self, config: H2Configuration, *, closed_streams_kept: int) -> None:
+        # Item 3: h2 sizes its closed-stream history from this attribute in __init__.
+        self.MAX_CLOSED_STREAMS = closed_streams_kept
+        super().__init__(config)
+        off = DIRECT_DATA_OFF
+        table = getattr(self, "_frame_dispatch_table", None)
+        if off is None and not (isinstance(table, dict) and DataFrame in table):
+            off = f"h2 {h2.__version__} has no per-connection _frame_dispatch_table for DataFrame"
+        #: True when `receive_data_frame` may be used for plain DATA frames.
+        self.direct_data = off is None
+        if off is not None:
+            _log_off_once(off)
+        else:
+            assert isinstance(table, dict)
+            table[_QuietDataFrame] = table[DataFrame]
+
+    def receive_data_frame(self, stream_id: int, flags: int, payload: memoryview) -> list[h2e.Event]:
+        """One complete, unpadded DATA frame outside a header block, within the acknowledged
+        frame size: what h2.receive_data would return for it (only while `direct_data`)."""
+        frame = _QuietDataFrame(stream_id)
+        frame.parse_flags(flags)
+        frame.parse_body(payload)  # the one copy
+        try:
+            events: list[h2e.Event] = self._receive_frame(frame)
+        except ProtocolError as exc:
+            # what receive_data does with it: queue the GOAWAY, then raise
+            self.close_connection(error_code=exc.error_code)
+            raise
+        return events
+
+    def stream_state(self, stream_id: int) -> StreamState | None:
+        """The stream's state, or None when h2 no longer tracks it (closed and cleaned up)."""
+        stream = self.streams.get(stream_id)
+        return None if stream is None else stream.state_machine.state  # type: ignore[no-any-return]
+
+    def stream_closed(self, stream_id: int) -> bool:
+        """True when the stream is closed, whether or not h2 still tracks it."""
+        return self.stream_state(stream_id) in (None, StreamState.CLOSED)
+
+    def headers_sent(self, stream_id: int) -> bool:
+        """True when we have sent HEADERS on the stream (False when h2 does not track it)."""
+        stream: Any = self.streams.get(stream_id)
+        return stream is not None and bool(stream.state_machine.headers_sent)
+
+    def tracked_stream_ids(self) -> set[int]:
+        """The streams h2 still tracks, after it has let go of the closed ones."""
+        _ = self.open_inbound_streams, self.open_outbound_streams  # h2 prunes as it counts
+        return set(self.streams)
+
+    @property
+    def goaway_done(self) -> bool:
+        """h2 has sent or received the final GOAWAY: it accepts nothing more on this connection."""
+        return bool(self.state_machine.state == ConnectionState.CLOSED)
