@@ -3,6 +3,7 @@ the feed's proto and the type markers; the agent finds its sources installed as 
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_wheel_carries_the_bpf_sources_and_the_agent_finds_them(tmp_path: Path) -> None:
+    # a copy of the checkout (symlinks kept): setuptools builds in the source tree's build/
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__", ".*_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "-w", str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     wheel = next((tmp_path / "dist").glob("ambit-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("agent/bpfsrc/ambit.h", "agent/bpfsrc/cgroup.c", "agent/bpfsrc/tc.c", "ambit/wire/feed.proto",
