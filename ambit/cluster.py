@@ -22,9 +22,15 @@ class ClusterError(AmbitError):
 
 DATAPLANE_MODE = "ambit.dev/dataplane-mode"
 USE_WAYPOINT = "ambit.dev/use-waypoint"
+WAYPOINT_FOR = "ambit.dev/waypoint-for"
 REDIRECTION = "ambit.dev/redirection"
+# The Gateway API label a Gateway's own pods carry (a waypoint is never routed through itself).
+GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
+WAYPOINT_CLASS = "ambit-waypoint"
+WAYPOINT_FOR_VALUES = ("service", "workload", "all")
+GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
 POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
-KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", *POLICY_KINDS)
+KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", "Gateway", *POLICY_KINDS)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,36 @@ class Service:
 
 
 @dataclass(frozen=True)
+class Listener:
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A Gateway API `Gateway`. Class `ambit-waypoint` is a waypoint: one listener
+    `{name: mesh, port: 15008, protocol: HBONE}`; `ambit.dev/waypoint-for` says which traffic it
+    takes (`service`, the default as in Istio, `workload` or `all`)."""
+
+    meta: Meta
+    class_name: str
+    listeners: tuple[Listener, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+    @property
+    def is_waypoint(self) -> bool:
+        return self.class_name == WAYPOINT_CLASS
+
+    @property
+    def waypoint_for(self) -> str:
+        return self.meta.labels.get(WAYPOINT_FOR, "service")
+
+
+@dataclass(frozen=True)
 class PolicyObject:
     """An `AuthorizationPolicy` or `PeerAuthentication`, kept as written."""
 
@@ -130,6 +166,7 @@ class ClusterState:
     pods: Mapping[tuple[str, str], Pod] = field(default_factory=dict)
     services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
     policies: tuple[PolicyObject, ...] = ()
+    gateways: Mapping[tuple[str, str], Gateway] = field(default_factory=dict)
     # The objects as written, keyed by (kind, namespace, name): what the agent's
     # live feed sends to ztunnels, which rebuild the same state from them.
     objects: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
@@ -176,13 +213,30 @@ class ClusterState:
         ns = self.namespaces.get(pod.namespace)
         return ns is not None and ns.meta.labels.get(DATAPLANE_MODE) == "ambient"
 
+    def _use_waypoint(self, labels: Mapping[str, str], namespace: str) -> str | None:
+        # the object's own label wins over its namespace's; `none` opts out
+        name = labels.get(USE_WAYPOINT)
+        if name is None:
+            ns = self.namespaces.get(namespace)
+            name = ns.meta.labels.get(USE_WAYPOINT) if ns else None
+        return None if not name or name == "none" else name
+
     def waypoint_for(self, pod: Pod) -> str | None:
-        """The waypoint name a pod's inbound traffic must go through (pod label, else namespace)."""
-        name = pod.meta.labels.get(USE_WAYPOINT)
-        if name:
-            return name
-        ns = self.namespaces.get(pod.namespace)
-        return ns.meta.labels.get(USE_WAYPOINT) if ns else None
+        """The waypoint (a Gateway of the pod's namespace) the pod uses: its label, else its
+        namespace's; None for `none`, for no label, and for the waypoint's own pods."""
+        name = self._use_waypoint(pod.meta.labels, pod.namespace)
+        if name is not None and pod.meta.labels.get(GATEWAY_NAME_LABEL) == name:
+            return None
+        return name
+
+    def service_waypoint(self, svc: Service) -> str | None:
+        """The waypoint a Service uses: its label, else its namespace's (None: none)."""
+        return self._use_waypoint(svc.meta.labels, svc.meta.namespace)
+
+    def gateway_pods(self, gw: Gateway) -> list[Pod]:
+        """The pods that serve a Gateway (label gateway.networking.k8s.io/gateway-name)."""
+        return sorted((p for p in self.pods.values() if p.namespace == gw.meta.namespace
+                       and p.meta.labels.get(GATEWAY_NAME_LABEL) == gw.meta.name), key=lambda p: p.key)
 
 
 # ---------------------------------------------------------------------------
@@ -258,7 +312,7 @@ def _port(value: Any, where: str) -> int:
     return n
 
 
-def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | PolicyObject:
+def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | Gateway | PolicyObject:
     """Turn one Kubernetes-shaped mapping into its model type, naming the field that is wrong."""
     kind = obj.get("kind")
     if kind not in KNOWN_KINDS:
@@ -327,11 +381,40 @@ def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | P
             cluster_ip=_ip(spec.get("clusterIP"), f"{where}: spec.clusterIP"),
         )
     api = str(obj.get("apiVersion") or "")
+    if kind == "Gateway":
+        return _gateway(meta, api, spec, where)
     if api not in ("security.istio.io/v1", "security.istio.io/v1beta1"):
         raise ClusterError(
             f"{where}: apiVersion {api!r} is not security.istio.io/v1 or security.istio.io/v1beta1"
         )
     return PolicyObject(kind=str(kind), api_version=api, meta=meta, spec=spec)
+
+
+def _gateway(meta: Meta, api: str, spec: Mapping[str, Any], where: str) -> Gateway:
+    if api not in GATEWAY_API_VERSIONS:
+        raise ClusterError(f"{where}: apiVersion {api!r} is not one of {', '.join(GATEWAY_API_VERSIONS)}")
+    class_name = spec.get("gatewayClassName")
+    if not isinstance(class_name, str) or not class_name:
+        raise ClusterError(f"{where}: spec.gatewayClassName is required (ambit-waypoint for a waypoint)")
+    listeners = []
+    raw = spec.get("listeners") or []
+    if not isinstance(raw, list):
+        raise ClusterError(f"{where}: spec.listeners is not a list")
+    for i, lst in enumerate(raw):
+        lw = f"{where}: spec.listeners[{i}]"
+        if not isinstance(lst, dict):
+            raise ClusterError(f"{lw} is not a mapping")
+        listeners.append(Listener(str(lst.get("name") or ""), _port(lst.get("port"), f"{lw}.port"),
+                                  str(lst.get("protocol") or "")))
+    gw = Gateway(meta, class_name, tuple(listeners))
+    if gw.is_waypoint:
+        if not any(x.port == 15008 and x.protocol == "HBONE" for x in listeners):
+            raise ClusterError(f"{where}: spec.listeners: a waypoint needs the listener "
+                               "{name: mesh, port: 15008, protocol: HBONE}")
+        if gw.waypoint_for not in WAYPOINT_FOR_VALUES:
+            raise ClusterError(f"{where}: metadata.labels.{WAYPOINT_FOR}: {gw.waypoint_for!r} is not one of "
+                               f"{', '.join(WAYPOINT_FOR_VALUES)}")
+    return gw
 
 
 def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
@@ -341,6 +424,7 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
     pods: dict[tuple[str, str], Pod] = {}
     services: dict[tuple[str, str], Service] = {}
     policies: dict[str, PolicyObject] = {}
+    gateways: dict[tuple[str, str], Gateway] = {}
     raw_objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for raw in objects:
         o = parse_object(raw)
@@ -354,6 +438,8 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
             pods[(o.namespace, o.name)] = o
         elif isinstance(o, Service):
             services[(o.meta.namespace, o.meta.name)] = o
+        elif isinstance(o, Gateway):
+            gateways[(o.meta.namespace, o.meta.name)] = o
         else:
             policies[o.key] = o
-    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()), raw_objects)
+    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()), gateways, raw_objects)

@@ -25,8 +25,6 @@ from ambit.policy import (
 )
 from ambit.spiffe import SpiffeError, SpiffeId
 
-# The Gateway API label a waypoint's own pods carry: a waypoint is never routed through itself.
-GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 _GONE_PHASES = ("Succeeded", "Failed")
 
 
@@ -44,7 +42,7 @@ class Workload:
     # Mappings are left out of the hash so Workloads (and facts holding them) stay hashable.
     labels: Mapping[str, str] = field(hash=False)
     identity: SpiffeId
-    waypoint: str | None
+    waypoint: str | None  # the Gateway of its namespace whose waypoint it uses (then only it may call)
     enrolled: bool
     # "ns/name" of the Services selecting this pod (for targetRefs policies).
     services: tuple[str, ...] = ()
@@ -57,10 +55,35 @@ class ServiceInfo:
     vip: str
     ports: Mapping[int, int] = field(hash=False)  # service port -> target port
     endpoints: tuple[str, ...]  # workload uids, sorted
+    waypoint: str | None = None  # the waypoint (a Gateway of its namespace) the Service uses
 
     @property
     def uid(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class WaypointInfo:
+    """A waypoint: a Gateway of class ambit-waypoint and the pods that serve it."""
+
+    namespace: str
+    name: str
+    waypoint_for: str  # service | workload | all
+    identity: SpiffeId | None  # of its pods' service account (None: no pod yet)
+    addresses: tuple[str, ...]  # IPs of its running pods; empty: not ready (traffic is refused)
+    exists: bool = True  # False: named by a use-waypoint label, but no such Gateway
+
+    @property
+    def uid(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def ready(self) -> bool:
+        return self.exists and bool(self.addresses) and self.identity is not None
+
+    def takes(self, kind: str) -> bool:
+        """Does it take traffic addressed to a `service` (VIP) or a `workload` (pod IP)?"""
+        return self.waypoint_for in (kind, "all")
 
 
 @dataclass(frozen=True)
@@ -75,6 +98,7 @@ class Snapshot:
     policies: PolicySet
     errors: tuple[str, ...] = ()
     version: int = 0
+    waypoints: Mapping[str, WaypointInfo] = field(hash=False, default_factory=dict)  # by "ns/name"
 
     @classmethod
     def empty(
@@ -96,6 +120,9 @@ class Snapshot:
     def local_workloads(self) -> list[Workload]:
         """Workloads scheduled on this snapshot's node, by uid."""
         return sorted((w for w in self.workloads.values() if w.node == self.node), key=lambda w: w.uid)
+
+    def waypoint(self, namespace: str, name: str | None) -> WaypointInfo | None:
+        return self.waypoints.get(f"{namespace}/{name}") if name else None
 
     def service_by_vip(self, ip: str) -> ServiceInfo | None:
         return self.services.get(ip)
@@ -150,8 +177,6 @@ def _workloads(
             errors.append(f"Pod {pod.key}: status.podIP {pod.ip} is also used by Pod {other.uid}; pod left out")
             continue
         waypoint = cluster.waypoint_for(pod)
-        if waypoint and pod.meta.labels.get(GATEWAY_NAME_LABEL) == waypoint:
-            waypoint = None
         out[pod.ip] = Workload(
             uid=pod.key,
             name=pod.name,
@@ -182,7 +207,38 @@ def _services(cluster: ClusterState, workloads: Mapping[str, Workload]) -> dict[
             vip=svc.cluster_ip,
             ports=MappingProxyType({p.port: p.target_port for p in svc.ports}),
             endpoints=eps,
+            waypoint=cluster.service_waypoint(svc),
         )
+    return out
+
+
+def _waypoints(cluster: ClusterState, trust_domain: str, workloads: Mapping[str, Workload],
+               services: Mapping[str, ServiceInfo], errors: list[str]) -> dict[str, WaypointInfo]:
+    """Every waypoint Gateway, and every waypoint a label names that does not exist (so the
+    data path can say why it refuses: fail closed, never around the waypoint)."""
+    out: dict[str, WaypointInfo] = {}
+    for gw in sorted(cluster.gateways.values(), key=lambda g: g.key):
+        if not gw.is_waypoint:
+            continue
+        pods = cluster.gateway_pods(gw)
+        sas = sorted({p.service_account for p in pods})
+        if len(sas) > 1:
+            errors.append(f"Gateway {gw.key}: its pods run as {', '.join(sas)}; the waypoint's identity is "
+                          f"the first, and the others' traffic is refused")
+        identity = None
+        if sas:
+            try:
+                identity = SpiffeId.for_workload(trust_domain, gw.meta.namespace, sas[0])
+            except SpiffeError as e:
+                errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its pods ({e})")
+        addrs = tuple(sorted(p.ip for p in pods if p.ip and p.phase == "Running"
+                             and (identity is None or p.service_account == identity.service_account)))
+        out[gw.key] = WaypointInfo(gw.meta.namespace, gw.meta.name, gw.waypoint_for, identity, addrs)
+    named = {(w.namespace, w.waypoint) for w in workloads.values() if w.waypoint}
+    named |= {(s.namespace, s.waypoint) for s in services.values() if s.waypoint}
+    for ns, name in sorted(named):
+        if f"{ns}/{name}" not in out:
+            out[f"{ns}/{name}"] = WaypointInfo(ns, name, "all", None, (), exists=False)
     return out
 
 
@@ -198,6 +254,7 @@ def build_snapshot(
     errors: list[str] = []
     workloads = _workloads(cluster, trust_domain, errors)
     services = _services(cluster, workloads)
+    waypoints = _waypoints(cluster, trust_domain, workloads, services, errors)
     nodes = {n.name: n.address for n in cluster.nodes.values() if n.address}
     prev = previous.policies.by_key if previous is not None else {}
     compiled: list[CompiledPolicy] = []
@@ -220,4 +277,5 @@ def build_snapshot(
         policies=PolicySet.build(compiled, root_namespace=root_namespace),
         errors=tuple(errors),
         version=(previous.version + 1) if previous is not None else 1,
+        waypoints=MappingProxyType(waypoints),
     )

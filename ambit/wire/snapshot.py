@@ -33,17 +33,18 @@ from ambit.policy import (
     PolicySet,
 )
 from ambit.policy import match as m
-from ambit.snapshot import ServiceInfo, Snapshot, Workload
+from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload
 from ambit.spiffe import SpiffeId
 
 ObjectKey = tuple[str, str, str]
 # the kinds of the snapshot's parts on the feed
-META, WORKLOAD, SERVICE, NODE, POLICY = "SnapshotMeta", "Workload", "Service", "Node", "CompiledPolicy"
+META, WORKLOAD, SERVICE, NODE, POLICY, WAYPOINT = (
+    "SnapshotMeta", "Workload", "Service", "Node", "CompiledPolicy", "Waypoint")
 
 _TYPES: dict[str, type[Any]] = {
     cls.__name__: cls
     for cls in (
-        Workload, ServiceInfo, SpiffeId, CompiledAuthz, CompiledPeerAuthn, m.CompiledRule, m.Entry,
+        Workload, ServiceInfo, WaypointInfo, SpiffeId, CompiledAuthz, CompiledPeerAuthn, m.CompiledRule, m.Entry,
         m.FieldMatch, m.TargetRef, m.StringMatch, m.HostMatch, m.PathMatch, m.NetMatch, m.PortMatch,
         m.ServiceAccountMatch,
     )
@@ -118,6 +119,8 @@ def encode_snapshot(snap: Snapshot) -> dict[ObjectKey, dict[str, Any]]:
         out[(SERVICE, s.namespace, s.name)] = encode_value(s)
     for name, addr in snap.nodes.items():
         out[(NODE, "", name)] = {"address": addr}
+    for wp in snap.waypoints.values():
+        out[(WAYPOINT, wp.namespace, wp.name)] = encode_value(wp)
     for p in (*snap.policies.authz, *snap.policies.peer_authn):
         out[(POLICY, p.namespace, p.key)] = encode_value(p)
     return out
@@ -143,6 +146,7 @@ def decode_snapshot(objects: Mapping[ObjectKey, Mapping[str, Any]]) -> Snapshot:
     workloads: dict[str, Workload] = {}
     services: dict[str, ServiceInfo] = {}
     nodes: dict[str, str] = {}
+    waypoints: dict[str, WaypointInfo] = {}
     for (kind, ns, name), obj in objects.items():
         where = f"{kind} {ns}/{name}"
         try:
@@ -158,6 +162,11 @@ def decode_snapshot(objects: Mapping[ObjectKey, Mapping[str, Any]]) -> Snapshot:
                 services[s.vip] = s
             elif kind == NODE:
                 nodes[name] = str(obj["address"])
+            elif kind == WAYPOINT:
+                wp = decode_value(dict(obj))
+                if not isinstance(wp, WaypointInfo):
+                    raise WireError(f"{where} is not a Waypoint")
+                waypoints[wp.uid] = wp
         except (KeyError, TypeError) as e:
             raise WireError(f"{where}: {e}") from e
     try:
@@ -171,6 +180,7 @@ def decode_snapshot(objects: Mapping[ObjectKey, Mapping[str, Any]]) -> Snapshot:
             policies=PolicySet.build(decode_policies(objects), root_namespace=root),
             errors=tuple(str(e) for e in meta.get("errors") or ()),
             version=int(meta["version"]),
+            waypoints=MappingProxyType(waypoints),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise WireError(f"SnapshotMeta/meta: {e}") from e

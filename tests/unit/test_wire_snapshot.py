@@ -154,3 +154,60 @@ def test_a_snapshot_without_its_meta_is_refused() -> None:
     objects.pop(("SnapshotMeta", "", "meta"))
     with pytest.raises(WireError, match="SnapshotMeta"):
         decode_snapshot(objects)
+
+
+WAYPOINTS = """
+apiVersion: v1
+kind: Namespace
+metadata: {name: pay, labels: {ambit.dev/dataplane-mode: ambient, ambit.dev/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: pay, labels: {ambit.dev/waypoint-for: all}}
+spec:
+  gatewayClassName: ambit-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-0, namespace: pay, labels: {gateway.networking.k8s.io/gateway-name: wp}}
+spec: {nodeName: node-a, serviceAccountName: wp}
+status: {podIP: 10.1.0.9, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: charges, namespace: pay, labels: {app: charges}}
+spec: {nodeName: node-a, serviceAccountName: charges}
+status: {podIP: 10.1.0.10, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: pay, labels: {app: legacy, ambit.dev/use-waypoint: none}}
+spec: {nodeName: node-a, serviceAccountName: legacy}
+status: {podIP: 10.1.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: charges, namespace: pay, labels: {ambit.dev/use-waypoint: other}}
+spec: {clusterIP: 10.96.0.20, selector: {app: charges}, ports: [{port: 80, targetPort: 8080}]}
+"""
+
+
+def test_waypoints_in_the_snapshot_and_on_the_wire() -> None:
+    snap = build_snapshot(build_state(load_documents(WAYPOINTS)), "node-a")
+    wp = snap.waypoint("pay", "wp")
+    assert wp is not None and wp.ready and wp.addresses == ("10.1.0.9",) and wp.takes("workload")
+    assert wp.identity == SpiffeId("cluster.local", "pay", "wp")
+    charges = snap.workload("pay/charges")
+    assert charges is not None and charges.waypoint == "wp"
+    legacy, own = snap.workload("pay/legacy"), snap.workload("pay/wp-0")
+    assert legacy is not None and legacy.waypoint is None  # `none` opts out
+    assert own is not None and own.waypoint is None  # a waypoint is never routed through itself
+    # the Service's own label wins over its namespace's; a waypoint that does not exist is listed, not ready
+    svc = snap.service_by_vip("10.96.0.20")
+    assert svc is not None and svc.waypoint == "other"
+    missing = snap.waypoint("pay", "other")
+    assert missing is not None and not missing.exists and not missing.ready
+    got = over_the_wire(snap)
+    assert dict(got.waypoints) == dict(snap.waypoints)
+    assert got.service_by_vip("10.96.0.20") == svc
