@@ -29,8 +29,11 @@ from agent.local import supervisor as sup
 from agent.local.layout import Layout
 from agent.local.store import Obj, Store, describe, object_key
 from ambit.cluster import (
+    DATAPLANE_MODE,
+    GATEWAY_NAME_LABEL,
     KNOWN_KINDS,
     POLICY_KINDS,
+    WAYPOINT_CLASS,
     ClusterError,
     build_state,
     load_documents,
@@ -40,7 +43,12 @@ from ambit.policy import PolicyError, compile_policy
 
 log = logging.getLogger("ambit.local")
 
-APPLY_ORDER = {"Namespace": 0, "Service": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2, "Pod": 3}
+APPLY_ORDER = {"Namespace": 0, "Service": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2, "Gateway": 2,
+               "Pod": 3}
+# The annotation on a pod the local cluster made for a Gateway (its waypoint), naming it.
+OWNER = "ambit.dev/owner"
+# On a waypoint Gateway of the local cluster: the node its pod runs on.
+NODE_ANNOTATION = "ambit.dev/node"
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -373,6 +381,7 @@ def apply(state_dir: Path, paths: Sequence[Path]) -> list[str]:
         raise LocalError(f"the cluster in {layout.state_dir} is not running (no supervisor); run `ambit local up`")
     store = store_of(layout)
     objs = read_manifests(paths)
+    objs += [wp for o in objs if (wp := waypoint_pod(layout, o)) is not None and store.get(object_key(wp)) is None]
     validate(layout, store, objs)
     objs = sorted(objs, key=lambda o: APPLY_ORDER.get(str(o.get("kind")), 9))
     undo = Undo()
@@ -387,6 +396,35 @@ def apply(state_dir: Path, paths: Sequence[Path]) -> list[str]:
             refresh_hosts(layout, store)
         raise
     return lines
+
+
+def waypoint_pod(layout: Layout, gw: Obj) -> Obj | None:
+    """The pod that serves a waypoint Gateway in the local cluster (what a controller's
+    Deployment would be on Kubernetes); None for any other object.
+
+    It runs `ambit waypoint run` as the Gateway's service account (its name, as Istio does)
+    on the node named by the Gateway's `ambit.dev/node` annotation (else the first), is not
+    enrolled itself (it speaks HBONE), and asks the CA with its node's credential, which the
+    CA accepts because a pod with that service account runs on that node.
+    """
+    if gw.get("kind") != "Gateway" or (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+        return None
+    md = gw.get("metadata") or {}
+    ns, name = str(md.get("namespace") or "default"), str(md.get("name"))
+    node = str((md.get("annotations") or {}).get(NODE_ANNOTATION) or layout.nodes[0].name)
+    state = layout.state / "waypoints" / f"{ns}.{name}"
+    argv = [*sup.AMBIT, "waypoint", "run", "--gateway", f"{ns}/{name}", "--node", node,
+            "--cluster", f"local:{layout.cluster_dir}", "--ca", layout.ca_address,
+            "--credential-dir", str(layout.node_credential_dir(node)), "--state-dir", str(state),
+            "--access-log", str(state / "access.log")]
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{name}-waypoint", "namespace": ns,
+                     "labels": {GATEWAY_NAME_LABEL: name, DATAPLANE_MODE: "none"},
+                     "annotations": {OWNER: f"Gateway/{name}"}},
+        "spec": {"nodeName": node, "serviceAccountName": name,
+                 "containers": [{"name": "waypoint", "command": argv}]},
+    }
 
 
 def _apply_one(layout: Layout, store: Store, obj: Obj, undo: Undo) -> str:
@@ -496,6 +534,11 @@ def delete(state_dir: Path, paths: Sequence[Path], ignore_not_found: bool = Fals
         if store.remove(key):
             lines.append(f"{describe(key)} deleted")
 
+    # a waypoint Gateway takes its pod along
+    owned = {(str((p["metadata"].get("annotations") or {}).get(OWNER)), str(p["metadata"].get("namespace"))): p
+             for p in store.list("Pod") if (p["metadata"].get("annotations") or {}).get(OWNER)}
+    objs += [owned[(f"Gateway/{k[2]}", k[1])] for o in objs if (k := object_key(o))[0] == "Gateway"
+             and (f"Gateway/{k[2]}", k[1]) in owned]
     for o in sorted(objs, key=lambda o: -APPLY_ORDER.get(str(o.get("kind")), 9)):
         key = object_key(o)
         old = store.get(key)
