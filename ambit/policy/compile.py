@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from ambit.cluster import PolicyObject
 from ambit.policy.match import (
@@ -29,6 +29,7 @@ from ambit.policy.match import (
     FieldMatch,
     HostMatch,
     Matcher,
+    MtlsMode,
     NetMatch,
     PathMatch,
     PolicyError,
@@ -386,7 +387,7 @@ def _compile_authz(w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any
     )
 
 
-def _mode(w: _Where, path: str, raw: object) -> str:
+def _mode(w: _Where, path: str, raw: object) -> MtlsMode:
     if raw is None:
         return "UNSET"
     m = _mapping(w, path, raw)
@@ -396,7 +397,7 @@ def _mode(w: _Where, path: str, raw: object) -> str:
         return "UNSET"
     if mode not in MTLS_MODES:
         raise w.error(f"{path}.mode", _enum_error(mode, MTLS_MODES))
-    return str(mode)
+    return cast(MtlsMode, mode)
 
 
 def _compile_peer_authn(
@@ -405,7 +406,7 @@ def _compile_peer_authn(
     _known(w, "spec", spec, ("selector", "mtls", "portLevelMtls"))
     labels = _labels(w, "spec.selector", spec["selector"]) if spec.get("selector") is not None else None
     mode = _mode(w, "spec.mtls", spec.get("mtls"))
-    ports: dict[int, str] = {}
+    ports: dict[int, MtlsMode] = {}
     plm = spec.get("portLevelMtls")
     if plm is not None:
         plm = _mapping(w, "spec.portLevelMtls", plm)

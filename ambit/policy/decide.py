@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ambit.policy.index import PolicySet, _selects
 from ambit.policy.match import (
@@ -20,6 +20,7 @@ from ambit.policy.match import (
     Entry,
     FieldMatch,
     IpAddress,
+    MtlsMode,
     _attr_words,
 )
 from ambit.spiffe import SpiffeId
@@ -29,6 +30,17 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------
 # facts and decisions
+
+# Which kind of rule decided: an ALLOW or DENY policy (or the mTLS/waypoint checks, which
+# speak as ALLOW/DENY), or none, the default (allow when no ALLOW policy applies, else deny).
+DecisionAction = Literal["ALLOW", "DENY", "DEFAULT"]
+# The effective PeerAuthentication mode of a port (UNSET has been resolved by inheritance).
+EffectiveMtlsMode = Literal["DISABLE", "PERMISSIVE", "STRICT"]
+# A connection's verdict as every process names it (the ztunnel's connection records and
+# access log, the agent's /flows, `ambit flows`): allowed or denied by a Decision, not
+# decided (yet, or ever: refused before any policy was asked), or dropped by the kernel
+# (no-bypass, or plaintext into a STRICT port) before any proxy saw it.
+Verdict = Literal["allow", "deny", "pending", "dropped"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ class Decision:
     """Which policy and rule decided, and a sentence saying why."""
 
     allowed: bool
-    action: str  # "ALLOW" | "DENY" | "DEFAULT"
+    action: DecisionAction
     policy: str | None  # "ns/name"
     rule: int | None
     reason: str
@@ -321,7 +333,7 @@ def authorize_http(facts: ConnectionFacts, http: HttpFacts, policies: PolicySet)
     )
 
 
-def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str | None]:
+def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[EffectiveMtlsMode, str | None]:
     """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided (None: the default)."""
     root = policies.root_namespace
     mesh = ns_level = workload = None
@@ -341,18 +353,21 @@ def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[str, str
             and _selects(p.match_labels, dst.labels)
         ):
             workload = p
-    mode, by = "PERMISSIVE", None
+    mode: EffectiveMtlsMode = "PERMISSIVE"
+    by: str | None = None
     for level in (mesh, ns_level, workload):
         if level is not None and level.mode != "UNSET":
             mode, by = level.mode, level.ref
     if workload is not None:
-        pm = workload.port_modes.get(port, "UNSET")
+        pm: MtlsMode = workload.port_modes.get(port, "UNSET")
         if pm != "UNSET":
             mode, by = pm, workload.ref
     return mode, by
 
 
-def mtls_port_modes(dst: Workload, policies: PolicySet) -> tuple[str, dict[int, str]]:
+def mtls_port_modes(
+    dst: Workload, policies: PolicySet
+) -> tuple[EffectiveMtlsMode, dict[int, EffectiveMtlsMode]]:
     """`dst`'s workload-wide mode and the ports whose mode differs from it (portLevelMtls),
     as `mtls_mode` decides each: what the kernel needs to drop or capture plaintext per port."""
     default = mtls_mode(dst, 0, policies)
@@ -368,7 +383,7 @@ def mtls_port_modes(dst: Workload, policies: PolicySet) -> tuple[str, dict[int, 
     return default, out
 
 
-def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> str:
+def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> EffectiveMtlsMode:
     """Effective PeerAuthentication mode on `dst`'s (workload) `port`: "STRICT", "PERMISSIVE" or
     "DISABLE". Workload selector > namespace > mesh (root namespace) > PERMISSIVE; UNSET inherits.
     The ztunnel treats DISABLE like PERMISSIVE (Istio ambient cannot disable mTLS)."""

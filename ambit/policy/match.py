@@ -12,13 +12,19 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from typing import Literal, get_args
 
 from ambit import AmbitError
 
+# What a compiled AuthorizationPolicy does (CUSTOM is accepted by Istio and refused by
+# `compile_policy` with its own message, so it is written but never compiled).
+Action = Literal["ALLOW", "DENY", "AUDIT"]
+# PeerAuthentication's mTLS modes, as written; UNSET inherits from the level above.
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
-ACTIONS = ("ALLOW", "DENY", "AUDIT", "CUSTOM")
-MTLS_MODES = ("UNSET", "DISABLE", "PERMISSIVE", "STRICT")
+ACTIONS: tuple[str, ...] = (*get_args(Action), "CUSTOM")
+MTLS_MODES: tuple[MtlsMode, ...] = get_args(MtlsMode)
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
@@ -40,10 +46,6 @@ L7_WHEN_KEYS = frozenset(
 )
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*$")
-
-Action = Literal["ALLOW", "DENY", "AUDIT"]
-
-
 
 
 class PolicyError(AmbitError):
@@ -311,8 +313,8 @@ class CompiledPeerAuthn(_Named):
     name: str
     api_version: str
     match_labels: Mapping[str, str] | None = field(hash=False)
-    mode: str  # one of MTLS_MODES
-    port_modes: Mapping[int, str] = field(hash=False)
+    mode: MtlsMode
+    port_modes: Mapping[int, MtlsMode] = field(hash=False)
     resource_version: str = ""
 
     kind = "PeerAuthentication"
