@@ -13,11 +13,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Literal
+
+from ambit.policy import Verdict
+from ztunnel.refusal import ResponseFlag
 
 OUTBOUND = "outbound"
 INBOUND = "inbound"
 INBOUND_PLAINTEXT = "inbound_plaintext"
+
+
+class Route(StrEnum):
+    """Which way a connection goes, as records, the access log and `ambit flows` name it."""
+
+    HBONE = "hbone"  # tunnelled to (outbound) or from (inbound) another node's ztunnel
+    LOCAL = "same-node"  # both ends on this node: no TLS, the destination's policy in-process
+    PASSTHROUGH = "passthrough"  # to a destination outside the mesh: plain TCP
+    REFUSE = "refuse"  # refused by the outbound plan before it went anywhere
+    PLAINTEXT = "plaintext"  # inbound plaintext on 15006 (PERMISSIVE)
 
 
 @dataclass
@@ -53,12 +67,12 @@ class ConnRecord:
     # which the agent joins this record with the kernel's (sock_ops) view of the flow.
     upstream_local: str | None = None
     mtls: bool = False
-    route: str = ""  # hbone | same-node | passthrough | plaintext
-    decision: str = "pending"  # allow | deny | pending
+    route: Route | Literal[""] = ""  # "": not routed (yet)
+    decision: Verdict = "pending"
     policy: str | None = None
     rule: int | None = None
     reason: str = ""
-    response_flags: str = "-"
+    response_flags: ResponseFlag = ResponseFlag.NONE
     state: str = "connecting"  # connecting | open | closed | refused
     error: str | None = None
     counters: ByteCounters = field(default_factory=ByteCounters)
@@ -135,8 +149,8 @@ class ConnectionTable:
             rec.state = "refused"
         elif rec.state == "connecting":
             rec.state = "failed"
-            if rec.response_flags == "-":
-                rec.response_flags = "UF"  # Envoy's flag: upstream connection failure
+            if rec.response_flags == ResponseFlag.NONE:
+                rec.response_flags = ResponseFlag.UPSTREAM_FAILURE
         else:
             rec.state = "closed"
         self.recent.append(rec)

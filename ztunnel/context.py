@@ -22,6 +22,7 @@ from ztunnel.copy import HeapTrimmer
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.manager import CertManager
 from ztunnel.metrics import Metrics
+from ztunnel.refusal import Refusal
 
 if TYPE_CHECKING:
     from ambit.snapshot import Snapshot
@@ -51,12 +52,12 @@ class ProxyContext:
         if not self.tasks.closed and self.heap.closed():
             self.tasks.spawn("heap-trim", self.heap.run())
 
-    def refuse(self, rec: ConnRecord, reason_key: str, reason: str, *, flags: str = "-") -> None:
-        """Close a refused (never proxied) connection's record: log, count, access-log."""
+    def refuse(self, rec: ConnRecord, refusal: Refusal, reason: str) -> None:
+        """Close a refused (never proxied) connection's record: log, count, access-log.
+        `reason` is the sentence for the record and the log; `refusal` gives its flag and label."""
         rec.reason = reason
-        if flags != "-":
-            rec.response_flags = flags
-        self.metrics.refuse(reason_key)
+        rec.response_flags = refusal.spec.flag
+        self.metrics.refuse(refusal)
         log.info("refused %s %s:%d -> %s:%d: %s", rec.direction, rec.src_ip, rec.src_port,
                  rec.dst_ip, rec.dst_port, reason)
         self.conns.close(rec, None if rec.decision == "deny" else reason)

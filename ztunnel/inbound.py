@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
-from ambit.policy import ConnectionFacts, Decision, authorize
+from ambit.policy import ConnectionFacts, Decision, authorize, mtls_mode
 from ambit.spiffe import SpiffeId
 from ambit.svid import SvidError
-from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnRecord
+from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnRecord, Route
 from ztunnel.context import ProxyContext
 from ztunnel.copy import Leg, Splice, TcpLeg
 from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
 from ztunnel.identity.tls import identity_from_sni, peer_identity, server_context_selector
 from ztunnel.origdst import OrigDstError, original_dst
+from ztunnel.refusal import Refusal
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 
 if TYPE_CHECKING:
@@ -40,11 +41,16 @@ class UpstreamError(Exception):
 
 @dataclass(frozen=True)
 class InboundCheck:
-    status: int  # 200 allowed, 400 bad/unknown destination, 401 denied by policy
+    refusal: Refusal | None  # None: allowed
     workload: Workload | None
     port: int
     decision: Decision | None
     reason: str
+
+    @property
+    def status(self) -> int:
+        """The HBONE answer: 200 allowed, 400 bad/unknown destination, 401 denied by policy."""
+        return 200 if self.refusal is None else self.refusal.hbone_status
 
 
 @dataclass(frozen=True)
@@ -103,22 +109,26 @@ def check_inbound(
     tls_identity: SpiffeId | None = None,
 ) -> InboundCheck:
     """Pure: may this connection reach local workload dst_ip:dst_port? (HBONE status semantics)."""
+    unknown = Refusal.UNKNOWN_DESTINATION
     w = snap.workload_by_ip(dst_ip)
     if w is None or w.node != snap.node:
-        return InboundCheck(400, None, dst_port, None,
+        return InboundCheck(unknown, None, dst_port, None,
                             f"{dst_ip}:{dst_port} is not a workload on node {snap.node}")
     if not w.enrolled:
-        return InboundCheck(400, w, dst_port, None, f"{w.uid} is not enrolled in the mesh")
+        return InboundCheck(unknown, w, dst_port, None, f"{w.uid} is not enrolled in the mesh")
     if tls_identity is not None and tls_identity != w.identity:
         return InboundCheck(
-            400, w, dst_port, None,
+            unknown, w, dst_port, None,
             f"{dst_ip} is {w.uid} ({w.identity}) but the TLS connection was opened for {tls_identity}",
         )
     facts = ConnectionFacts(src_ip, src_identity, w, dst_port, mtls)
     d = authorize(facts, snap.policies, via_waypoint=via_waypoint(w, src_identity))
     if not d.allowed:
-        return InboundCheck(401, w, dst_port, d, d.reason)
-    return InboundCheck(200, w, dst_port, d, d.reason)
+        # `authorize` refuses plaintext to a STRICT port before any other check
+        strict = not mtls and mtls_mode(w, dst_port, snap.policies) == "STRICT"
+        refusal = Refusal.STRICT_MTLS if strict else Refusal.POLICY_DENIED
+        return InboundCheck(refusal, w, dst_port, d, d.reason)
+    return InboundCheck(None, w, dst_port, d, d.reason)
 
 
 def apply_check(rec: ConnRecord, chk: InboundCheck) -> None:
@@ -213,7 +223,7 @@ class Inbound:
         # forwarded_for an IP or None (a malformed CONNECT was answered 400 there)
         rec = local_record(
             ctx, INBOUND, peer_ip, peer_port, req.host, req.port,
-            src_identity=str(conn.identity) if conn.identity else None, mtls=True, route="hbone",
+            src_identity=str(conn.identity) if conn.identity else None, mtls=True, route=Route.HBONE,
             src_cert_serial=conn.peer_cert_serial,
             client_ip=req.forwarded_for,
         )
@@ -221,21 +231,22 @@ class Inbound:
         client = client_address(snap, peer_ip, conn.identity, req.forwarded_for)
         if client.workload is not None and client.ip is not None:
             rec.src_workload = client.workload.uid
+
+        def refuse(refusal: Refusal, reason: str) -> None:
+            conn.respond(leg, refusal.hbone_status)
+            ctx.refuse(rec, refusal, reason)
+
         if ctx.draining:
-            conn.respond(leg, 503)
-            ctx.refuse(rec, "draining", "the ztunnel is shutting down", flags="DR")
+            refuse(Refusal.DRAINING, "the ztunnel is shutting down")
             return
         if client.ip is None:
-            conn.respond(leg, 400)
-            ctx.refuse(rec, "untrusted_client_address", client.reason, flags="NR")
+            refuse(Refusal.UNTRUSTED_CLIENT_ADDRESS, client.reason)
             return
         chk = check_inbound(snap, req.host, req.port, src_ip=client.ip, src_identity=conn.identity,
                             mtls=True, tls_identity=conn.tls_identity)
         apply_check(rec, chk)
-        if chk.status != 200:
-            conn.respond(leg, chk.status)
-            ctx.refuse(rec, "policy_denied" if chk.status == 401 else "unknown_destination",
-                       chk.reason, flags="DENY" if chk.status == 401 else "NR")
+        if chk.refusal is not None:
+            refuse(chk.refusal, chk.reason)
             return
         reset = "client reset the stream before the workload answered"
         if leg.closed:
@@ -248,9 +259,9 @@ class Inbound:
         try:
             up = await dial(req.host, req.port, ctx.config.timeouts.connect)
         except UpstreamError as e:
-            conn.respond(leg, 503)
+            conn.respond(leg, Refusal.UPSTREAM_UNREACHABLE.hbone_status)
             rec.reason = str(e)
-            ctx.metrics.refuse("upstream_unreachable")
+            ctx.metrics.refuse(Refusal.UPSTREAM_UNREACHABLE)
             log.warning("inbound %s -> %s: %s", conn.identity, req.authority, e)
             ctx.conns.close(rec, str(e))
             return
@@ -282,29 +293,27 @@ class Inbound:
         try:
             dst_ip, dst_port = original_dst(leg.transport.get_extra_info("socket"))
         except OrigDstError as e:
-            rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, "-", 0, route="plaintext")
-            ctx.refuse(rec, "no_original_dst", str(e), flags="NR")
+            rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, "-", 0, route=Route.PLAINTEXT)
+            ctx.refuse(rec, Refusal.NO_ORIGINAL_DST, str(e))
             leg.abort()
             return
         snap = ctx.snapshot()
-        rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, dst_ip, dst_port, route="plaintext")
+        rec = local_record(ctx, INBOUND_PLAINTEXT, src_ip, src_port, dst_ip, dst_port, route=Route.PLAINTEXT)
         src_w = snap.workload_by_ip(src_ip)
         if src_w is not None:
             rec.src_workload = src_w.uid
         chk = check_inbound(snap, dst_ip, dst_port, src_ip=src_ip, src_identity=None, mtls=False)
         apply_check(rec, chk)
-        if chk.status != 200:
+        if chk.refusal is not None:
             leg.abort()
-            key = "strict_mtls" if chk.decision is not None and "STRICT" in chk.reason else (
-                "policy_denied" if chk.status == 401 else "unknown_destination")
-            ctx.refuse(rec, key, chk.reason, flags="DENY" if chk.status == 401 else "NR")
+            ctx.refuse(rec, chk.refusal, chk.reason)
             return
         try:
             up = await dial(dst_ip, dst_port, ctx.config.timeouts.connect)
         except UpstreamError as e:
             leg.abort()
             rec.reason = str(e)
-            ctx.metrics.refuse("upstream_unreachable")
+            ctx.metrics.refuse(Refusal.UPSTREAM_UNREACHABLE)
             ctx.conns.close(rec, str(e))
             return
         await splice_and_wait(ctx, leg, up, [rec], rec.counters)
@@ -338,7 +347,7 @@ class InboundConnection(HboneProtocol):
             self.peer_cert_serial = f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else None
         except SvidError as e:
             log.warning("%s: rejected peer certificate: %s", self.label, e)
-            self.inbound.ctx.metrics.refuse("peer_certificate")
+            self.inbound.ctx.metrics.refuse(Refusal.PEER_CERTIFICATE)
             cast(asyncio.Transport, transport).abort()
             return
         name = getattr(ssl_obj, "ambit_server_name", None)
@@ -358,7 +367,7 @@ class InboundConnection(HboneProtocol):
                                          self.inbound.handle_connect(self, leg, ev))
         elif isinstance(ev, RequestRejected):
             log.info("%s: rejected stream %d with %d: %s", self.label, ev.stream_id, ev.status, ev.reason)
-            self.inbound.ctx.metrics.refuse("bad_request")
+            self.inbound.ctx.metrics.refuse(Refusal.BAD_REQUEST)
         else:
             super().handle_other(ev)
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from ztunnel.conntrack import OUTBOUND, ConnRecord
+from ztunnel.refusal import Refusal
 
 TCP_LABELS = (
     "reporter",
@@ -123,8 +124,8 @@ class Metrics:
             if rec.decision == "allow":
                 self._flush_bytes(rec)
 
-    def refuse(self, reason: str) -> None:
-        self.refused.labels(reason).inc()
+    def refuse(self, refusal: Refusal) -> None:
+        self.refused.labels(refusal.spec.label).inc()
 
     def set_cert_source(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
         """`source()` yields (identity, expiry unix time) for the certificate gauge."""

@@ -14,10 +14,10 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from ztunnel import socks5
-from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord
+from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord, Route
 from ztunnel.context import ProxyContext
 from ztunnel.copy import TcpLeg
 from ztunnel.hbone import HboneError
@@ -33,13 +33,15 @@ from ztunnel.inbound import (
 )
 from ztunnel.origdst import OrigDstError, original_dst
 from ztunnel.pool import Pool, PoolError
+from ztunnel.refusal import Refusal
 
 if TYPE_CHECKING:
     from ambit.snapshot import ServiceInfo, Snapshot, Workload
 
 log = logging.getLogger("ambit.ztunnel.outbound")
 
-HBONE, LOCAL, PASSTHROUGH, REFUSE = "hbone", "same-node", "passthrough", "refuse"
+# Where `plan_outbound` sends a connection.
+PlanKind = Literal[Route.HBONE, Route.LOCAL, Route.PASSTHROUGH, Route.REFUSE]
 
 # Reply sent to a SOCKS5 client once the upstream side is known: (ok, socks5 code)
 Reply = Callable[[int], None]
@@ -47,7 +49,7 @@ Reply = Callable[[int], None]
 
 @dataclass(frozen=True)
 class OutboundPlan:
-    kind: str  # hbone | same-node | passthrough | refuse
+    kind: PlanKind
     reason: str
     src: Workload | None = None
     dst: Workload | None = None
@@ -55,7 +57,7 @@ class OutboundPlan:
     dst_port: int = 0
     service: ServiceInfo | None = None
     node_address: str | None = None
-    refuse_key: str = ""
+    refusal: Refusal | None = None  # set when kind is REFUSE
 
 
 def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick: int = 0, *,
@@ -66,25 +68,26 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
     passthrough to loopback addresses is allowed there (see `passthrough_forbidden`)."""
     src = snap.workload_by_ip(src_ip)
     if src is None:
-        return OutboundPlan(REFUSE, f"source {src_ip} is not a known workload", refuse_key="unknown_source")
+        return OutboundPlan(Route.REFUSE, f"source {src_ip} is not a known workload",
+                            refusal=Refusal.UNKNOWN_SOURCE)
     if src.node != snap.node:
-        return OutboundPlan(REFUSE, f"source {src.uid} runs on {src.node}, not on {snap.node}",
-                            src=src, refuse_key="unknown_source")
+        return OutboundPlan(Route.REFUSE, f"source {src.uid} runs on {src.node}, not on {snap.node}",
+                            src=src, refusal=Refusal.UNKNOWN_SOURCE)
     if not src.enrolled:
         # Only enrolled pods' sockets are redirected here; an unenrolled pod that reaches the
         # listener directly must not be given its service account's identity.
-        return OutboundPlan(REFUSE, f"source {src.uid} is not enrolled in the mesh: the ztunnel proxies "
+        return OutboundPlan(Route.REFUSE, f"source {src.uid} is not enrolled in the mesh: the ztunnel proxies "
                             "only enrolled pods' connections and never lends an identity to another",
-                            src=src, refuse_key="unknown_source")
+                            src=src, refusal=Refusal.UNKNOWN_SOURCE)
     svc = snap.service_by_vip(dst_ip)
     if svc is not None:
         if dst_port not in svc.ports:
-            return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no port {dst_port}",
-                                src=src, service=svc, refuse_key="no_service_port")
+            return OutboundPlan(Route.REFUSE, f"service {svc.namespace}/{svc.name} has no port {dst_port}",
+                                src=src, service=svc, refusal=Refusal.NO_SERVICE_PORT)
         eps = [(w, target) for w, target in snap.service_endpoints(dst_ip, dst_port) if w.ip]
         if not eps:
-            return OutboundPlan(REFUSE, f"service {svc.namespace}/{svc.name} has no ready endpoints",
-                                src=src, service=svc, refuse_key="no_endpoints")
+            return OutboundPlan(Route.REFUSE, f"service {svc.namespace}/{svc.name} has no ready endpoints",
+                                src=src, service=svc, refusal=Refusal.NO_ENDPOINTS)
         picked, dst_port = eps[pick % len(eps)]
         dst: Workload | None = picked
         dst_ip = picked.ip
@@ -93,20 +96,21 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
     if dst is None or not dst.enrolled:
         forbidden = passthrough_forbidden(dst_ip, loopback_ok=loopback_workloads)
         if forbidden:
-            return OutboundPlan(REFUSE, f"{dst_ip}:{dst_port}: {forbidden}", src=src, dst=dst,
-                                dst_ip=dst_ip, dst_port=dst_port, service=svc, refuse_key="forbidden_destination")
+            return OutboundPlan(Route.REFUSE, f"{dst_ip}:{dst_port}: {forbidden}", src=src, dst=dst,
+                                dst_ip=dst_ip, dst_port=dst_port, service=svc,
+                                refusal=Refusal.FORBIDDEN_DESTINATION)
         why = "not a mesh workload" if dst is None else f"{dst.uid} is not enrolled"
-        return OutboundPlan(PASSTHROUGH, f"{dst_ip}:{dst_port}: {why}: plain TCP passthrough",
+        return OutboundPlan(Route.PASSTHROUGH, f"{dst_ip}:{dst_port}: {why}: plain TCP passthrough",
                             src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=svc)
     if dst.node == snap.node:
-        return OutboundPlan(LOCAL, f"{dst.uid} is on this node", src=src, dst=dst, dst_ip=dst_ip,
+        return OutboundPlan(Route.LOCAL, f"{dst.uid} is on this node", src=src, dst=dst, dst_ip=dst_ip,
                             dst_port=dst_port, service=svc)
     addr = dst.node_address or snap.nodes.get(dst.node)
     if not addr:
-        return OutboundPlan(REFUSE, f"{dst.uid} runs on node {dst.node}, whose address is unknown",
+        return OutboundPlan(Route.REFUSE, f"{dst.uid} runs on node {dst.node}, whose address is unknown",
                             src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=svc,
-                            refuse_key="unknown_node")
-    return OutboundPlan(HBONE, f"{dst.uid} on node {dst.node} ({addr})", src=src, dst=dst,
+                            refusal=Refusal.UNKNOWN_NODE)
+    return OutboundPlan(Route.HBONE, f"{dst.uid} on node {dst.node} ({addr})", src=src, dst=dst,
                         dst_ip=dst_ip, dst_port=dst_port, service=svc, node_address=addr)
 
 
@@ -184,12 +188,12 @@ class Outbound:
             dst_ip, dst_port = original_dst(leg.transport.get_extra_info("socket"))
         except OrigDstError as e:
             rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, "-", 0)
-            self.ctx.refuse(rec, "no_original_dst", str(e), flags="NR")
+            self.ctx.refuse(rec, Refusal.NO_ORIGINAL_DST, str(e))
             leg.abort()
             return
         if (dst_ip, dst_port) == leg.sockname:
             rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, dst_ip, dst_port)
-            self.ctx.refuse(rec, "loop", "connection addressed to the outbound listener itself", flags="NR")
+            self.ctx.refuse(rec, Refusal.LOOP, "connection addressed to the outbound listener itself")
             leg.abort()
             return
         await self.proxy(leg, src_ip, src_port, dst_ip, dst_port, None)
@@ -212,7 +216,7 @@ class Outbound:
                         lg.transport.write(e.reply)
                     lg.transport.close()
                 log.info("socks5 client %s: %s", lg.peername if lg.transport else "?", e)
-                self.ctx.metrics.refuse("socks5_protocol")
+                self.ctx.metrics.refuse(Refusal.SOCKS5_PROTOCOL)
                 lg.on_early = None
                 return
             lg.take_early(used)
@@ -237,7 +241,7 @@ class Outbound:
             req = await asyncio.wait_for(asyncio.shield(done), self.ctx.config.timeouts.socks5_handshake)
         except TimeoutError:
             leg.abort()
-            self.ctx.metrics.refuse("socks5_timeout")
+            self.ctx.metrics.refuse(Refusal.SOCKS5_TIMEOUT)
             return
         if req is None:
             leg.close()
@@ -253,8 +257,8 @@ class Outbound:
 
         if dst_ip is None:
             rec = local_record(self.ctx, OUTBOUND, src_ip, src_port, req.host, req.port)
-            send_reply(socks5.HOST_UNREACHABLE)
-            self.ctx.refuse(rec, "unknown_name", f"{req.host} is not a service known to the mesh", flags="NR")
+            send_reply(Refusal.UNKNOWN_NAME.socks5_reply)
+            self.ctx.refuse(rec, Refusal.UNKNOWN_NAME, f"{req.host} is not a service known to the mesh")
             leg.close()
             return
         await self.proxy(leg, src_ip, src_port, dst_ip, req.port, send_reply)
@@ -284,35 +288,35 @@ class Outbound:
         if plan.service is not None:
             rec.dst_service = f"{plan.service.name}.{plan.service.namespace}.svc.cluster.local"
 
-        def fail(code: int, key: str, reason: str, flags: str) -> None:
+        def fail(refusal: Refusal, reason: str) -> None:
             if reply is not None:
-                reply(code)
+                reply(refusal.socks5_reply)
                 leg.close()  # the client reads the SOCKS5 error, then EOF
             else:
                 leg.abort()
-            ctx.refuse(rec, key, reason, flags=flags)
+            ctx.refuse(rec, refusal, reason)
 
         if ctx.draining:
-            fail(socks5.GENERAL_FAILURE, "draining", "the ztunnel is shutting down", "DR")
+            fail(Refusal.DRAINING, "the ztunnel is shutting down")
             return
-        if plan.kind == REFUSE:
-            fail(socks5.NOT_ALLOWED if plan.refuse_key == "unknown_source" else socks5.HOST_UNREACHABLE,
-                 plan.refuse_key, plan.reason, "NR")
+        if plan.kind == Route.REFUSE:
+            assert plan.refusal is not None
+            fail(plan.refusal, plan.reason)
             return
-        if plan.kind == PASSTHROUGH:
+        if plan.kind == Route.PASSTHROUGH:
             rec.decision, rec.reason = "allow", plan.reason
             log.info("outbound %s:%d -> %s:%d: %s", src_ip, src_port, plan.dst_ip, plan.dst_port, plan.reason)
             try:
                 up = await dial(plan.dst_ip, plan.dst_port, ctx.config.timeouts.connect)
             except UpstreamError as e:
-                fail(socks5.CONNECTION_REFUSED, "upstream_unreachable", str(e), "UF")
+                fail(Refusal.UPSTREAM_UNREACHABLE, str(e))
                 return
             if reply is not None:
                 reply(socks5.SUCCEEDED)
             await splice_and_wait(ctx, leg, up, [rec], rec.counters)
             return
         assert plan.src is not None and plan.dst is not None
-        if plan.kind == LOCAL:
+        if plan.kind == Route.LOCAL:
             await self._same_node(leg, plan, rec, fail, reply)
             return
         rec.mtls = True
@@ -320,12 +324,12 @@ class Outbound:
             authority = format_authority(plan.dst_ip, plan.dst_port)
         except HboneError as e:
             # e.g. a SOCKS5 CONNECT to port 0: refused here rather than sent for the peer to answer 400
-            fail(socks5.HOST_UNREACHABLE, "bad_destination", str(e), "NR")
+            fail(Refusal.BAD_DESTINATION, str(e))
             return
         try:
             cert = await ctx.certs.get(plan.src.identity, timeout=ctx.config.timeouts.cert)
         except CertNotReady as e:
-            fail(socks5.GENERAL_FAILURE, "cert_not_ready", f"no certificate for the source: {e}", "UAEX")
+            fail(Refusal.CERT_NOT_READY, f"no certificate for the source: {e}")
             return
         assert plan.node_address is not None
         rec.src_cert_serial = f"{cert.serial:x}"
@@ -334,12 +338,10 @@ class Outbound:
             up_leg = await self.pool.open_stream(cert, plan.dst.identity, plan.node_address, port,
                                                  authority, src_ip)
         except PoolError as e:
-            if e.status == 401:
+            if e.refusal is Refusal.POLICY_DENIED:
                 rec.decision = "deny"
-            code = {401: socks5.NOT_ALLOWED, 400: socks5.HOST_UNREACHABLE}.get(e.status or 0, socks5.CONNECTION_REFUSED)
             log.warning("outbound %s -> %s: %s", rec.src_workload, authority, e)
-            fail(code, {401: "policy_denied", 400: "peer_bad_request"}.get(e.status or 0, "upstream_unreachable"),
-                 str(e), e.flags)
+            fail(e.refusal, str(e))
             return
         rec.decision, rec.reason = "allow", plan.reason
         if leg.lost.done():
@@ -351,7 +353,7 @@ class Outbound:
         await splice_and_wait(ctx, leg, up_leg, [rec], rec.counters)
 
     async def _same_node(self, leg: TcpLeg, plan: OutboundPlan, rec: ConnRecord,
-                         fail: Callable[[int, str, str, str], None], reply: Reply | None) -> None:
+                         fail: Callable[[Refusal, str], None], reply: Reply | None) -> None:
         """Same node: no TLS, but the destination's inbound policy with the source's identity."""
         ctx = self.ctx
         assert plan.src is not None and plan.dst is not None
@@ -359,22 +361,20 @@ class Outbound:
         rec.mtls = True
         in_rec = local_record(ctx, INBOUND, plan.src.ip, rec.src_port, plan.dst_ip, plan.dst_port,
                               src_workload=plan.src.uid, src_identity=str(plan.src.identity), mtls=True,
-                              route=LOCAL, dst_service=rec.dst_service, counters=rec.counters)
+                              route=Route.LOCAL, dst_service=rec.dst_service, counters=rec.counters)
         chk = check_inbound(snap, plan.dst_ip, plan.dst_port, src_ip=plan.src.ip,
                             src_identity=plan.src.identity, mtls=True)
         apply_check(in_rec, chk)
         apply_check(rec, chk)
-        if chk.status != 200:
-            ctx.refuse(in_rec, "policy_denied" if chk.status == 401 else "unknown_destination", chk.reason,
-                       flags="DENY" if chk.status == 401 else "NR")
-            fail(socks5.NOT_ALLOWED, "policy_denied" if chk.status == 401 else "unknown_destination",
-                 chk.reason, "DENY" if chk.status == 401 else "NR")
+        if chk.refusal is not None:
+            ctx.refuse(in_rec, chk.refusal, chk.reason)
+            fail(chk.refusal, chk.reason)
             return
         try:
             up = await dial(plan.dst_ip, plan.dst_port, ctx.config.timeouts.connect)
         except UpstreamError as e:
             ctx.conns.close(in_rec, str(e))
-            fail(socks5.CONNECTION_REFUSED, "upstream_unreachable", str(e), "UF")
+            fail(Refusal.UPSTREAM_UNREACHABLE, str(e))
             return
         if reply is not None:
             reply(socks5.SUCCEEDED)

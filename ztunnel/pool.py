@@ -24,6 +24,7 @@ from ztunnel.context import ProxyContext
 from ztunnel.hbone import HboneClient, HboneError, TunnelResponse
 from ztunnel.identity.manager import WorkloadCert
 from ztunnel.identity.tls import client_context, sni_for, verify_peer
+from ztunnel.refusal import Refusal
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 
 log = logging.getLogger("ambit.ztunnel.pool")
@@ -34,10 +35,14 @@ PoolKey = tuple[SpiffeId, SpiffeId, str, int]
 class PoolError(Exception):
     """Opening a tunnel failed; `status` is the HBONE status when the peer answered one."""
 
-    def __init__(self, message: str, status: int | None = None, flags: str = "UF") -> None:
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.flags = flags
+
+    @property
+    def refusal(self) -> Refusal:
+        """What the source records: the peer's answer read back, or an upstream failure."""
+        return Refusal.from_peer_status(self.status)
 
 
 class ClientConnection(HboneProtocol):
@@ -238,8 +243,7 @@ class Pool:
             raise PoolError(f"{conn.label}: CONNECT {authority}: {e}") from None
         if status != 200:
             leg.abort()
-            flags = {401: "DENY", 400: "NR", 503: "UF"}.get(status, "UF")
-            raise PoolError(f"peer answered {status} to CONNECT {authority}", status=status, flags=flags)
+            raise PoolError(f"peer answered {status} to CONNECT {authority}", status=status)
         return leg
 
     def stats_json(self) -> dict[str, Any]:

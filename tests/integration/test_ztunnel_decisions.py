@@ -13,10 +13,14 @@ from ambit.spiffe import SpiffeId
 from tests.integration.ztunnel_harness import NAMESPACES, node_yaml, pod_yaml, service_yaml
 from ztunnel import socks5
 from ztunnel.config import ConfigError, Listen, parse_listen
+from ztunnel.conntrack import Route
 from ztunnel.hbone.wire import BadRequest, parse_authority
 from ztunnel.inbound import check_inbound, client_address
 from ztunnel.origdst import OrigDstError, parse_sockaddr
-from ztunnel.outbound import HBONE, LOCAL, PASSTHROUGH, REFUSE, plan_outbound, resolve_name
+from ztunnel.outbound import plan_outbound, resolve_name
+from ztunnel.refusal import Refusal
+
+HBONE, LOCAL, PASSTHROUGH, REFUSE = Route.HBONE, Route.LOCAL, Route.PASSTHROUGH, Route.REFUSE
 
 STRICT = """
 ---
@@ -60,7 +64,7 @@ def snap(node: str = "node-a", extra: str = "") -> Snapshot:
         ("10.1.0.1", "255.255.255.255", 80, REFUSE, None),
     ],
 )
-def test_plan_outbound(src: str, dst: str, port: int, kind: str, final: tuple[str, int] | None) -> None:
+def test_plan_outbound(src: str, dst: str, port: int, kind: Route, final: tuple[str, int] | None) -> None:
     p = plan_outbound(snap(), src, dst, port)
     assert p.kind == kind, p.reason
     if final is not None:
@@ -68,11 +72,13 @@ def test_plan_outbound(src: str, dst: str, port: int, kind: str, final: tuple[st
     if kind == HBONE:
         assert p.node_address == "10.0.0.12"
     if kind == REFUSE:
-        assert p.refuse_key and p.reason
+        assert p.refusal is not None and p.reason
+    else:
+        assert p.refusal is None
 
 
 def test_loopback_passthrough_only_for_loopback_rigs() -> None:
-    assert plan_outbound(snap(), "10.1.0.1", "127.0.0.5", 80).refuse_key == "forbidden_destination"
+    assert plan_outbound(snap(), "10.1.0.1", "127.0.0.5", 80).refusal is Refusal.FORBIDDEN_DESTINATION
     assert plan_outbound(snap(), "10.1.0.1", "127.0.0.5", 80, loopback_workloads=True).kind == PASSTHROUGH
     # never the unspecified address, which the kernel would also deliver to the node itself
     assert plan_outbound(snap(), "10.1.0.1", "0.0.0.0", 80, loopback_workloads=True).kind == REFUSE
@@ -82,7 +88,7 @@ def test_unenrolled_source_gets_no_identity() -> None:
     """An unenrolled pod that reaches 15001 directly is refused, never proxied with its SA's identity."""
     s = snap(extra=pod_yaml("legacy", "sneaky", "node-a", "default", "10.1.0.9"))
     p = plan_outbound(s, "10.1.0.9", "10.2.0.1", 8080)
-    assert p.kind == REFUSE and p.refuse_key == "unknown_source"
+    assert p.kind == REFUSE and p.refusal is Refusal.UNKNOWN_SOURCE
     assert "not enrolled" in p.reason
 
 
@@ -127,7 +133,7 @@ def test_check_inbound() -> None:
                               tls_identity=SpiffeId("cluster.local", "shop", "other"))
     assert wrong_sni.status == 400 and "TLS connection was opened for" in wrong_sni.reason
     plain = check_inbound(s, "10.2.0.1", 8080, src_ip="10.1.0.1", src_identity=None, mtls=False)
-    assert plain.status == 401 and "STRICT" in plain.reason
+    assert plain.status == 401 and "STRICT" in plain.reason and plain.refusal is Refusal.STRICT_MTLS
     assert check_inbound(s, "10.2.0.1", 9090, src_ip="10.1.0.1", src_identity=None, mtls=False).status == 200
 
 
