@@ -33,7 +33,9 @@ from agent.enroll import (
     Desired,
     Detach,
     Forget,
+    KernelMode,
     KernelPod,
+    PortModes,
     Retry,
     WriteSettings,
     adopt,
@@ -47,7 +49,7 @@ from agent.lastgood import LastGood
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 from ambit.cluster import REDIRECTION, ClusterState, Pod
 from ambit.http import HttpServer, Response, Routes, get_json
-from ambit.policy import mtls_port_modes
+from ambit.policy import EffectiveMtlsMode, mtls_port_modes
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource
 from ambit.tasks import TaskSet
@@ -75,13 +77,13 @@ class AgentConfig:
     state_dir: Path | None = None
 
 
-def kernel_mode(mode: str) -> str:
+def kernel_mode(mode: EffectiveMtlsMode) -> KernelMode:
     """What the kernel does with plaintext: STRICT drops it; PERMISSIVE and DISABLE send it
     through the ztunnel's 15006 (ambient mesh traffic is never unencrypted)."""
     return "STRICT" if mode == "STRICT" else "PERMISSIVE"
 
 
-def pod_modes(snap: Snapshot, pod: Pod) -> tuple[str, tuple[tuple[int, str], ...]]:
+def pod_modes(snap: Snapshot, pod: Pod) -> tuple[KernelMode, PortModes]:
     """The pod's inbound plaintext mode for the kernel, and the ports that differ from it."""
     w = snap.workload_by_ip(pod.ip) if pod.ip else None
     if w is None:
@@ -154,8 +156,8 @@ class Agent:
             if pod.phase in ("Succeeded", "Failed"):
                 continue
             enrolled = cluster.is_enrolled(pod)
-            mode = "PERMISSIVE"
-            port_modes: tuple[tuple[int, str], ...] = ()
+            mode: KernelMode = "PERMISSIVE"
+            port_modes: PortModes = ()
             if enrolled and pod.ip:
                 mode, port_modes = pod_modes(snap, pod)
             out[pod.key] = Desired(
@@ -391,7 +393,7 @@ class Agent:
                 continue
             attached: dict[str, bool] = {}
             uncovered: list[Path] = []
-            kernel_ports: dict[int, str] = {}
+            kernel_ports: dict[int, KernelMode] = {}
             with contextlib.suppress(AgentError):
                 attached = self.datapath.pod_attached(a.cgroup)
                 uncovered = self.datapath.uncovered_subcgroups(a.cgroup)

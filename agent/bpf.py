@@ -25,6 +25,7 @@ from typing import Any
 
 from agent import AgentError, cgroups
 from agent import netns as nsops
+from agent.enroll import KernelMode
 
 log = logging.getLogger("ambit.bpf")
 
@@ -42,7 +43,13 @@ def bpf_sources() -> Path:
 
 DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/ambit")
 MAX_PORTS = 8
-MODES = {"PERMISSIVE": 0, "STRICT": 1}
+MODES: dict[KernelMode, int] = {"PERMISSIVE": 0, "STRICT": 1}  # AMBIT_MODE_* of bpf/ambit.h
+
+
+def mode_name(value: int) -> KernelMode:
+    """A mode as the kernel holds it, read as the programs read it (only STRICT drops)."""
+    return "STRICT" if value == MODES["STRICT"] else "PERMISSIVE"
+
 
 # uapi constants (linux/bpf.h); named here so this module needs no bcc to import
 BPF_F_ALLOW_MULTI = 1 << 1
@@ -445,8 +452,8 @@ class Datapath:
         ip: str | None,
         *,
         enrolled: bool,
-        mode: str = "PERMISSIVE",
-        port_modes: Mapping[int, str] | None = None,
+        mode: KernelMode = "PERMISSIVE",
+        port_modes: Mapping[int, KernelMode] | None = None,
         port_exceptions: Sequence[int] = (),
     ) -> int:
         """Write a pod's settings (for its cgroup, which covers every cgroup below it, and its IP).
@@ -486,7 +493,7 @@ class Datapath:
             ti[ti.Key(ip_to_be32(ip))] = li
         return root_id
 
-    def _set_port_modes(self, ip: str, port_modes: Mapping[int, str]) -> None:
+    def _set_port_modes(self, ip: str, port_modes: Mapping[int, KernelMode]) -> None:
         t = self._table("ambit_port_modes")
         want = {port_to_be16(p): MODES[m] for p, m in port_modes.items()}
         ip_be = ip_to_be32(ip)
@@ -500,11 +507,10 @@ class Datapath:
             k.port = port_be
             t[k] = ctypes.c_uint8(m)
 
-    def port_modes(self, ip: str) -> dict[int, str]:
+    def port_modes(self, ip: str) -> dict[int, KernelMode]:
         """The per-port plaintext modes the kernel holds for a pod IP."""
         ip_be = ip_to_be32(ip)
-        names = {v: k for k, v in MODES.items()}
-        return {socket.ntohs(k.port): names[int(v.value)] for k, v in self._table("ambit_port_modes").items()
+        return {socket.ntohs(k.port): mode_name(int(v.value)) for k, v in self._table("ambit_port_modes").items()
                 if k.ip == ip_be}
 
     def remove_pod(self, cgroup_ids: Iterable[int], ip: str | None) -> None:
@@ -530,7 +536,7 @@ class Datapath:
         for k, v in self._table("ambit_pods").items():
             out[int(k.value)] = {
                 "enrolled": bool(v.enrolled),
-                "mode": "STRICT" if v.mode == 1 else "PERMISSIVE",
+                "mode": mode_name(int(v.mode)),
                 "port_exceptions": [int(v.ports[i]) for i in range(v.nports)],
                 "pod_cgroup_id": int(v.cgroup_id),
             }

@@ -20,6 +20,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from agent.runtime import REDIRECTION_ENABLED
+
+# What the kernel does with plaintext TCP into an enrolled pod (or one of its ports): STRICT
+# drops it, PERMISSIVE sends it through the ztunnel's 15006. PeerAuthentication's DISABLE is
+# PERMISSIVE here (agentd.kernel_mode): ambient mesh traffic is never unencrypted.
+KernelMode = Literal["PERMISSIVE", "STRICT"]
+PortModes = tuple[tuple[int, KernelMode], ...]  # (port, mode) where the port differs (portLevelMtls)
 
 
 @dataclass(frozen=True)
@@ -30,8 +39,8 @@ class Desired:
     ip: str | None
     cgroup: Path | None  # None: the runtime has not created it yet
     enrolled: bool
-    mode: str = "PERMISSIVE"  # inbound plaintext: STRICT drops, PERMISSIVE goes through 15006
-    port_modes: tuple[tuple[int, str], ...] = ()  # (port, mode) where the port differs (portLevelMtls)
+    mode: KernelMode = "PERMISSIVE"
+    port_modes: PortModes = ()
     port_exceptions: tuple[int, ...] = ()
     annotated: bool = False  # the pod already carries ambit.dev/redirection=enabled
 
@@ -46,9 +55,9 @@ class Actual:
     ip: str | None
     attached: bool
     enrolled: bool
-    mode: str
+    mode: KernelMode
     port_exceptions: tuple[int, ...]
-    port_modes: tuple[tuple[int, str], ...] = ()
+    port_modes: PortModes = ()
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,9 @@ class WriteSettings:
     cgroup: Path
     ip: str | None
     enrolled: bool
-    mode: str
+    mode: KernelMode
     port_exceptions: tuple[int, ...]
-    port_modes: tuple[tuple[int, str], ...] = ()
+    port_modes: PortModes = ()
 
 
 @dataclass(frozen=True)
@@ -133,7 +142,7 @@ def _enroll(d: Desired, a: Actual | None) -> list[Action]:
         # outbound redirection works without an IP; inbound capture (TC, keyed by IP) waits for it
         out.append(Retry(d.key, "the pod has no IP yet: inbound capture waits for it"))
     elif not d.annotated:
-        out.append(Annotate(d.key, "enabled"))
+        out.append(Annotate(d.key, REDIRECTION_ENABLED))
     return out
 
 
@@ -156,10 +165,10 @@ class KernelPod:
 
     cgroup_id: int
     enrolled: bool
-    mode: str
+    mode: KernelMode
     port_exceptions: tuple[int, ...]
     ip: str | None
-    port_modes: tuple[tuple[int, str], ...]
+    port_modes: PortModes
     attached: bool
 
 

@@ -14,6 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ambit.policy import Verdict
+
+# The verdicts this module writes or reads; the ztunnel's records carry theirs as `decision`.
+DROPPED: Verdict = "dropped"  # the kernel dropped a bypass attempt
+DENY: Verdict = "deny"
+
 DROP_POLICY = {
     "drop_egress": "ambit/no-bypass: TCP from an enrolled pod that did not go through the ztunnel",
     "drop_ingress": "ambit/no-bypass: TCP into an enrolled pod that did not come from the ztunnel",
@@ -115,7 +121,7 @@ def join_flows(
                 "destination_port": _port(dst),
                 "security": "none",
                 "route": "bypass",
-                "verdict": "dropped",
+                "verdict": DROPPED,
                 "policy": DROP_POLICY.get(str(d.get("kind")), str(d.get("kind"))),
                 "state": "dropped",
                 "age_seconds": _age(d.get("ts_ns"), now_ns),
@@ -152,7 +158,7 @@ def join_flows(
 def _policy(z: Mapping[str, Any]) -> str | None:
     if not z.get("policy"):
         # Istio's default deny: ALLOW policies select the workload and none matched.
-        return "(default deny: no ALLOW policy matched)" if z.get("decision") == "deny" else None
+        return "(default deny: no ALLOW policy matched)" if z.get("decision") == DENY else None
     rule = z.get("rule")
     return f"{z['policy']}" + (f" rule {rule}" if rule is not None else "")
 

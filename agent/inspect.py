@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.live import Live
@@ -27,6 +27,9 @@ from rich.table import Table
 
 from ambit.args import CliError
 from ambit.http import request_on
+
+if TYPE_CHECKING:
+    from ambit.policy import Verdict
 
 AGENT_ADMIN_PORT = 15010
 ZTUNNEL_ADMIN_PORT = 15000
@@ -180,6 +183,10 @@ FLOW_COLUMNS = [
 ]
 
 
+# `ambit flows --denied`: refused by policy (the ztunnel) or dropped (the kernel)
+DENIED_VERDICTS: tuple[Verdict, ...] = ("deny", "dropped")
+
+
 def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Filter (--denied, --pod) and format the agent's joined flow records for the table."""
     out = []
@@ -233,7 +240,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
 def _keep_raw(f: dict[str, Any], args: argparse.Namespace) -> bool:
     """The --denied and --pod filters, for the table and for -o json alike."""
-    if args.denied and f.get("verdict") not in ("deny", "denied", "drop", "dropped"):
+    if args.denied and f.get("verdict") not in DENIED_VERDICTS:
         return False
     return not (args.pod and args.pod not in (f.get("source_pod"), f.get("destination_pod")))
 

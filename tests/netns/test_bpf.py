@@ -31,6 +31,7 @@ from agent.bpf import (
     check_bpffs,
     check_kernel_headers,
 )
+from agent.enroll import KernelMode
 
 NODE_IP, POD_IP, GW2, PEER_IP = "10.77.1.1", "10.77.1.2", "10.77.2.1", "10.77.2.2"
 
@@ -141,7 +142,7 @@ class Env:
         self.procs.append(proc)
         return proc
 
-    def enroll(self, enrolled: bool = True, mode: str = "PERMISSIVE", exceptions: tuple[int, ...] = ()) -> int:
+    def enroll(self, enrolled: bool = True, mode: KernelMode = "PERMISSIVE", exceptions: tuple[int, ...] = ()) -> int:
         return self.dp.set_pod(self.cg["pod"], POD_IP, enrolled=enrolled, mode=mode, port_exceptions=exceptions)
 
 
