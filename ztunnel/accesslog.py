@@ -26,6 +26,7 @@ def entry(rec: ConnRecord) -> dict[str, Any]:
         "src_workload": rec.src_workload,
         "dst_workload": rec.dst_workload,
         "dst_service": rec.dst_service,
+        "waypoint": rec.waypoint,
         "src_identity": rec.src_identity,
         "dst_identity": rec.dst_identity,
         "src_cert_serial": rec.src_cert_serial,

@@ -31,6 +31,7 @@ class Route(StrEnum):
     LOCAL = "same-node"  # both ends on this node: no TLS, the destination's policy in-process
     PASSTHROUGH = "passthrough"  # to a destination outside the mesh: plain TCP
     REFUSE = "refuse"  # refused by the outbound plan before it went anywhere
+    WAYPOINT = "waypoint"  # tunnelled to the destination's waypoint, which decides per request
     PLAINTEXT = "plaintext"  # inbound plaintext on 15006 (PERMISSIVE)
 
 
@@ -63,6 +64,7 @@ class ConnRecord:
     # ztunnel presented for it (outbound): which certificate authenticated this connection
     src_cert_serial: str | None = None
     dst_service: str | None = None  # "ns/name" when dialed through a service VIP
+    waypoint: str | None = None  # "ns/name" of the waypoint the connection went through
     # The local end of the ztunnel's own connection to the destination: the key by
     # which the agent joins this record with the kernel's (sock_ops) view of the flow.
     upstream_local: str | None = None
@@ -101,6 +103,7 @@ class ConnRecord:
             "dst_identity": self.dst_identity,
             "src_cert_serial": self.src_cert_serial,
             "dst_service": self.dst_service,
+            "waypoint": self.waypoint,
             "upstream_local": self.upstream_local,
             "mtls": self.mtls,
             "route": self.route,

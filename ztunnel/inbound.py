@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
+from ambit.peers import client_address, serving_waypoint
 from ambit.policy import ConnectionFacts, Decision, authorize, mtls_mode
 from ambit.spiffe import SpiffeId
 from ambit.svid import SvidError
@@ -53,51 +54,6 @@ class InboundCheck:
         return 200 if self.refusal is None else self.refusal.hbone_status
 
 
-@dataclass(frozen=True)
-class ClientAddress:
-    """Who the client of an HBONE connection is, as far as the destination can trust it."""
-
-    ip: str | None  # the address policy sees (ipBlocks); None: refuse the stream
-    workload: Workload | None
-    reason: str  # why `ip` was taken, or why the claim was refused
-
-
-def client_address(snap: Snapshot, peer_ip: str, peer_identity: SpiffeId | None,
-                   forwarded_for: str | None) -> ClientAddress:
-    """Pure: the client IP of an HBONE stream for policy and logs.
-
-    The source ztunnel names its client in `forwarded: for=`; the destination takes it only
-    when the claim is consistent with what the TLS handshake proved: the address belongs to a
-    workload whose identity is the peer's certificate identity, and the HBONE connection comes
-    from that workload's node. A stream without the header is judged by the peer's address (a
-    client that does not say, e.g. a plain HBONE client); a claim that cannot be verified is
-    refused, since taking it would let a peer pick the address an `ipBlocks` rule sees.
-    """
-    if forwarded_for is None:
-        return ClientAddress(peer_ip, None, "no forwarded header: the HBONE peer's address")
-    w = snap.workload_by_ip(forwarded_for)
-    if w is None:
-        return ClientAddress(None, None, f"the HBONE peer {peer_ip} ({peer_identity}) claims client "
-                             f"{forwarded_for}, which is no workload this node knows")
-    if peer_identity is None or w.identity != peer_identity:
-        return ClientAddress(None, w, f"the HBONE peer {peer_ip} presented {peer_identity} but claims client "
-                             f"{forwarded_for}, which is {w.uid} ({w.identity})")
-    if w.node_address != peer_ip:
-        return ClientAddress(None, w, f"the HBONE peer {peer_ip} claims client {forwarded_for} ({w.uid}), "
-                             f"which runs on node {w.node} at {w.node_address or 'an unknown address'}")
-    return ClientAddress(forwarded_for, w, f"forwarded by {w.node}'s ztunnel for {w.uid}")
-
-
-def via_waypoint(dst: Workload, src_identity: SpiffeId | None) -> bool:
-    """The verified peer is the destination's waypoint (same namespace, service account = waypoint name)."""
-    return (
-        dst.waypoint is not None
-        and src_identity is not None
-        and src_identity.namespace == dst.namespace
-        and src_identity.service_account == dst.waypoint
-    )
-
-
 def check_inbound(
     snap: Snapshot,
     dst_ip: str,
@@ -122,7 +78,7 @@ def check_inbound(
             f"{dst_ip} is {w.uid} ({w.identity}) but the TLS connection was opened for {tls_identity}",
         )
     facts = ConnectionFacts(src_ip, src_identity, w, dst_port, mtls)
-    d = authorize(facts, snap.policies, via_waypoint=via_waypoint(w, src_identity))
+    d = authorize(facts, snap.policies, via_waypoint=serving_waypoint(snap, src_identity, w) is not None)
     if not d.allowed:
         # `authorize` refuses plaintext to a STRICT port before any other check
         strict = not mtls and mtls_mode(w, dst_port, snap.policies) == "STRICT"

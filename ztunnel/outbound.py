@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from ztunnel import socks5
+from ztunnel.config import HBONE_PORT
 from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord, Route
 from ztunnel.context import ProxyContext
 from ztunnel.copy import TcpLeg
@@ -36,12 +37,12 @@ from ztunnel.pool import Pool, PoolError
 from ztunnel.refusal import Refusal
 
 if TYPE_CHECKING:
-    from ambit.snapshot import ServiceInfo, Snapshot, Workload
+    from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload
 
 log = logging.getLogger("ambit.ztunnel.outbound")
 
 # Where `plan_outbound` sends a connection.
-PlanKind = Literal[Route.HBONE, Route.LOCAL, Route.PASSTHROUGH, Route.REFUSE]
+PlanKind = Literal[Route.HBONE, Route.LOCAL, Route.PASSTHROUGH, Route.REFUSE, Route.WAYPOINT]
 
 # Reply sent to a SOCKS5 client once the upstream side is known: (ok, socks5 code)
 Reply = Callable[[int], None]
@@ -56,8 +57,9 @@ class OutboundPlan:
     dst_ip: str = ""
     dst_port: int = 0
     service: ServiceInfo | None = None
-    node_address: str | None = None
+    node_address: str | None = None  # where the tunnel goes: the destination's node, or its waypoint
     refusal: Refusal | None = None  # set when kind is REFUSE
+    waypoint: WaypointInfo | None = None  # set when kind is WAYPOINT (or REFUSE for want of one)
 
 
 def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick: int = 0, *,
@@ -84,6 +86,9 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
         if dst_port not in svc.ports:
             return OutboundPlan(Route.REFUSE, f"service {svc.namespace}/{svc.name} has no port {dst_port}",
                                 src=src, service=svc, refusal=Refusal.NO_SERVICE_PORT)
+        wp = snap.waypoint(svc.namespace, svc.waypoint)
+        if wp is not None and wp.takes("service"):
+            return _via_waypoint(wp, pick, src=src, dst=None, dst_ip=dst_ip, dst_port=dst_port, service=svc)
         eps = [(w, target) for w, target in snap.service_endpoints(dst_ip, dst_port) if w.ip]
         if not eps:
             return OutboundPlan(Route.REFUSE, f"service {svc.namespace}/{svc.name} has no ready endpoints",
@@ -93,6 +98,9 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
         dst_ip = picked.ip
     else:
         dst = snap.workload_by_ip(dst_ip)
+        wp = snap.waypoint(dst.namespace, dst.waypoint) if dst is not None and dst.enrolled else None
+        if wp is not None and wp.takes("workload"):
+            return _via_waypoint(wp, pick, src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=None)
     if dst is None or not dst.enrolled:
         forbidden = passthrough_forbidden(dst_ip, loopback_ok=loopback_workloads)
         if forbidden:
@@ -112,6 +120,24 @@ def plan_outbound(snap: Snapshot, src_ip: str, dst_ip: str, dst_port: int, pick:
                             refusal=Refusal.UNKNOWN_NODE)
     return OutboundPlan(Route.HBONE, f"{dst.uid} on node {dst.node} ({addr})", src=src, dst=dst,
                         dst_ip=dst_ip, dst_port=dst_port, service=svc, node_address=addr)
+
+
+def _via_waypoint(wp: WaypointInfo, pick: int, *, src: Workload, dst: Workload | None, dst_ip: str,
+                  dst_port: int, service: ServiceInfo | None) -> OutboundPlan:
+    """To the destination's waypoint, which decides per request and picks the endpoint; refused
+    (never around it) when the waypoint does not exist or has no running pod."""
+    target = f"service {service.uid}" if service is not None else (dst.uid if dst else dst_ip)
+    if not wp.exists:
+        return OutboundPlan(Route.REFUSE, f"{target} uses waypoint {wp.uid}, which does not exist (no Gateway "
+                            "of class ambit-waypoint by that name): refused", src=src, dst=dst, dst_ip=dst_ip,
+                            dst_port=dst_port, service=service, refusal=Refusal.WAYPOINT_UNAVAILABLE, waypoint=wp)
+    if not wp.ready:
+        return OutboundPlan(Route.REFUSE, f"{target} uses waypoint {wp.uid}, which has no running pod: refused",
+                            src=src, dst=dst, dst_ip=dst_ip, dst_port=dst_port, service=service,
+                            refusal=Refusal.WAYPOINT_UNAVAILABLE, waypoint=wp)
+    addr = wp.addresses[pick % len(wp.addresses)]
+    return OutboundPlan(Route.WAYPOINT, f"{target} through waypoint {wp.uid} ({addr})", src=src, dst=dst,
+                        dst_ip=dst_ip, dst_port=dst_port, service=service, node_address=addr, waypoint=wp)
 
 
 def passthrough_forbidden(ip: str, *, loopback_ok: bool = False) -> str | None:
@@ -270,7 +296,7 @@ class Outbound:
         ctx = self.ctx
         snap = ctx.snapshot()
         pick = 0
-        if snap.service_by_vip(dst_ip) is not None:
+        if snap.service_by_vip(dst_ip) is not None or snap.workload_by_ip(dst_ip) is not None:
             # round robin over a service's endpoints; counting every destination IP
             # (passthrough ones too) would grow this dict without bound
             pick = self._rr.get(dst_ip, 0)
@@ -315,8 +341,9 @@ class Outbound:
                 reply(socks5.SUCCEEDED)
             await splice_and_wait(ctx, leg, up, [rec], rec.counters)
             return
-        assert plan.src is not None and plan.dst is not None
+        assert plan.src is not None
         if plan.kind == Route.LOCAL:
+            assert plan.dst is not None
             await self._same_node(leg, plan, rec, fail, reply)
             return
         rec.mtls = True
@@ -333,10 +360,16 @@ class Outbound:
             return
         assert plan.node_address is not None
         rec.src_cert_serial = f"{cert.serial:x}"
-        port = ctx.config.hbone_port_for(plan.node_address)
+        if plan.waypoint is not None:
+            # the waypoint listens on its pod's 15008 and presents its own identity
+            assert plan.waypoint.identity is not None
+            peer_id, port = plan.waypoint.identity, HBONE_PORT
+            rec.waypoint = plan.waypoint.uid
+        else:
+            assert plan.dst is not None
+            peer_id, port = plan.dst.identity, ctx.config.hbone_port_for(plan.node_address)
         try:
-            up_leg = await self.pool.open_stream(cert, plan.dst.identity, plan.node_address, port,
-                                                 authority, src_ip)
+            up_leg = await self.pool.open_stream(cert, peer_id, plan.node_address, port, authority, src_ip)
         except PoolError as e:
             if e.refusal is Refusal.POLICY_DENIED:
                 rec.decision = "deny"

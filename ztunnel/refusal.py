@@ -33,6 +33,7 @@ class ResponseFlag(StrEnum):
     UNAUTHORIZED = "UAEX"  # no authorization to go out: the source has no certificate yet
     DRAINING = "DR"  # the ztunnel is shutting down
     DOWNSTREAM_PROTOCOL_ERROR = "DPE"  # the client broke the protocol (HBONE, TLS, SOCKS5)
+    NO_HEALTHY_UPSTREAM = "UH"  # the destination's waypoint has no running pod, or does not exist
 
 
 class Refusal(Enum):
@@ -48,6 +49,7 @@ class Refusal(Enum):
     FORBIDDEN_DESTINATION = auto()
     UNKNOWN_NODE = auto()
     BAD_DESTINATION = auto()
+    WAYPOINT_UNAVAILABLE = auto()
     CERT_NOT_READY = auto()
     PEER_BAD_REQUEST = auto()
     SOCKS5_PROTOCOL = auto()
@@ -138,6 +140,10 @@ REFUSALS: Mapping[Refusal, RefusalSpec] = MappingProxyType({
     Refusal.BAD_DESTINATION: _S(
         "bad_destination", _F.NO_ROUTE, None, socks5.HOST_UNREACHABLE,
         "the destination makes no valid HBONE authority (e.g. port 0)"),
+    Refusal.WAYPOINT_UNAVAILABLE: _S(
+        "waypoint_unavailable", _F.NO_HEALTHY_UPSTREAM, None, socks5.HOST_UNREACHABLE,
+        "the destination uses a waypoint that does not exist or has no running pod: refused, never "
+        "sent around it (Istio would skip the waypoint)"),
     Refusal.CERT_NOT_READY: _S(
         "cert_not_ready", _F.UNAUTHORIZED, None, socks5.GENERAL_FAILURE,
         "no certificate for the source identity yet (is the CA reachable?)"),

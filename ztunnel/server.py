@@ -394,14 +394,14 @@ class Ztunnel:
         if dst is None:
             return Response.json({"error": f"no workload {dst_uid} in this ztunnel's state"}, 404)
         mtls = query.get("mtls", "true").lower() not in ("false", "0", "no")
+        from ambit.peers import serving_waypoint
         from ambit.policy import HttpFacts, check
-        from ztunnel.inbound import via_waypoint
 
         facts = ConnectionFacts(query.get("source_ip", "0.0.0.0"), src if mtls else None, dst, port, mtls)
         http = None
         if query.get("method") or query.get("path"):
             http = HttpFacts(query.get("method", "").upper(), query.get("path", ""), query.get("host", ""))
-        d = check(facts, snap.policies, http=http, via_waypoint=via_waypoint(dst, src if mtls else None))
+        d = check(facts, snap.policies, http=http, via_waypoint=serving_waypoint(snap, src if mtls else None, dst) is not None)
         out = d.to_dict()
         out.update({"source": str(src), "destination": dst.uid, "port": port,
                     "mtls_mode": mtls_mode(dst, port, snap.policies)})

@@ -307,12 +307,14 @@ def authorize(facts: ConnectionFacts, policies: PolicySet, *, via_waypoint: bool
                 False, "DENY", pa, None,
                 f"plaintext connection refused: {src} requires STRICT mTLS on {dst.uid} port {facts.dst_port}",
             )
+    if via_waypoint:
+        # the peer is a waypoint that serves dst (its own, or one of a Service it backs)
+        return Decision(
+            True, "ALLOW", None, None,
+            f"allowed: arrived through {f'waypoint {dst.waypoint}' if dst.waypoint else 'its service waypoint'}, "
+            f"which enforces {dst.uid}'s policies",
+        )
     if dst.waypoint:
-        if via_waypoint:
-            return Decision(
-                True, "ALLOW", None, None,
-                f"allowed: arrived through waypoint {dst.waypoint}, which enforces {dst.uid}'s policies",
-            )
         return Decision(
             False, "DENY", None, None,
             f"denied: {dst.uid} uses waypoint {dst.waypoint}; connections must come through it",

@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from ambit.cluster import build_state, load_documents
+from ambit.peers import client_address
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.spiffe import SpiffeId
 from tests.integration.ztunnel_harness import NAMESPACES, node_yaml, pod_yaml, service_yaml
@@ -15,7 +16,7 @@ from ztunnel import socks5
 from ztunnel.config import ConfigError, Listen, parse_listen
 from ztunnel.conntrack import Route
 from ztunnel.hbone.wire import BadRequest, parse_authority
-from ztunnel.inbound import check_inbound, client_address
+from ztunnel.inbound import check_inbound
 from ztunnel.origdst import OrigDstError, parse_sockaddr
 from ztunnel.outbound import plan_outbound, resolve_name
 from ztunnel.refusal import Refusal
@@ -182,3 +183,65 @@ def test_parse_listen() -> None:
     for bad, why in (("host:80", "not an IP"), ("1.2.3.4:x", "not a number"), ("1.2.3.4:70000", "out of range")):
         with pytest.raises(ConfigError, match=why):
             parse_listen(bad, "--hbone")
+
+
+WAYPOINT = """
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: pay, labels: {ambit.dev/dataplane-mode: ambient, ambit.dev/use-waypoint: wp}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp, namespace: pay}
+spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+""" + pod_yaml("pay", "wp-0", "node-b", "wp", "10.2.0.50", {"gateway.networking.k8s.io/gateway-name": "wp"}) \
+    + pod_yaml("pay", "charges", "node-b", "charges", "10.2.0.51", {"app": "charges"}) \
+    + service_yaml("pay", "charges", "10.96.0.30", {"app": "charges"}, 80, 8080)
+
+
+def test_traffic_to_a_service_with_a_waypoint_goes_to_the_waypoint() -> None:
+    s = snap(extra=WAYPOINT)
+    p = plan_outbound(s, "10.1.0.1", "10.96.0.30", 80)
+    assert p.kind == Route.WAYPOINT and p.node_address == "10.2.0.50", p.reason
+    assert p.waypoint is not None and p.waypoint.uid == "pay/wp"
+    # the authority is what the client dialed (the VIP): the waypoint picks the endpoint
+    assert (p.dst_ip, p.dst_port) == ("10.96.0.30", 80)
+    # a waypoint for services (the default) does not take pod-IP traffic: it goes to the pod's
+    # ztunnel, which admits only the waypoint
+    direct = plan_outbound(s, "10.1.0.1", "10.2.0.51", 8080)
+    assert direct.kind == Route.HBONE
+    chk = check_inbound(snap("node-b", WAYPOINT), "10.2.0.51", 8080, src_ip="10.1.0.1",
+                        src_identity=SpiffeId("cluster.local", "shop", "client"), mtls=True)
+    assert chk.refusal is Refusal.POLICY_DENIED and "must come through it" in chk.reason
+    # from the waypoint itself: admitted, its policies were enforced there
+    chk = check_inbound(snap("node-b", WAYPOINT), "10.2.0.51", 8080, src_ip="10.1.0.1",
+                        src_identity=SpiffeId("cluster.local", "pay", "wp"), mtls=True)
+    assert chk.refusal is None and "arrived through waypoint wp" in chk.reason, chk.reason
+
+
+def test_a_waypoint_for_workloads_takes_pod_ip_traffic() -> None:
+    s = snap(extra=WAYPOINT.replace("metadata: {name: wp, namespace: pay}",
+                                    "metadata: {name: wp, namespace: pay, labels: {ambit.dev/waypoint-for: all}}"))
+    p = plan_outbound(s, "10.1.0.1", "10.2.0.51", 8080)
+    assert p.kind == Route.WAYPOINT and p.dst is not None and p.dst.uid == "pay/charges"
+
+
+def test_a_missing_or_stopped_waypoint_refuses_never_bypasses() -> None:
+    gone = snap(extra=WAYPOINT.replace("ambit-waypoint", "something-else"))
+    p = plan_outbound(gone, "10.1.0.1", "10.96.0.30", 80)
+    assert p.kind == Route.REFUSE and p.refusal is Refusal.WAYPOINT_UNAVAILABLE
+    assert "does not exist" in p.reason
+    stopped = snap(extra=WAYPOINT.replace("phase: Running", "phase: Failed", 1))
+    p = plan_outbound(stopped, "10.1.0.1", "10.96.0.30", 80)
+    assert p.kind == Route.REFUSE and p.refusal is Refusal.WAYPOINT_UNAVAILABLE
+    assert "no running pod" in p.reason
+
+
+def test_a_waypoint_may_name_its_client() -> None:
+    s = snap("node-b", WAYPOINT)
+    wp_id = SpiffeId("cluster.local", "pay", "wp")
+    got = client_address(s, "10.2.0.50", wp_id, "10.1.0.1")
+    assert got.ip == "10.1.0.1" and "waypoint pay/wp" in got.reason
+    # the waypoint's identity from an address that is not one of its pods: refused
+    assert client_address(s, "10.2.0.99", wp_id, "10.1.0.1").ip is None

@@ -39,6 +39,7 @@ PINNED: dict[Refusal, tuple[str, str, int | None, int | None]] = {
     R.FORBIDDEN_DESTINATION: ("forbidden_destination", "NR", None, 4),
     R.UNKNOWN_NODE: ("unknown_node", "NR", None, 4),
     R.BAD_DESTINATION: ("bad_destination", "NR", None, 4),
+    R.WAYPOINT_UNAVAILABLE: ("waypoint_unavailable", "UH", None, 4),
     R.CERT_NOT_READY: ("cert_not_ready", "UAEX", None, 1),
     R.PEER_BAD_REQUEST: ("peer_bad_request", "NR", None, 4),
     R.SOCKS5_PROTOCOL: ("socks5_protocol", "DPE", None, None),
@@ -56,7 +57,7 @@ PINNED: dict[Refusal, tuple[str, str, int | None, int | None]] = {
 # Every refusal `Outbound.proxy` (and its SOCKS5 front) can answer a SOCKS5 client with.
 SOCKS5_REFUSALS = {
     R.DRAINING, R.UNKNOWN_SOURCE, R.NO_SERVICE_PORT, R.NO_ENDPOINTS, R.FORBIDDEN_DESTINATION,
-    R.UNKNOWN_NODE, R.UNKNOWN_NAME, R.BAD_DESTINATION, R.CERT_NOT_READY, R.UPSTREAM_UNREACHABLE,
+    R.UNKNOWN_NODE, R.UNKNOWN_NAME, R.BAD_DESTINATION, R.WAYPOINT_UNAVAILABLE, R.CERT_NOT_READY, R.UPSTREAM_UNREACHABLE,
     R.PEER_BAD_REQUEST, R.POLICY_DENIED, R.UNKNOWN_DESTINATION,
 }
 
@@ -139,7 +140,7 @@ def test_socks5_codes_follow_rfc_1928() -> None:
 def test_route_values_are_the_recorded_ones() -> None:
     assert [(r.name, str(r)) for r in Route] == [
         ("HBONE", "hbone"), ("LOCAL", "same-node"), ("PASSTHROUGH", "passthrough"),
-        ("REFUSE", "refuse"), ("PLAINTEXT", "plaintext"),
+        ("REFUSE", "refuse"), ("WAYPOINT", "waypoint"), ("PLAINTEXT", "plaintext"),
     ]
 
 
@@ -221,7 +222,7 @@ def test_records_render_the_same_bytes_as_before(tmp_path: Path, monkeypatch: py
     assert first == (
         '{"time":"2023-11-14T22:13:20.250Z","direction":"inbound","src":"10.1.0.1:40000",'
         '"dst":"10.2.0.1:8080","original_dst":null,"client_ip":null,"src_workload":"shop/client",'
-        '"dst_workload":"shop/web-0","dst_service":null,'
+        '"dst_workload":"shop/web-0","dst_service":null,"waypoint":null,'
         '"src_identity":"spiffe://cluster.local/ns/shop/sa/client",'
         '"dst_identity":"spiffe://cluster.local/ns/shop/sa/web","src_cert_serial":null,"mtls":true,'
         '"route":"hbone","decision":"deny","policy":"shop/deny-all","rule":0,"reason":"case 0",'
