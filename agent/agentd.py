@@ -7,7 +7,7 @@ which the agent reads from the ztunnel's admin endpoint on the node's loopback.
 
 Every snapshot is built from the previous one, so an invalid edit of a policy
 keeps its last good version; those versions are saved on the node
-(agent.lastgood) so that a restarted agent keeps them too. Reconciling is
+(ambit.lastgood) so that a restarted agent keeps them too. Reconciling is
 planned by `agent.enroll.plan` and executed here; every pass is idempotent, so a
 restarted agent converges by re-running it (attachments made by its
 predecessor are adopted by `Datapath`).
@@ -45,10 +45,10 @@ from agent.enroll import (
 from agent.feed import FeedServer
 from agent.flowjoin import join_flows
 from agent.flows import FlowTable
-from agent.lastgood import LastGood
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 from ambit.cluster import REDIRECTION, ClusterState, Pod
 from ambit.http import HttpServer, Response, Routes, get_json
+from ambit.lastgood import LastGood
 from ambit.policy import EffectiveMtlsMode, mtls_port_modes
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource

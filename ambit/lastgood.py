@@ -1,13 +1,15 @@
-"""The node's last good compiled policies on disk, so that no restart forgets them.
+"""The last good compiled policies on disk, so that no restart forgets them.
 
-The agent compiles each policy object once; when an edit is invalid, the last
-good version stays in force (`ambit.snapshot.build_snapshot` with the previous
-snapshot). Kept only in memory, that version would be lost when the agent
-restarts, and an invalid edit of a STRICT PeerAuthentication would then leave
-the pod PERMISSIVE. So the agent writes the compiled policies in force to the
-node (in the snapshot wire form) whenever they change, and a restarted agent
-starts from them. The file lives on the node (`--state-dir`, by default
-/var/lib/ambit/<node>), not in the cluster.
+Whoever compiles policies (the agent for its node, a waypoint for itself) keeps
+the last good version of an object whose edit is invalid
+(`ambit.snapshot.build_snapshot` with the previous snapshot). Kept only in
+memory, that version would be lost on a restart: an invalid edit of a STRICT
+PeerAuthentication would leave the pod PERMISSIVE, an invalid edit of an ALLOW
+policy would open its workload. So the compiled policies in force are written
+(in the snapshot wire form) whenever they change, and a restarted process
+starts from them. The agent keeps them on its node (`--state-dir`, by default
+/var/lib/ambit/<node>), not in the cluster. Shared I/O: never imported by the
+pure core.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ambit.policy import CompiledPolicy, PolicySet
 from ambit.snapshot import Snapshot
 from ambit.wire.snapshot import POLICY, WireError, decode_policies, encode_value
 
-log = logging.getLogger("ambit.agent.lastgood")
+log = logging.getLogger("ambit.lastgood")
 
 FILE_NAME = "last-good-policies.json"
 
