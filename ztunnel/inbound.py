@@ -15,8 +15,6 @@ import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from cryptography import x509
-
 from ambit.peers import client_address, serving_waypoint
 from ambit.policy import ConnectionFacts, Decision, authorize, mtls_mode
 from ambit.spiffe import SpiffeId
@@ -25,7 +23,7 @@ from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, ByteCounters, ConnReco
 from ztunnel.context import ProxyContext
 from ztunnel.copy import Leg, Splice, TcpLeg
 from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
-from ztunnel.identity.tls import identity_from_sni, peer_identity, server_context_selector
+from ztunnel.identity.tls import server_context_selector, verified_peer
 from ztunnel.origdst import OrigDstError, original_dst
 from ztunnel.refusal import Refusal
 from ztunnel.tunnel import HboneProtocol, StreamLeg
@@ -294,21 +292,14 @@ class InboundConnection(HboneProtocol):
         p = transport.get_extra_info("peername")
         self.peer = (str(p[0]), int(p[1]))
         self.label = f"inbound HBONE from {self.peer[0]}:{self.peer[1]}"
-        ssl_obj = transport.get_extra_info("ssl_object")
         try:
-            if ssl_obj is None:
-                raise SvidError("the connection is not TLS")
-            self.identity = peer_identity(ssl_obj, self.inbound.ctx.bundle)
-            der = ssl_obj.getpeercert(binary_form=True)
-            self.peer_cert_serial = f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else None
+            peer = verified_peer(transport.get_extra_info("ssl_object"), self.inbound.ctx.bundle)
         except SvidError as e:
             log.warning("%s: rejected peer certificate: %s", self.label, e)
             self.inbound.ctx.metrics.refuse(Refusal.PEER_CERTIFICATE)
             cast(asyncio.Transport, transport).abort()
             return
-        name = getattr(ssl_obj, "ambit_server_name", None)
-        if name:
-            self.tls_identity = identity_from_sni(name, self.inbound.ctx.bundle.trust_domain)
+        self.identity, self.peer_cert_serial, self.tls_identity = peer.identity, peer.cert_serial, peer.tls_identity
         self.label = f"inbound HBONE from {self.identity} at {self.peer[0]}:{self.peer[1]}"
         self.inbound.connections.add(self)
         super().connection_made(transport)

@@ -18,6 +18,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -212,4 +213,26 @@ def verify_peer(
             f"server presented {got} but {expected} was expected (wrong node or a stale route?)"
         )
     return got
+
+
+@dataclass(frozen=True)
+class VerifiedPeer:
+    """What an HBONE server knows of its TLS peer once the handshake is done."""
+
+    identity: SpiffeId
+    cert_serial: str | None  # hex serial of the certificate that proved it
+    tls_identity: SpiffeId | None  # the identity the peer asked for in SNI (this side's)
+
+
+def verified_peer(ssl_obj: ssl.SSLObject | ssl.SSLSocket | None, bundle: TrustBundle) -> VerifiedPeer:
+    """The peer of a server-side HBONE connection (15008 of a ztunnel or a waypoint); SvidError
+    when it is not TLS or its certificate is not a valid SVID of the bundle."""
+    if ssl_obj is None:
+        raise SvidError("the connection is not TLS")
+    identity = peer_identity(ssl_obj, bundle)
+    der = ssl_obj.getpeercert(binary_form=True)
+    serial = f"{x509.load_der_x509_certificate(der).serial_number:x}" if der else None
+    name = getattr(ssl_obj, "ambit_server_name", None)
+    sni = identity_from_sni(name, bundle.trust_domain) if name else None
+    return VerifiedPeer(identity, serial, sni)
 
