@@ -29,7 +29,7 @@ GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_CLASS = "ambit-waypoint"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all")
 GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
-POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication")
+POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
 KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", "Gateway", *POLICY_KINDS)
 
 
@@ -145,7 +145,7 @@ class Gateway:
 
 @dataclass(frozen=True)
 class PolicyObject:
-    """An `AuthorizationPolicy` or `PeerAuthentication`, kept as written."""
+    """An `AuthorizationPolicy`, `PeerAuthentication` or `RequestAuthentication`, kept as written."""
 
     kind: str
     api_version: str

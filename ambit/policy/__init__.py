@@ -1,13 +1,15 @@
-"""Istio's security API, read verbatim: `AuthorizationPolicy` and `PeerAuthentication`
-(`security.istio.io/v1` and `v1beta1`).
+"""Istio's security API, read verbatim: `AuthorizationPolicy`, `PeerAuthentication` and
+`RequestAuthentication` (`security.istio.io/v1` and `v1beta1`).
 
 Pure, split by job: `compile` validates and compiles one object (errors name the
 object and the field path), `match` holds the compiled form, `index` the set in
-force (`PolicySet`), and `decide` the decisions: `authorize` an L4 connection at
-the ztunnel, `authorize_http` an HTTP request at a waypoint, `mtls_mode` the
-effective PeerAuthentication mode per port. Their vocabulary is typed here
-too (`Action`, `MtlsMode`, `DecisionAction`), with the `Verdict` every process
-records for a connection.
+force (`PolicySet`), `jwt` the request authentication a waypoint runs first
+(`authenticate` a request's JWTs against `PolicySet.jwt_rules`), and `decide`
+the decisions: `authorize` an L4 connection at the ztunnel, `authorize_http` an
+HTTP request at a waypoint (with the `RequestAuth` that `authenticate` found),
+`mtls_mode` the effective PeerAuthentication mode per port. Their vocabulary is
+typed here too (`Action`, `MtlsMode`, `DecisionAction`), with the `Verdict`
+every process records for a connection.
 """
 
 from __future__ import annotations
@@ -28,12 +30,23 @@ from ambit.policy.decide import (
     mtls_port_modes,
 )
 from ambit.policy.index import PolicySet
+from ambit.policy.jwt import (
+    AuthnResult,
+    Jwks,
+    JwksError,
+    KeyResolver,
+    RequestAuth,
+    authenticate,
+    parse_jwks,
+)
 from ambit.policy.match import (
     DEFAULT_ROOT_NAMESPACE,
     Action,
     CompiledAuthz,
     CompiledPeerAuthn,
     CompiledPolicy,
+    CompiledRequestAuthn,
+    JwtRule,
     MtlsMode,
     PolicyError,
 )
@@ -41,18 +54,26 @@ from ambit.policy.match import (
 __all__ = [
     "DEFAULT_ROOT_NAMESPACE",
     "Action",
+    "AuthnResult",
     "CompiledAuthz",
     "CompiledPeerAuthn",
     "CompiledPolicy",
+    "CompiledRequestAuthn",
     "ConnectionFacts",
     "Decision",
     "DecisionAction",
     "EffectiveMtlsMode",
     "HttpFacts",
+    "Jwks",
+    "JwksError",
+    "JwtRule",
+    "KeyResolver",
     "MtlsMode",
     "PolicyError",
     "PolicySet",
+    "RequestAuth",
     "Verdict",
+    "authenticate",
     "authorize",
     "authorize_http",
     "check",
@@ -60,4 +81,5 @@ __all__ = [
     "mtls_mode",
     "mtls_policy",
     "mtls_port_modes",
+    "parse_jwks",
 ]

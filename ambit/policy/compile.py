@@ -1,4 +1,5 @@
-"""Validation and compilation of `AuthorizationPolicy` and `PeerAuthentication`, read verbatim.
+"""Validation and compilation of `AuthorizationPolicy`, `PeerAuthentication` and
+`RequestAuthentication`, read verbatim.
 
 Pure. `compile_policy` validates an object strictly (every error names the
 object, the field path and, where it can, what was meant) and compiles it into
@@ -8,10 +9,12 @@ the matchers of `ambit.policy.match`.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from ambit.cluster import PolicyObject
+from ambit.policy.jwt import JwksError, parse_jwks
 from ambit.policy.match import (
     _CLAIM_KEY,
     _HEADER_KEY,
@@ -21,13 +24,17 @@ from ambit.policy.match import (
     L4_WHEN_KEYS,
     L7_WHEN_KEYS,
     MTLS_MODES,
+    ClaimToHeader,
     CompiledAuthz,
     CompiledPeerAuthn,
     CompiledPolicy,
+    CompiledRequestAuthn,
     CompiledRule,
     Entry,
     FieldMatch,
+    HeaderLocation,
     HostMatch,
+    JwtRule,
     Matcher,
     MtlsMode,
     NetMatch,
@@ -250,8 +257,6 @@ def _condition(w: _Where, path: str, raw: object) -> Entry:
             "request.headers[<name>], request.auth.claims[<name>]",
         )
     attr = f"request.headers[{header.group(1).lower()}]" if header else key
-    if attr.startswith("request.auth.claims"):
-        attr = "request.auth.claims"
     kind = {"source.ip": "ip", "remote.ip": "ip", "destination.ip": "ip", "destination.port": "port"}.get(
         key, "str"
     )
@@ -333,7 +338,7 @@ def _target_refs(w: _Where, spec: Mapping[str, Any], ns: str) -> tuple[TargetRef
 
 
 def compile_policy(obj: PolicyObject) -> CompiledPolicy:
-    """Validate one AuthorizationPolicy or PeerAuthentication and compile it.
+    """Validate one AuthorizationPolicy, PeerAuthentication or RequestAuthentication and compile it.
 
     Raises PolicyError naming the object and the field path of the first problem.
     """
@@ -346,7 +351,11 @@ def compile_policy(obj: PolicyObject) -> CompiledPolicy:
         return _compile_authz(w, obj, ns, spec)
     if obj.kind == "PeerAuthentication":
         return _compile_peer_authn(w, obj, ns, spec)
-    raise w.error("kind", "not a policy kind; expected AuthorizationPolicy or PeerAuthentication")
+    if obj.kind == "RequestAuthentication":
+        return _compile_request_authn(w, obj, ns, spec)
+    raise w.error(
+        "kind", "not a policy kind; expected AuthorizationPolicy, PeerAuthentication or RequestAuthentication"
+    )
 
 
 def _compile_authz(w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any]) -> CompiledAuthz:
@@ -428,3 +437,154 @@ def _compile_peer_authn(
         resource_version=obj.meta.resource_version,
     )
 
+
+# ---------------------------------------------------------------------------
+# RequestAuthentication
+
+_JWT_RULE_FIELDS = (
+    "issuer", "audiences", "jwks", "jwksUri", "fromHeaders", "fromParams", "fromCookies",
+    "forwardOriginalToken", "outputPayloadToHeader", "outputClaimToHeaders", "spaceDelimitedClaims",
+)
+# RFC 9110's token: what a header name may be.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _string(w: _Where, path: str, v: object, *, required: bool = False) -> str:
+    if v is None:
+        if required:
+            raise w.error(path, f"`{_where_kind(path)}` is required")
+        return ""
+    if not isinstance(v, str):
+        raise w.error(path, f"expected a string, got {_type_name(v)}")
+    if required and not v:
+        raise w.error(path, "must not be empty")
+    return v
+
+
+def _header_name(w: _Where, path: str, v: object) -> str:
+    name = _string(w, path, v, required=True)
+    if not _HEADER_NAME.match(name):
+        raise w.error(path, f"{name!r} is not an HTTP header name")
+    return name.lower()
+
+
+def _list(w: _Where, path: str, v: object) -> list[Any]:
+    """A list, or none (null or absent)."""
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise w.error(path, f"expected a list, got {_type_name(v)}")
+    return v
+
+
+def _strings(w: _Where, path: str, v: object) -> tuple[str, ...]:
+    """A list of non-empty strings, or none (null or absent)."""
+    return () if v is None else tuple(_str_list(w, path, v))
+
+
+def _jwks_path(w: _Where, path: str, uri: str) -> str:
+    if uri.startswith("file://"):
+        file = uri[len("file://"):]
+    elif uri.startswith("/"):
+        file = uri
+    elif uri.split("://", 1)[0] in ("http", "https"):
+        raise w.error(
+            path,
+            f"{uri!r}: ambit does not fetch keys over HTTP(S); it reads jwksUri from a file on the "
+            "waypoint's node (an absolute path or a file:// URL). Put the keys inline in `jwks`, "
+            "or mount them as a file",
+        )
+    else:
+        file = ""
+    if not file.startswith("/") or "\0" in file:
+        raise w.error(path, f"{uri!r} is not an absolute file path or a file:///... URL")
+    return file
+
+
+def _jwt_rule(w: _Where, path: str, index: int, raw: object, policy: str) -> JwtRule:
+    r = _mapping(w, path, raw)
+    if "timeout" in r:
+        raise w.error(
+            f"{path}.timeout",
+            "timeout applies to fetching jwksUri over HTTP; ambit reads jwksUri from a file, so "
+            "there is nothing to time out: remove it",
+        )
+    _known(w, path, r, _JWT_RULE_FIELDS)
+    issuer = _string(w, f"{path}.issuer", r.get("issuer"), required=True)
+    audiences = _strings(w, f"{path}.audiences", r.get("audiences"))
+    jwks = _string(w, f"{path}.jwks", r.get("jwks"))
+    jwks_uri = _string(w, f"{path}.jwksUri", r.get("jwksUri"))
+    if jwks and jwks_uri:
+        raise w.error(f"{path}.jwksUri", "set either jwks (the keys inline) or jwksUri (a file), not both")
+    if not jwks and not jwks_uri:
+        raise w.error(
+            path,
+            "`jwks` (a JWK Set, inline) or `jwksUri` (a file with one) is required; ambit does not "
+            "discover keys from the issuer's OpenID configuration",
+        )
+    if jwks:
+        try:
+            parse_jwks(jwks)
+        except JwksError as e:
+            raise w.error(f"{path}.jwks", str(e)) from None
+    jwks_path = _jwks_path(w, f"{path}.jwksUri", jwks_uri) if jwks_uri else ""
+    headers: list[HeaderLocation] = []
+    for i, h in enumerate(_list(w, f"{path}.fromHeaders", r.get("fromHeaders"))):
+        hp = f"{path}.fromHeaders[{i}]"
+        hm = _mapping(w, hp, h)
+        _known(w, hp, hm, ("name", "prefix"))
+        headers.append(HeaderLocation(_header_name(w, f"{hp}.name", hm.get("name")),
+                                      _string(w, f"{hp}.prefix", hm.get("prefix"))))
+    forward = r.get("forwardOriginalToken")
+    if forward is not None and not isinstance(forward, bool):
+        raise w.error(f"{path}.forwardOriginalToken", f"expected true or false, got {forward!r}")
+    payload_header = ""
+    if r.get("outputPayloadToHeader") not in (None, ""):
+        payload_header = _header_name(w, f"{path}.outputPayloadToHeader", r["outputPayloadToHeader"])
+    claim_headers: list[ClaimToHeader] = []
+    for i, c in enumerate(_list(w, f"{path}.outputClaimToHeaders", r.get("outputClaimToHeaders"))):
+        cp = f"{path}.outputClaimToHeaders[{i}]"
+        cm = _mapping(w, cp, c)
+        _known(w, cp, cm, ("header", "claim"))
+        claim_headers.append(ClaimToHeader(_header_name(w, f"{cp}.header", cm.get("header")),
+                                           _string(w, f"{cp}.claim", cm.get("claim"), required=True)))
+    return JwtRule(
+        policy=policy,
+        index=index,
+        issuer=issuer,
+        audiences=audiences,
+        jwks=jwks,
+        jwks_uri=jwks_uri,
+        jwks_path=jwks_path,
+        from_headers=tuple(headers),
+        from_params=_strings(w, f"{path}.fromParams", r.get("fromParams")),
+        from_cookies=_strings(w, f"{path}.fromCookies", r.get("fromCookies")),
+        forward_original_token=bool(forward),
+        output_payload_to_header=payload_header,
+        output_claim_to_headers=tuple(claim_headers),
+        space_delimited_claims=_strings(w, f"{path}.spaceDelimitedClaims", r.get("spaceDelimitedClaims")),
+    )
+
+
+def _compile_request_authn(
+    w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any]
+) -> CompiledRequestAuthn:
+    _known(w, "spec", spec, ("selector", "targetRef", "targetRefs", "jwtRules"))
+    labels = _labels(w, "spec.selector", spec["selector"]) if spec.get("selector") is not None else None
+    refs = _target_refs(w, spec, ns)
+    if refs and spec.get("selector") is not None:
+        raise w.error("spec.selector", "set either selector or targetRefs, not both")
+    policy = f"{ns}/{obj.meta.name}"
+    rules = tuple(
+        _jwt_rule(w, f"spec.jwtRules[{i}]", i, r, policy)
+        for i, r in enumerate(_list(w, "spec.jwtRules", spec.get("jwtRules")))
+    )
+    return CompiledRequestAuthn(
+        namespace=ns,
+        name=obj.meta.name,
+        api_version=obj.api_version,
+        match_labels=labels,
+        target_refs=refs,
+        rules=rules,
+        resource_version=obj.meta.resource_version,
+    )

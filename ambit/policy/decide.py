@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ambit.policy.index import PolicySet, _selects
+from ambit.policy.jwt import RequestAuth
 from ambit.policy.match import (
     _HEADER_KEY,
     CompiledAuthz,
@@ -22,6 +23,7 @@ from ambit.policy.match import (
     IpAddress,
     MtlsMode,
     _attr_words,
+    claim_path,
 )
 from ambit.spiffe import SpiffeId
 
@@ -56,12 +58,20 @@ class ConnectionFacts:
 
 @dataclass(frozen=True)
 class HttpFacts:
-    """One HTTP request at a waypoint. `headers` names are matched case-insensitively."""
+    """One HTTP request at a waypoint. `headers` names are matched case-insensitively.
+    `auth`: the request's verified JWT (`ambit.policy.jwt.authenticate`), None without one."""
 
     method: str
     path: str
     host: str
     headers: Mapping[str, str] = field(default_factory=dict, hash=False)
+    auth: RequestAuth | None = field(default=None, hash=False)
+
+
+class AnyOf(tuple[str, ...]):
+    """A list-valued attribute (a JWT's `aud`, a list claim): a value matches when one element does."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -134,7 +144,9 @@ class _Attrs:
         m = _HEADER_KEY.match(attr)
         if m:
             return self.header(m.group(1))
-        # request.auth.* (no JWT authentication in ambit) and connection.sni.
+        if attr.startswith("request.auth."):
+            return _auth_attr(attr, h.auth)
+        # connection.sni: the waypoint terminates no TLS of the client's.
         return None
 
     def header(self, name: str) -> str | None:
@@ -143,6 +155,29 @@ class _Attrs:
             if k.lower() == low:
                 return v
         return None
+
+
+def _auth_attr(attr: str, auth: RequestAuth | None) -> object:
+    """`request.auth.*` as Istio reads them; None for a request without a (valid) token."""
+    if auth is None:
+        return None
+    if attr == "request.auth.principal":
+        return auth.principal
+    if attr == "request.auth.audiences":
+        return AnyOf(auth.audiences)
+    if attr == "request.auth.presenter":
+        return auth.presenter or None
+    v: object = auth.claims
+    for name in claim_path(attr):
+        if not isinstance(v, Mapping) or name not in v:
+            return None
+        v = v[name]
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list | tuple):
+        # Istio matches a list claim (groups, scopes) when one of its strings matches.
+        return AnyOf(x for x in v if isinstance(x, str))
+    return None  # numbers, booleans and objects match no string, as in Istio
 
 
 def _ip_or_none(s: str | None) -> IpAddress | None:
@@ -155,24 +190,36 @@ def _ip_or_none(s: str | None) -> IpAddress | None:
 
 
 def _show(v: object) -> str:
+    if isinstance(v, AnyOf):
+        return "[" + ", ".join(v) + "]"
     if isinstance(v, tuple):
         return "/".join(str(x) for x in v)
     return str(v)
+
+
+def _first_hit(fm: FieldMatch, value: object) -> int | None:
+    exact = fm.exact
+    if exact is not None:
+        # Empty strings never match, as in the slow path.
+        return exact.get(value) if value != "" else None
+    for i, m in enumerate(fm.values):
+        if m.matches(value):
+            return i
+    return None
 
 
 def _match_field(fm: FieldMatch, attrs: _Attrs) -> str | None:
     """Explanation when the field matches, None when it does not."""
     value = attrs.get(fm.attr)
     hit: int | None = None
-    exact = fm.exact
-    if exact is not None:
-        # Empty strings never match, as in the slow path.
-        hit = exact.get(value) if value != "" else None
-    else:
-        for i, m in enumerate(fm.values):
-            if m.matches(value):
-                hit = i
+    if isinstance(value, AnyOf):
+        for v in value:
+            hit = _first_hit(fm, v)
+            if hit is not None:
+                value = v
                 break
+    else:
+        hit = _first_hit(fm, value)
     if hit is not None:
         if fm.negate:
             return None

@@ -1,7 +1,8 @@
 """The set of policies in force, indexed for per-connection lookups (`PolicySet`).
 
-Pure. Which policies apply to a workload (mesh, namespace, selector, targetRefs),
-and one summary row per policy for `ambit policies` and the admin endpoint.
+Pure. Which policies apply to a workload (mesh, namespace, selector, targetRefs:
+AuthorizationPolicies and RequestAuthentications alike), and one summary row per
+policy for `ambit policies` and the admin endpoint.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ambit.cluster import PolicyObject
 from ambit.policy.compile import compile_policy
@@ -18,6 +19,8 @@ from ambit.policy.match import (
     CompiledAuthz,
     CompiledPeerAuthn,
     CompiledPolicy,
+    CompiledRequestAuthn,
+    JwtRule,
 )
 
 if TYPE_CHECKING:
@@ -31,6 +34,47 @@ def _selects(labels: Mapping[str, str] | None, wl_labels: Mapping[str, str]) -> 
     return labels is not None and all(wl_labels.get(k) == v for k, v in labels.items())
 
 
+_Scoped = TypeVar("_Scoped", CompiledAuthz, CompiledRequestAuthn)
+
+
+def _by_ns(policies: Iterable[_Scoped]) -> Mapping[str, tuple[_Scoped, ...]]:
+    out: dict[str, list[_Scoped]] = {}
+    for p in policies:
+        out.setdefault(p.namespace, []).append(p)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _applicable_to(
+    by_ns: Mapping[str, tuple[_Scoped, ...]], root: str, dst: Workload, services: tuple[str, ...],
+    at_waypoint: bool,
+) -> list[_Scoped]:
+    """Istio's scoping, shared by AuthorizationPolicy and RequestAuthentication: mesh-wide (root
+    namespace, no selector), the workload's namespace, selector-scoped (a selector in the root
+    namespace selects across namespaces), and targetRefs to one of its Services (or, at its
+    waypoint, to that waypoint). Order: mesh, namespace, then by name."""
+    out: list[_Scoped] = []
+    candidates = by_ns.get(root, ())
+    if dst.namespace != root:
+        candidates = candidates + by_ns.get(dst.namespace, ())
+    for p in candidates:
+        if p.target_refs:
+            if p.namespace != dst.namespace:
+                continue
+            for ref in p.target_refs:
+                if ref.kind == "Service" and f"{ref.namespace}/{ref.name}" in services:
+                    out.append(p)
+                    break
+                if ref.kind == "Gateway" and at_waypoint and dst.waypoint == ref.name:
+                    out.append(p)
+                    break
+        elif p.match_labels is None:
+            if p.namespace in (root, dst.namespace):
+                out.append(p)
+        elif _selects(p.match_labels, dst.labels):
+            out.append(p)
+    return out
+
+
 @dataclass(frozen=True)
 class PolicySet:
     """Every compiled policy in force, indexed for per-connection lookups."""
@@ -38,6 +82,7 @@ class PolicySet:
     authz: tuple[CompiledAuthz, ...] = ()
     peer_authn: tuple[CompiledPeerAuthn, ...] = ()
     root_namespace: str = DEFAULT_ROOT_NAMESPACE
+    request_authn: tuple[CompiledRequestAuthn, ...] = ()
 
     @classmethod
     def build(
@@ -46,30 +91,38 @@ class PolicySet:
         """Compile raw objects (already compiled ones pass through); raises PolicyError on the first bad one."""
         authz: list[CompiledAuthz] = []
         pa: list[CompiledPeerAuthn] = []
+        ra: list[CompiledRequestAuthn] = []
         for o in objs:
-            c = o if isinstance(o, CompiledAuthz | CompiledPeerAuthn) else compile_policy(o)
+            c = o if isinstance(o, CompiledAuthz | CompiledPeerAuthn | CompiledRequestAuthn) else compile_policy(o)
             if isinstance(c, CompiledAuthz):
                 authz.append(c)
+            elif isinstance(c, CompiledRequestAuthn):
+                ra.append(c)
             else:
                 pa.append(c)
         # Sorted by (namespace, name): evaluation and explanations never depend on input order.
         authz.sort(key=lambda p: (p.namespace, p.name))
         pa.sort(key=lambda p: (p.namespace, p.name))
-        return cls(tuple(authz), tuple(pa), root_namespace)
+        ra.sort(key=lambda p: (p.namespace, p.name))
+        return cls(tuple(authz), tuple(pa), root_namespace, tuple(ra))
+
+    @property
+    def compiled(self) -> tuple[CompiledPolicy, ...]:
+        """Every compiled policy, of every kind (what the agent keeps on disk and feeds)."""
+        return (*self.authz, *self.peer_authn, *self.request_authn)
 
     @cached_property
     def _authz_by_ns(self) -> Mapping[str, tuple[CompiledAuthz, ...]]:
-        out: dict[str, list[CompiledAuthz]] = {}
-        for p in self.authz:
-            out.setdefault(p.namespace, []).append(p)
-        return {k: tuple(v) for k, v in out.items()}
+        return _by_ns(self.authz)
+
+    @cached_property
+    def _request_authn_by_ns(self) -> Mapping[str, tuple[CompiledRequestAuthn, ...]]:
+        return _by_ns(self.request_authn)
 
     @cached_property
     def by_key(self) -> Mapping[str, CompiledPolicy]:
         """Compiled policies by `PolicyObject.key` (`Kind/ns/name`)."""
-        out: dict[str, CompiledPolicy] = {p.key: p for p in self.authz}
-        out.update({p.key: p for p in self.peer_authn})
-        return out
+        return {p.key: p for p in self.compiled}
 
     def applicable(self, dst: Workload, *, at_waypoint: bool = False) -> list[CompiledAuthz]:
         """AuthorizationPolicies that apply to `dst`: mesh-wide, its namespace's, selector-scoped
@@ -91,28 +144,31 @@ class PolicySet:
     def _applicable(
         self, dst: Workload, services: tuple[str, ...], at_waypoint: bool
     ) -> list[CompiledAuthz]:
-        root = self.root_namespace
-        out: list[CompiledAuthz] = []
-        candidates = self._authz_by_ns.get(root, ())
-        if dst.namespace != root:
-            candidates = candidates + self._authz_by_ns.get(dst.namespace, ())
-        for p in candidates:
-            if p.target_refs:
-                if p.namespace != dst.namespace:
-                    continue
-                for ref in p.target_refs:
-                    if ref.kind == "Service" and f"{ref.namespace}/{ref.name}" in services:
-                        out.append(p)
-                        break
-                    if ref.kind == "Gateway" and at_waypoint and dst.waypoint == ref.name:
-                        out.append(p)
-                        break
-            elif p.match_labels is None:
-                if p.namespace in (root, dst.namespace):
-                    out.append(p)
-            elif _selects(p.match_labels, dst.labels):
-                out.append(p)
-        return out
+        return _applicable_to(self._authz_by_ns, self.root_namespace, dst, services, at_waypoint)
+
+    def applicable_request_authn(self, dst: Workload, *, at_waypoint: bool = True) -> list[CompiledRequestAuthn]:
+        """RequestAuthentications that apply to `dst`, scoped as AuthorizationPolicies are
+        (`applicable`); at its waypoint by default, the only place JWTs are checked."""
+        if not self.request_authn:
+            return []
+        services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
+        return _applicable_to(self._request_authn_by_ns, self.root_namespace, dst, services, at_waypoint)
+
+    def jwt_rules(self, dst: Workload, *, at_waypoint: bool = True) -> tuple[JwtRule, ...]:
+        """Every JWT rule in force for `dst` (from all its RequestAuthentications, merged as
+        Istio merges them), sorted by issuer: what `ambit.policy.jwt.authenticate` takes."""
+        services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
+        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, at_waypoint)
+        hit = self._jwt_rules_cache.get(key)
+        if hit is None:
+            rules = [r for p in self.applicable_request_authn(dst, at_waypoint=at_waypoint) for r in p.rules]
+            hit = tuple(sorted(rules, key=lambda r: (r.issuer, r.policy, r.index)))
+            self._jwt_rules_cache[key] = hit  # bounded like `_applicable_cache`
+        return hit
+
+    @cached_property
+    def _jwt_rules_cache(self) -> dict[object, tuple[JwtRule, ...]]:
+        return {}
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per policy, for `ambit policies` and the admin endpoint."""
@@ -142,6 +198,21 @@ class PolicySet:
                     "mode": q.mode,
                     "scope": self._scope(q),
                     "port_modes": {str(k): v for k, v in sorted(q.port_modes.items())},
+                }
+            )
+        for ra in self.request_authn:
+            if ra.target_refs:
+                scope = "targetRefs: " + ", ".join(f"{r.kind}/{r.name}" for r in ra.target_refs)
+            else:
+                scope = self._scope(ra)
+            rows.append(
+                {
+                    "kind": ra.kind,
+                    "namespace": ra.namespace,
+                    "name": ra.name,
+                    "scope": scope,
+                    "rules": len(ra.rules),
+                    "issuers": [r.issuer for r in ra.rules],
                 }
             )
         return rows

@@ -1,8 +1,9 @@
 """The compiled form of Istio's security policies: matchers, rules and compiled objects.
 
 Pure. Every value a policy can name compiles into one small matcher that keeps
-its `raw` text for explanations; `CompiledAuthz` and `CompiledPeerAuthn` are
-what `compile_policy` produces and what the index and the decisions read.
+its `raw` text for explanations; `CompiledAuthz`, `CompiledPeerAuthn` and
+`CompiledRequestAuthn` (with its `JwtRule`s) are what `compile_policy` produces
+and what the index, the decisions and `ambit.policy.jwt` read.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 L4_WHEN_KEYS = frozenset(
     {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
 )
-# Every other key Istio accepts. `request.auth.*` need a RequestAuthentication
-# (JWT), which ambit has not: such values never match, their not-forms always do.
+# Every other key Istio accepts. `request.auth.*` are the facts of the request's JWT,
+# verified at the waypoint against the RequestAuthentications in force
+# (`ambit.policy.jwt`); a request without a token has none of them, so their
+# `values` never match and their `notValues` always do.
 L7_WHEN_KEYS = frozenset(
     {
         "remote.ip",
@@ -46,6 +49,12 @@ L7_WHEN_KEYS = frozenset(
 )
 _HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*$")
+_CLAIM_PART = re.compile(r"\[([^\]]+)\]")
+
+
+def claim_path(key: str) -> tuple[str, ...]:
+    """`request.auth.claims[a][b]` -> ("a", "b"): the nested claim a condition names."""
+    return tuple(_CLAIM_PART.findall(key))
 
 
 class PolicyError(AmbitError):
@@ -191,6 +200,8 @@ _ATTR_WORDS = {
     "source.ip": "source IP",
     "remote.ip": "remote IP",
     "request.auth.principal": "request principal",
+    "request.auth.audiences": "request audience",
+    "request.auth.presenter": "request presenter",
     "destination.ip": "destination IP",
     "destination.port": "destination port",
     "request.host": "host",
@@ -204,6 +215,8 @@ def _attr_words(attr: str) -> str:
     m = _HEADER_KEY.match(attr)
     if m:
         return f"header {m.group(1).lower()}"
+    if attr.startswith("request.auth.claims["):
+        return "claim " + ".".join(claim_path(attr))
     return _ATTR_WORDS.get(attr, attr)
 
 
@@ -320,5 +333,75 @@ class CompiledPeerAuthn(_Named):
     kind = "PeerAuthentication"
 
 
-CompiledPolicy = CompiledAuthz | CompiledPeerAuthn
+@dataclass(frozen=True)
+class HeaderLocation:
+    """`fromHeaders[i]`: the token is the header's value after `prefix` (e.g. "Bearer ")."""
+
+    name: str  # lower-cased
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class ClaimToHeader:
+    """`outputClaimToHeaders[i]`: copy a verified token's claim into a request header."""
+
+    header: str  # lower-cased
+    claim: str
+
+
+@dataclass(frozen=True)
+class JwtRule:
+    """`jwtRules[index]` of a RequestAuthentication: which tokens it accepts and where it finds them.
+
+    Keys are either inline (`jwks`, a JWK Set as JSON text, checked at compile time) or
+    in a file on the waypoint's node (`jwks_path`, from `jwksUri`), which the waypoint
+    loads and hands to `ambit.policy.jwt.authenticate` through its key resolver.
+    """
+
+    policy: str  # "ns/name" of the RequestAuthentication
+    index: int
+    issuer: str
+    audiences: tuple[str, ...] = ()
+    jwks: str = ""
+    jwks_uri: str = ""  # as written
+    jwks_path: str = ""  # the file `jwks_uri` names
+    from_headers: tuple[HeaderLocation, ...] = ()
+    from_params: tuple[str, ...] = ()
+    from_cookies: tuple[str, ...] = ()
+    forward_original_token: bool = False
+    output_payload_to_header: str = ""  # lower-cased
+    output_claim_to_headers: tuple[ClaimToHeader, ...] = ()
+    space_delimited_claims: tuple[str, ...] = ()
+
+    @property
+    def where(self) -> str:
+        """How explanations name the rule: `ns/name jwtRules[i]`."""
+        return f"{self.policy} jwtRules[{self.index}]"
+
+    @property
+    def locations(self) -> tuple[tuple[HeaderLocation, ...], tuple[str, ...], tuple[str, ...]]:
+        """(headers, params, cookies) where this rule looks for tokens. As in Istio (and Envoy),
+        naming any location replaces the defaults `Authorization: Bearer <token>` and
+        `?access_token=<token>`."""
+        if self.from_headers or self.from_params or self.from_cookies:
+            return self.from_headers, self.from_params, self.from_cookies
+        return (HeaderLocation("authorization", "Bearer "),), ("access_token",), ()
+
+
+@dataclass(frozen=True)
+class CompiledRequestAuthn(_Named):
+    """A valid RequestAuthentication: the JWT rules that apply to the workloads it selects."""
+
+    namespace: str
+    name: str
+    api_version: str
+    match_labels: Mapping[str, str] | None = field(hash=False)  # None: no selector
+    target_refs: tuple[TargetRef, ...]
+    rules: tuple[JwtRule, ...]
+    resource_version: str = ""
+
+    kind = "RequestAuthentication"
+
+
+CompiledPolicy = CompiledAuthz | CompiledPeerAuthn | CompiledRequestAuthn
 

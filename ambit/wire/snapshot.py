@@ -30,6 +30,7 @@ from ambit.policy import (
     CompiledAuthz,
     CompiledPeerAuthn,
     CompiledPolicy,
+    CompiledRequestAuthn,
     PolicySet,
 )
 from ambit.policy import match as m
@@ -46,7 +47,7 @@ _TYPES: dict[str, type[Any]] = {
     for cls in (
         Workload, ServiceInfo, WaypointInfo, SpiffeId, CompiledAuthz, CompiledPeerAuthn, m.CompiledRule, m.Entry,
         m.FieldMatch, m.TargetRef, m.StringMatch, m.HostMatch, m.PathMatch, m.NetMatch, m.PortMatch,
-        m.ServiceAccountMatch,
+        m.ServiceAccountMatch, CompiledRequestAuthn, m.JwtRule, m.HeaderLocation, m.ClaimToHeader,
     )
 }
 
@@ -121,7 +122,7 @@ def encode_snapshot(snap: Snapshot) -> dict[ObjectKey, dict[str, Any]]:
         out[(NODE, "", name)] = {"address": addr}
     for wp in snap.waypoints.values():
         out[(WAYPOINT, wp.namespace, wp.name)] = encode_value(wp)
-    for p in (*snap.policies.authz, *snap.policies.peer_authn):
+    for p in snap.policies.compiled:
         out[(POLICY, p.namespace, p.key)] = encode_value(p)
     return out
 
@@ -132,7 +133,7 @@ def decode_policies(objects: Mapping[ObjectKey, Mapping[str, Any]]) -> list[Comp
         if kind != POLICY:
             continue
         p = decode_value(dict(obj))
-        if not isinstance(p, CompiledAuthz | CompiledPeerAuthn):
+        if not isinstance(p, CompiledAuthz | CompiledPeerAuthn | CompiledRequestAuthn):
             raise WireError(f"{kind} {name} is a {type(p).__name__}, not a compiled policy")
         out.append(p)
     return out

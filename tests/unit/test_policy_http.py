@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from ambit.cluster import build_state, load_documents
-from ambit.policy import ConnectionFacts, HttpFacts, authorize_http
+from ambit.policy import ConnectionFacts, HttpFacts, RequestAuth, authenticate, authorize_http
 from ambit.snapshot import build_snapshot
 from ambit.spiffe import SpiffeId
 
@@ -126,3 +130,130 @@ def test_check_judges_at_the_waypoint_or_the_ztunnel() -> None:
     l4 = check(ConnectionFacts("10.9.0.1", facts.src_identity, no_wp, 8080, True), snap.policies,
                http=HttpFacts("GET", "/", "web"))
     assert not l4.allowed and "not evaluated (L4 only)" in l4.notes[-1]
+
+
+# ---------------------------------------------------------------------------
+# request.auth: the facts of the request's verified JWT (ambit.policy.jwt)
+
+ALICE = RequestAuth(
+    principal="https://idp.example/alice",
+    claims={"iss": "https://idp.example", "sub": "alice", "groups": ["dev", "ops"], "admin": True,
+            "org": {"team": "pay", "tags": ["x", "y"]}, "scope": ["read", "write"], "email": "a@shop.example"},
+    audiences=("shop", "pay"),
+    presenter="frontend",
+)
+
+
+def deny_src(field: str, values: str) -> str:
+    return src(field, values).replace("spec:\n", "spec:\n  action: DENY\n")
+
+
+# (id, policies, auth, allowed, reason piece)
+AUTH_CASES: list[tuple[str, str, RequestAuth | None, bool, str]] = [
+    ("request-principals-any", src("requestPrincipals", '["*"]'), ALICE, True,
+     "request principal https://idp.example/alice matches requestPrincipals[0]"),
+    ("request-principals-any-no-token", src("requestPrincipals", '["*"]'), None, False, "none matched"),
+    ("request-principals-exact", src("requestPrincipals", "[https://idp.example/alice]"), ALICE, True, "requestPrincipals[0]"),
+    ("request-principals-exact-miss", src("requestPrincipals", "[https://idp.example/bob]"), ALICE, False, "none matched"),
+    ("request-principals-prefix", src("requestPrincipals", '["https://idp.example/*"]'), ALICE, True, "requestPrincipals[0]"),
+    ("request-principals-suffix", src("requestPrincipals", '["*/alice"]'), ALICE, True, "requestPrincipals[0]"),
+    ("request-principals-other-issuer", src("requestPrincipals", '["https://other.example/*"]'), ALICE, False, "none matched"),
+    ("not-request-principals-any-token", src("notRequestPrincipals", '["*"]'), ALICE, False, "none matched"),
+    ("not-request-principals-any-no-token", src("notRequestPrincipals", '["*"]'), None, True, "no request principal"),
+    ("deny-without-token", deny_src("notRequestPrincipals", '["*"]'), None, False, "denied by DENY policy shop/p rule 0"),
+    ("deny-without-token-has-one", deny_src("notRequestPrincipals", '["*"]'), ALICE, True, "no DENY policy matched"),
+    ("claim-list-any-element", when("request.auth.claims[groups]", "values", "[ops]"), ALICE, True,
+     "claim groups ops matches values[0]"),
+    ("claim-list-prefix", when("request.auth.claims[groups]", "values", '["op*"]'), ALICE, True, "values[0]"),
+    ("claim-list-miss", when("request.auth.claims[groups]", "values", "[admin]"), ALICE, False, "none matched"),
+    ("claim-list-not-values", when("request.auth.claims[groups]", "notValues", "[ops]"), ALICE, False, "none matched"),
+    ("claim-list-not-values-other", when("request.auth.claims[groups]", "notValues", "[admin]"), ALICE, True,
+     "claim groups [dev, ops] is not in notValues"),
+    ("claim-string", when("request.auth.claims[email]", "values", '["*@shop.example"]'), ALICE, True, "values[0]"),
+    ("claim-nested", when("request.auth.claims[org][team]", "values", "[pay]"), ALICE, True, "claim org.team pay"),
+    ("claim-nested-list", when("request.auth.claims[org][tags]", "values", "[y]"), ALICE, True, "values[0]"),
+    ("claim-nested-missing", when("request.auth.claims[org][boss]", "values", "[x]"), ALICE, False, "none matched"),
+    ("claim-not-a-string", when("request.auth.claims[admin]", "values", '["true"]'), ALICE, False, "none matched"),
+    ("claim-scope", when("request.auth.claims[scope]", "values", "[write]"), ALICE, True, "values[0]"),
+    ("claim-no-token", when("request.auth.claims[groups]", "values", "[ops]"), None, False, "none matched"),
+    ("claim-not-values-no-token", when("request.auth.claims[groups]", "notValues", "[ops]"), None, True, "no claim groups"),
+    ("audiences", when("request.auth.audiences", "values", "[pay]"), ALICE, True, "request audience pay matches values[0]"),
+    ("audiences-miss", when("request.auth.audiences", "values", "[bank]"), ALICE, False, "none matched"),
+    ("presenter", when("request.auth.presenter", "values", "[frontend]"), ALICE, True, "request presenter frontend"),
+    ("principal-condition", when("request.auth.principal", "values", '["*/alice"]'), ALICE, True, "values[0]"),
+]
+
+
+@pytest.mark.parametrize(("policies", "auth", "allowed", "reason"), [pytest.param(*c[1:], id=c[0]) for c in AUTH_CASES])
+def test_authorize_http_with_request_auth(policies: str, auth: RequestAuth | None, allowed: bool, reason: str) -> None:
+    snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")
+    assert not snap.errors, snap.errors
+    wl = snap.workload("shop/web")
+    assert wl is not None
+    facts = ConnectionFacts("10.9.0.1", SpiffeId("cluster.local", "shop", "frontend"), wl, 8080, True)
+    d = authorize_http(facts, HttpFacts("GET", "/", "web", {}, auth), snap.policies)
+    assert d.allowed is allowed, d
+    assert reason in d.reason, d
+
+
+KEY = ECKey.generate_key("P-256", parameters={"kid": "idp-1"})
+JWKS = json.dumps({"keys": [KEY.as_dict(private=False)]})
+
+
+def request_authn(name: str, namespace: str, scope: str, issuer: str) -> str:
+    return (
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        f"metadata: {{name: {name}, namespace: {namespace}}}\n"
+        f"spec:\n{scope}  jwtRules:\n  - {{issuer: '{issuer}', jwks: '{JWKS}'}}\n---\n"
+    )
+
+
+def test_which_request_authentications_apply() -> None:
+    docs = (
+        request_authn("mesh", "istio-system", "", "https://mesh.example")
+        + request_authn("ns", "shop", "", "https://ns.example")
+        + request_authn("other-ns", "bank", "", "https://bank.example")
+        + request_authn("sel", "shop", "  selector: {matchLabels: {app: web}}\n", "https://sel.example")
+        + request_authn("sel-miss", "shop", "  selector: {matchLabels: {app: db}}\n", "https://db.example")
+        + request_authn("svc", "shop", "  targetRefs: [{kind: Service, group: '', name: web}]\n", "https://svc.example")
+        + request_authn("gw", "shop", "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: shop-wp}]\n",
+                        "https://gw.example")
+        + request_authn("root-sel", "istio-system", "  selector: {matchLabels: {app: web}}\n", "https://root-sel.example")
+    )
+    snap = build_snapshot(build_state(load_documents(CLUSTER + docs)), "node-a")
+    assert not snap.errors, snap.errors
+    wl = snap.workload("shop/web")
+    assert wl is not None
+    names = {p.name for p in snap.policies.applicable_request_authn(wl)}
+    assert names == {"mesh", "ns", "sel", "svc", "gw", "root-sel"}
+    assert "gw" not in {p.name for p in snap.policies.applicable_request_authn(wl, at_waypoint=False)}
+    issuers = [r.issuer for r in snap.policies.jwt_rules(wl)]
+    assert issuers == sorted(issuers) and len(issuers) == 6  # merged and sorted by issuer, as Istio does
+
+
+def test_a_waypoint_authenticates_then_authorizes() -> None:
+    policies = (
+        request_authn("jwt", "shop", "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: shop-wp}]\n",
+                      "https://idp.example")
+        + src("requestPrincipals", '["https://idp.example/*"]')
+    )
+    snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")
+    assert not snap.errors, snap.errors
+    wl = snap.workload("shop/web")
+    assert wl is not None
+    facts = ConnectionFacts("10.9.0.1", SpiffeId("cluster.local", "shop", "frontend"), wl, 8080, True)
+    now = 1_800_000_000
+    tok = jwt.encode({"alg": "ES256", "kid": "idp-1"}, {"iss": "https://idp.example", "sub": "alice", "exp": now + 60}, KEY)
+
+    def request(headers: dict[str, str]) -> tuple[int, str]:
+        authn = authenticate(snap.policies.jwt_rules(wl), headers, "/", now=now)
+        if not authn.ok:
+            return authn.status, authn.reason
+        d = authorize_http(facts, HttpFacts("GET", "/", "web", headers, authn.auth), snap.policies)
+        return (200 if d.allowed else 403), d.reason
+
+    assert request({"authorization": f"Bearer {tok}"})[0] == 200
+    assert request({})[0] == 403  # no token: RequestAuthentication passes it, the policy wants a principal
+    assert request({"authorization": "Bearer x.y.z"})[0] == 401
+    expired = jwt.encode({"alg": "ES256", "kid": "idp-1"}, {"iss": "https://idp.example", "sub": "a", "exp": now - 61}, KEY)
+    assert request({"authorization": f"Bearer {expired}"}) == (401, "Jwt is expired")

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from joserfc.jwk import ECKey
 
 from ambit.cluster import build_state, load_documents
-from ambit.policy import CompiledAuthz, CompiledPeerAuthn, PolicyError, PolicySet, compile_policy
+from ambit.policy import (
+    CompiledAuthz,
+    CompiledPeerAuthn,
+    CompiledPolicy,
+    CompiledRequestAuthn,
+    PolicyError,
+    PolicySet,
+    compile_policy,
+)
+from ambit.policy.match import ClaimToHeader, HeaderLocation
 
 
-def compile_yaml(text: str) -> CompiledAuthz | CompiledPeerAuthn:
+def compile_yaml(text: str) -> CompiledPolicy:
     (obj,) = build_state(load_documents(text)).policies
     return compile_policy(obj)
 
@@ -29,8 +41,21 @@ def op(field: str, values: str) -> str:
     return authz(f"  rules:\n  - to:\n    - operation:\n        {field}: {values}")
 
 
+def reqauthn(spec: str) -> str:
+    return f"apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: bad, namespace: shop}}\nspec:\n{spec}\n"
+
+
+JWKS = json.dumps({"keys": [ECKey.generate_key("P-256", parameters={"kid": "k"}).as_dict(private=False)]})
+
+
+def jwt_rule(fields: str, keys: str = f"jwks: '{JWKS}'") -> str:
+    """A RequestAuthentication with one jwtRule: `fields` as YAML flow mapping entries."""
+    return reqauthn(f"  jwtRules:\n  - {{{', '.join(f for f in (keys, fields) if f)}}}")
+
+
 AP = "AuthorizationPolicy shop/bad"
 PA = "PeerAuthentication shop/bad"
+RA = "RequestAuthentication shop/bad"
 
 # (id, yaml, object, field path, a piece of the reason)
 BAD: list[tuple[str, str, str, str, str]] = [
@@ -73,6 +98,34 @@ BAD: list[tuple[str, str, str, str, str]] = [
     ("pa-port-level-needs-selector", peer("  portLevelMtls:\n    8080: {mode: DISABLE}"), PA, "spec.portLevelMtls", "needs a workload selector"),
     ("pa-unknown-field", peer("  mtls: {mode: STRICT}\n  targetRef: {kind: Service, name: x}"), PA, "spec.targetRef", "unknown field"),
     ("pa-mtls-not-mapping", peer("  mtls: STRICT"), PA, "spec.mtls", "expected a mapping, got a string"),
+    ("ra-unknown-spec-field", reqauthn("  jwtRule: []"), RA, "spec.jwtRule", "unknown field"),
+    ("ra-rules-not-list", reqauthn("  jwtRules: {issuer: a}"), RA, "spec.jwtRules", "expected a list"),
+    ("ra-selector-and-target-refs", reqauthn("  selector: {matchLabels: {app: web}}\n  targetRefs:\n  - {kind: Service, group: '', name: web}"), RA, "spec.selector", "not both"),
+    ("ra-target-ref-kind", reqauthn("  targetRefs:\n  - {kind: Deployment, group: apps, name: web}"), RA, "spec.targetRefs[0].kind", "not supported"),
+    ("ra-issuer-missing", jwt_rule(""), RA, "spec.jwtRules[0].issuer", "`issuer` is required"),
+    ("ra-issuer-empty", jwt_rule("issuer: ''"), RA, "spec.jwtRules[0].issuer", "must not be empty"),
+    ("ra-unknown-rule-field", jwt_rule("issuer: a, audience: [x]"), RA, "spec.jwtRules[0].audience", "unknown field (did you mean 'audiences'?)"),
+    ("ra-jwks-uri-case", jwt_rule("issuer: a, jwksURI: /k.json", keys=""), RA, "spec.jwtRules[0].jwksURI", "did you mean 'jwksUri'?"),
+    ("ra-audiences-not-list", jwt_rule("issuer: a, audiences: shop"), RA, "spec.jwtRules[0].audiences", "expected a list of strings"),
+    ("ra-audience-empty", jwt_rule("issuer: a, audiences: ['']"), RA, "spec.jwtRules[0].audiences[0]", "empty string"),
+    ("ra-no-keys", jwt_rule("issuer: a", keys=""), RA, "spec.jwtRules[0]", "`jwks` (a JWK Set, inline) or `jwksUri`"),
+    ("ra-both-keys", jwt_rule("issuer: a, jwksUri: /k.json"), RA, "spec.jwtRules[0].jwksUri", "not both"),
+    ("ra-jwks-not-json", jwt_rule("issuer: a", keys="jwks: 'nope'"), RA, "spec.jwtRules[0].jwks", "not valid JSON"),
+    ("ra-jwks-not-a-set", jwt_rule("issuer: a", keys="jwks: '{\"kty\": \"EC\"}'"), RA, "spec.jwtRules[0].jwks", "not a JWK Set"),
+    ("ra-jwks-symmetric", jwt_rule("issuer: a", keys="jwks: '{\"keys\": [{\"kty\": \"oct\", \"k\": \"c2VjcmV0\"}]}'"), RA, "spec.jwtRules[0].jwks", "keys[0]: symmetric keys"),
+    ("ra-jwks-bad-key", jwt_rule("issuer: a", keys="jwks: '{\"keys\": [{\"kty\": \"EC\", \"crv\": \"P-256\", \"x\": \"AA\"}]}'"), RA, "spec.jwtRules[0].jwks", "keys[0]: not a valid EC key"),
+    ("ra-jwks-uri-https", jwt_rule("issuer: a, jwksUri: 'https://idp.example/jwks'", keys=""), RA, "spec.jwtRules[0].jwksUri", "does not fetch keys over HTTP(S)"),
+    ("ra-jwks-uri-relative", jwt_rule("issuer: a, jwksUri: keys/jwks.json", keys=""), RA, "spec.jwtRules[0].jwksUri", "not an absolute file path"),
+    ("ra-timeout", jwt_rule("issuer: a, timeout: 5s"), RA, "spec.jwtRules[0].timeout", "nothing to time out"),
+    ("ra-from-headers-no-name", jwt_rule("issuer: a, fromHeaders: [{prefix: 'Bearer '}]"), RA, "spec.jwtRules[0].fromHeaders[0].name", "`name` is required"),
+    ("ra-from-headers-bad-name", jwt_rule("issuer: a, fromHeaders: [{name: 'x token'}]"), RA, "spec.jwtRules[0].fromHeaders[0].name", "not an HTTP header name"),
+    ("ra-from-headers-unknown", jwt_rule("issuer: a, fromHeaders: [{name: x, Prefix: a}]"), RA, "spec.jwtRules[0].fromHeaders[0].Prefix", "did you mean 'prefix'?"),
+    ("ra-from-headers-not-list", jwt_rule("issuer: a, fromHeaders: {name: x}"), RA, "spec.jwtRules[0].fromHeaders", "expected a list"),
+    ("ra-from-params-empty", jwt_rule("issuer: a, fromParams: ['']"), RA, "spec.jwtRules[0].fromParams[0]", "empty string"),
+    ("ra-forward-not-bool", jwt_rule("issuer: a, forwardOriginalToken: 'yes'"), RA, "spec.jwtRules[0].forwardOriginalToken", "expected true or false"),
+    ("ra-payload-header-bad", jwt_rule("issuer: a, outputPayloadToHeader: ':path'"), RA, "spec.jwtRules[0].outputPayloadToHeader", "not an HTTP header name"),
+    ("ra-claim-header-missing-claim", jwt_rule("issuer: a, outputClaimToHeaders: [{header: x-sub}]"), RA, "spec.jwtRules[0].outputClaimToHeaders[0].claim", "`claim` is required"),
+    ("ra-claim-header-unknown", jwt_rule("issuer: a, outputClaimToHeaders: [{header: x-sub, claims: sub}]"), RA, "spec.jwtRules[0].outputClaimToHeaders[0].claims", "did you mean 'claim'?"),
 ]
 
 
@@ -108,6 +161,9 @@ GOOD = [
     ("target-refs", authz("  targetRefs:\n  - {kind: Service, group: '', name: web}\n  - {kind: Gateway, group: gateway.networking.k8s.io, name: wp}")),
     ("target-ref-singular", authz("  targetRef: {kind: Service, group: '', name: web}")),
     ("audit", authz("  action: AUDIT\n  rules:\n  - {}")),
+    ("ra-mesh-no-rules", reqauthn("  {}")),
+    ("ra-target-ref-gateway", reqauthn(f"  targetRefs:\n  - {{kind: Gateway, group: gateway.networking.k8s.io, name: wp}}\n  jwtRules:\n  - {{issuer: a, jwks: '{JWKS}'}}")),
+    ("ra-jwks-uri-path", jwt_rule("issuer: a, jwksUri: /etc/jwks.json", keys="")),
     ("pa-full", peer("  selector: {matchLabels: {app: web}}\n  mtls: {mode: UNSET}\n  portLevelMtls:\n    8080: {mode: DISABLE}\n    '9090': {mode: STRICT}")),
 ]
 
@@ -126,6 +182,30 @@ def test_compiled_fields() -> None:
     p = compile_yaml(peer("  selector: {matchLabels: {app: web}}\n  portLevelMtls:\n    8080: {mode: DISABLE}"))
     assert isinstance(p, CompiledPeerAuthn)
     assert p.mode == "UNSET" and dict(p.port_modes) == {8080: "DISABLE"}
+
+
+def test_compiled_request_authentication() -> None:
+    c = compile_yaml(reqauthn(
+        "  selector: {matchLabels: {app: web}}\n  jwtRules:\n"
+        f"  - issuer: https://idp.example\n    audiences: [shop]\n    jwks: '{JWKS}'\n"
+        "    fromHeaders: [{name: X-Token, prefix: 'Bearer '}]\n    fromParams: [t]\n    fromCookies: [s]\n"
+        "    forwardOriginalToken: true\n    outputPayloadToHeader: X-Payload\n"
+        "    outputClaimToHeaders: [{header: X-Sub, claim: sub}]\n    spaceDelimitedClaims: [roles]\n"
+        "  - issuer: https://other.example\n    jwksUri: file:///etc/ambit/other.json"
+    ))
+    assert isinstance(c, CompiledRequestAuthn)
+    assert c.key == "RequestAuthentication/shop/bad" and c.match_labels == {"app": "web"} and not c.target_refs
+    a, b = c.rules
+    assert (a.policy, a.index, a.issuer, a.audiences) == ("shop/bad", 0, "https://idp.example", ("shop",))
+    assert a.from_headers == (HeaderLocation("x-token", "Bearer "),) and a.from_params == ("t",)
+    assert a.from_cookies == ("s",) and a.forward_original_token and a.output_payload_to_header == "x-payload"
+    assert a.output_claim_to_headers == (ClaimToHeader("x-sub", "sub"),) and a.space_delimited_claims == ("roles",)
+    assert a.jwks == JWKS and not a.jwks_uri
+    assert (b.jwks, b.jwks_uri, b.jwks_path) == ("", "file:///etc/ambit/other.json", "/etc/ambit/other.json")
+    assert b.locations[0][0] == HeaderLocation("authorization", "Bearer ") and b.locations[1] == ("access_token",)
+    row = PolicySet.build([c]).summary()[0]
+    assert row == {"kind": "RequestAuthentication", "namespace": "shop", "name": "bad", "scope": "selector: app=web",
+                   "rules": 2, "issuers": ["https://idp.example", "https://other.example"]}
 
 
 def test_policy_set_build_raises_on_bad_object_and_summarises() -> None:

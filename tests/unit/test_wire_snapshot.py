@@ -6,9 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from joserfc import jwt
+from joserfc.jwk import ECKey
 
 from ambit.cluster import build_state, load_documents
-from ambit.policy import ConnectionFacts, HttpFacts, authorize, authorize_http
+from ambit.policy import ConnectionFacts, HttpFacts, authenticate, authorize, authorize_http
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.spiffe import SpiffeId
 from ambit.wire.snapshot import (
@@ -77,6 +79,23 @@ spec:
   selector: {matchLabels: {app: web}}
   mtls: {mode: STRICT}
   portLevelMtls: {"8080": {mode: PERMISSIVE}, "9090": {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: jwt-file, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  jwtRules:
+  - issuer: https://idp.example
+    audiences: [shop, pay]
+    jwksUri: file:///etc/ambit/jwks/idp.json
+    fromHeaders: [{name: X-Token, prefix: "Bearer "}]
+    fromParams: [t]
+    fromCookies: [session]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-jwt
+    outputClaimToHeaders: [{header: x-sub, claim: sub}]
+    spaceDelimitedClaims: [roles]
 """
 
 
@@ -93,6 +112,7 @@ def over_the_wire(snap: Snapshot) -> Snapshot:
 def test_the_decoded_snapshot_is_the_compiled_one() -> None:
     snap = compiled()
     assert not snap.errors
+    assert len(snap.policies.request_authn) == 1
     got = over_the_wire(snap)
     assert got.policies == snap.policies
     assert dict(got.workloads) == dict(snap.workloads)
@@ -211,3 +231,29 @@ def test_waypoints_in_the_snapshot_and_on_the_wire() -> None:
     got = over_the_wire(snap)
     assert dict(got.waypoints) == dict(snap.waypoints)
     assert got.service_by_vip("10.96.0.20") == svc
+
+
+def test_request_authentication_round_trips_and_authenticates_alike() -> None:
+    key = ECKey.generate_key("P-256", parameters={"kid": "k"})
+    jwks = json.dumps({"keys": [key.as_dict(private=False)]})
+    docs = CLUSTER + (
+        "---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\n"
+        "metadata: {name: jwt-inline, namespace: istio-system}\n"
+        f"spec:\n  jwtRules:\n  - {{issuer: https://mesh.example, jwks: '{jwks}', outputPayloadToHeader: x-p}}\n"
+    )
+    snap = build_snapshot(build_state(load_documents(docs)), "node-a")
+    assert not snap.errors, snap.errors
+    got = over_the_wire(snap)
+    assert got.policies.request_authn == snap.policies.request_authn
+    assert decode_value(json.loads(json.dumps(encode_value(snap.policies.request_authn[0])))) == \
+        snap.policies.request_authn[0]
+    now = 1_800_000_000
+    tok = jwt.encode({"alg": "ES256", "kid": "k"}, {"iss": "https://mesh.example", "sub": "a", "exp": now + 60}, key)
+    results = []
+    for s in (snap, got):
+        dst = s.workload("shop/web-0")
+        assert dst is not None
+        rules = s.policies.jwt_rules(dst)
+        assert [r.issuer for r in rules] == ["https://idp.example", "https://mesh.example"]
+        results.append(authenticate(rules, {"authorization": f"Bearer {tok}"}, "/", now=now))
+    assert results[0] == results[1] and results[0].ok and results[0].auth is not None
