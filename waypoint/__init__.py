@@ -1,3 +1,23 @@
-"""Waypoint: the opt-in L7 proxy (HTTP authorization, metrics, access logs)."""
+"""Waypoint: the opt-in L7 proxy (HTTP authorization, metrics, access logs).
+
+The HTTP engine sits between two byte streams (the client's, the destination's)
+and knows nothing of HBONE, identities or policy: the rest of the package (the
+process) is its glue, and hands it callbacks (`exchange.Hooks`). The engine:
+  paths      request targets: parsed and normalized for policy matching (pure)
+  sniff      which protocol a connection speaks, from its first bytes (pure)
+  exchange   what the engine and the glue exchange: Request, Verdict, RequestRecord,
+             Limits, Hooks; hop-by-hop header rules (pure)
+  streams    the byte-stream interface, an adapter for callback-style legs, memory pipes
+  http1      HTTP/1.x downstream to HTTP/1.1 upstream (h11 both sides)
+  http2      HTTP/2 downstream to HTTP/2 upstream (h2 both sides)
+  h2input    HTTP/2 input before h2 sees it: frames split, floods counted, GOAWAY kept
+  engine     one connection: sniff, then the matching proxy
+"""
 
 from __future__ import annotations
+
+from ambit import AmbitError
+
+
+class WaypointError(AmbitError):
+    """Base of every error the waypoint raises."""

@@ -1,0 +1,326 @@
+"""What the HTTP engine and its glue exchange, and the header rules both proxies share. Pure.
+
+The engine hands the glue a `Request` and takes back a `Verdict` (`Hooks.decide`,
+synchronous); it asks for the destination's byte stream with
+`Hooks.open_upstream` on the first allowed request; it reports every request,
+allowed or not, once, as a `RequestRecord` (`Hooks.on_request`) when it ends.
+
+Headers travel as the bytes received (original case for HTTP/1); only the
+`Request` view given to `decide` is text: names lower-cased, values decoded as
+UTF-8 with `surrogateescape` (so no byte is lost and non-ASCII policy values
+still match).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Literal
+
+from waypoint import WaypointError
+
+if TYPE_CHECKING:
+    from waypoint.streams import ByteStream
+
+KIB = 1024
+MIB = 1024 * KIB
+
+HttpVersion = Literal["HTTP/1.0", "HTTP/1.1", "HTTP/2"]
+RawHeaders = list[tuple[bytes, bytes]]
+
+DENIED_BODY = b"RBAC: access denied"
+
+# RFC 9110 7.6.1: per-hop fields a proxy must not forward (plus the fields the
+# Connection header names). Proxy-* are the waypoint's own business.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
+    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+})
+# fields a client may not make per-hop by naming them in Connection: framing and routing
+_NOT_HOP_BY_HOP = frozenset({b"content-length", b"host"})
+# never in trailers: they frame, route or authenticate the message (RFC 9110 6.5.1)
+_NOT_IN_TRAILERS = frozenset({
+    b"content-length", b"content-type", b"content-encoding", b"host", b"authorization",
+    b"expect", b"max-forwards", b"cache-control", b"te", b"trailer", b"transfer-encoding",
+    b"connection", b"keep-alive", b"upgrade", b"set-cookie",
+})
+_BAD_VALUE = frozenset("\r\n\x00")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class Failure(enum.StrEnum):
+    """Why a request did not end as a normal exchange (the glue maps these to response flags)."""
+
+    BAD_REQUEST = "bad_request"  # malformed HTTP or a refused path: 400
+    HEADERS_TOO_LARGE = "headers_too_large"  # 431
+    NOT_IMPLEMENTED = "not_implemented"  # CONNECT, Upgrade: 501
+    DECIDE_ERROR = "decide_error"  # the decide hook raised or returned garbage: 500
+    UPSTREAM_CONNECT = "upstream_connect"  # open_upstream failed: 503
+    UPSTREAM_RESET = "upstream_reset"  # the upstream reset or closed mid-exchange
+    UPSTREAM_PROTOCOL = "upstream_protocol"  # the upstream spoke malformed HTTP: 502
+    CLIENT_RESET = "client_reset"  # the client reset or closed mid-exchange
+    CLIENT_PROTOCOL = "client_protocol"  # the client broke HTTP mid-request (after its head)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request as policy sees it.
+
+    `path` is normalized (waypoint.paths), `query` kept aside (None when the
+    target had no "?"); `target` is the raw request-target or :path.
+    `authority` comes from the absolute-form target, :authority or Host.
+    """
+
+    method: str
+    scheme: str
+    authority: str
+    target: str
+    path: str
+    query: str | None
+    headers: list[tuple[str, str]]
+    protocol: HttpVersion
+    stream_id: int | None = None
+
+    def header(self, name: str) -> str | None:
+        """The values of a header joined with ", " (None when absent); `name` any case."""
+        name = name.lower()
+        values = [v for n, v in self.headers if n == name]
+        return ", ".join(values) if values else None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The glue's decision on one request.
+
+    Allowed: the request is forwarded with the fields named in `remove_headers`
+    removed, then `add_headers` appended (to replace a field, name it in both).
+    Denied: the waypoint answers `status` with `body` (text/plain) and
+    `response_headers` itself. `context` comes back in the RequestRecord.
+    """
+
+    allowed: bool
+    status: int = 403
+    body: bytes = DENIED_BODY
+    response_headers: tuple[tuple[str, str], ...] = ()
+    add_headers: tuple[tuple[str, str], ...] = ()
+    remove_headers: frozenset[str] = frozenset()
+    context: object = None
+
+    @classmethod
+    def allow(
+        cls,
+        add_headers: Iterable[tuple[str, str]] = (),
+        remove_headers: Iterable[str] = (),
+        context: object = None,
+    ) -> Verdict:
+        return cls(True, 200, b"", (), tuple(add_headers),
+                   frozenset(n.lower() for n in remove_headers), context)
+
+    @classmethod
+    def deny(
+        cls,
+        status: int = 403,
+        body: bytes = DENIED_BODY,
+        response_headers: Iterable[tuple[str, str]] = (),
+        context: object = None,
+    ) -> Verdict:
+        return cls(False, status, body, tuple(response_headers), (), frozenset(), context)
+
+    def check(self) -> None:
+        """Raise WaypointError when the verdict cannot be put on the wire as given."""
+        if not self.allowed and not 400 <= self.status <= 599:
+            raise WaypointError(f"Verdict: a denial needs a 4xx/5xx status, not {self.status}")
+        for where, headers, refused in (
+            ("add_headers", self.add_headers, HOP_BY_HOP),
+            ("response_headers", self.response_headers, HOP_BY_HOP | {b"content-length"}),
+        ):
+            for name, value in headers:
+                if not _TOKEN.fullmatch(name):
+                    raise WaypointError(f"Verdict.{where}: invalid header name {name!r}")
+                if _BAD_VALUE & set(value):
+                    raise WaypointError(
+                        f"Verdict.{where}: header {name!r} has CR, LF or NUL in its value"
+                    )
+                if name.lower().encode("ascii") in refused:
+                    raise WaypointError(
+                        f"Verdict.{where}: {name!r} is per-hop or framing, set by the waypoint"
+                    )
+
+
+@dataclass
+class RequestRecord:
+    """One request, reported once when it ends (allowed, denied or failed).
+
+    `status` is what the client got (0: no response reached it); byte counts
+    are body bytes (request: received from the client; response: sent to it);
+    `start`/`end` come from the hooks' clock. `failure` says why it did not end
+    as a normal exchange, `detail` in words.
+    """
+
+    protocol: HttpVersion
+    start: float
+    method: str = ""
+    authority: str = ""
+    path: str = ""
+    status: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    end: float = 0.0
+    request: Request | None = None
+    verdict: Verdict | None = None
+    failure: Failure | None = None
+    detail: str = ""
+    stream_id: int | None = None
+    forwarded: bool = False  # the request went to the upstream
+
+    @property
+    def context(self) -> object:
+        return None if self.verdict is None else self.verdict.context
+
+    def fail(self, failure: Failure, detail: str) -> None:
+        """Keep the first failure: later ones are consequences of it."""
+        if self.failure is None:
+            self.failure = failure
+            self.detail = detail
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Sizes the engine enforces. Header sizes count names and values (HTTP/2: RFC 9113's
+    32 bytes of overhead per field; HTTP/1: the request line and CRLFs)."""
+
+    max_header_bytes: int = 64 * KIB  # a request head beyond this: 431
+    max_response_header_bytes: int = 64 * KIB  # an upstream response head beyond: 502
+    drain_limit: int = MIB  # request body read and discarded after a refusal, at most
+    read_size: int = 64 * KIB
+    h2_max_concurrent_streams: int = 100
+    h2_stream_window: int = 256 * KIB
+    h2_connection_window: int = MIB
+    h2_closed_streams_kept: int = 1024
+
+    @property
+    def h2_header_cap(self) -> int:
+        """The HPACK decoder's hard limit (advertised as SETTINGS_MAX_HEADER_LIST_SIZE):
+        beyond it the connection ends; between max_header_bytes and it, the stream gets 431."""
+        return 4 * max(self.max_header_bytes, self.max_response_header_bytes)
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_bytes", "max_response_header_bytes", "read_size",
+                     "h2_max_concurrent_streams", "h2_closed_streams_kept"):
+            if getattr(self, name) < 1:
+                raise WaypointError(f"Limits.{name}={getattr(self, name)}: must be at least 1")
+        if self.drain_limit < 0:
+            raise WaypointError(f"Limits.drain_limit={self.drain_limit}: must be >= 0")
+        for name in ("h2_stream_window", "h2_connection_window"):
+            if not 65_535 <= getattr(self, name) <= 2**31 - 1:
+                raise WaypointError(
+                    f"Limits.{name}={getattr(self, name)}: an HTTP/2 window is 64 KiB..2 GiB"
+                )
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The glue's side of one downstream connection.
+
+    `authority` is the destination's (the HBONE CONNECT's), used for a request
+    that names none (HTTP/1.0 without Host); empty: such a request gets 400.
+    """
+
+    decide: Callable[[Request], Verdict]
+    open_upstream: Callable[[], Awaitable[ByteStream]]
+    on_request: Callable[[RequestRecord], None]
+    clock: Callable[[], float] = time.monotonic
+    authority: str = ""
+
+
+# ---------------------------------------------------------------- header rules
+
+
+def text_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The `Request.headers` view of received fields."""
+    return [(n.decode("ascii", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
+            for n, v in raw]
+
+
+def encode_headers(headers: Iterable[tuple[str, str]]) -> RawHeaders:
+    return [(n.lower().encode("ascii"), v.encode("utf-8", "surrogateescape")) for n, v in headers]
+
+
+def connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The lower-cased field names listed in Connection headers."""
+    tokens: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def per_hop(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    """Every lower-cased name in `raw` that must not be forwarded."""
+    return HOP_BY_HOP | (connection_tokens(raw) - _NOT_HOP_BY_HOP)
+
+
+def forwardable(
+    raw: Sequence[tuple[bytes, bytes]],
+    *,
+    drop: Iterable[bytes] = (),
+    keep_te_trailers: bool = False,
+) -> RawHeaders:
+    """`raw` without its per-hop fields and the lower-cased names in `drop`.
+
+    `keep_te_trailers`: keep "te: trailers" (HTTP/2 allows exactly that one, and
+    gRPC needs it to reach the server).
+    """
+    gone = per_hop(raw) | frozenset(drop)
+    out: RawHeaders = []
+    for name, value in raw:
+        low = name.lower()
+        if low in gone:
+            if keep_te_trailers and low == b"te" and value.strip().lower() == b"trailers":
+                out.append((name, value))
+            continue
+        out.append((name, value))
+    return out
+
+
+def rewrite_request(raw: Sequence[tuple[bytes, bytes]], verdict: Verdict,
+                    *, drop: Iterable[bytes] = (), keep_te_trailers: bool = False) -> RawHeaders:
+    """The fields to forward: per-hop and `drop` removed, then the verdict applied."""
+    removed = {n.encode("ascii") for n in verdict.remove_headers} | set(drop)
+    out = forwardable(raw, drop=removed, keep_te_trailers=keep_te_trailers)
+    out.extend(encode_headers(verdict.add_headers))
+    return out
+
+
+def forwardable_trailers(raw: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
+    """Trailer fields that may be forwarded (no framing, routing or per-hop fields)."""
+    return [(n, v) for n, v in forwardable(raw) if n.lower() not in _NOT_IN_TRAILERS]
+
+
+def header_value(raw: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a field (name lower-case), or None."""
+    for n, v in raw:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def reason(status: int) -> str:
+    """The reason phrase of a status ("" when unknown)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def local_body(status: int, detail: str = "") -> bytes:
+    """The body of a response the waypoint makes itself: the status, and for a client error
+    what was wrong with the request (never internals for 5xx)."""
+    text = f"{status} {reason(status)}".strip()
+    if detail and 400 <= status < 500:
+        text += f": {detail}"
+    return (text + "\n").encode("utf-8", "replace")
