@@ -67,7 +67,7 @@ class LastGood:
     def save(self, snap: Snapshot) -> bool:
         """Write the snapshot's policies if they changed since the last write; True when written.
         Atomic (a temporary file renamed over the old one), so a crash leaves one or the other."""
-        policies = {p.key: encode_value(p) for p in (*snap.policies.authz, *snap.policies.peer_authn)}
+        policies = {p.key: encode_value(p) for p in snap.policies.compiled}
         text = json.dumps({"node": snap.node, "policies": policies}, sort_keys=True)
         if text == self._written:
             return False

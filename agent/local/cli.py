@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("get", help="list nodes, pods or services", epilog=EXAMPLES_GET, formatter_class=fmt)
     _state(p)
-    p.add_argument("kind", choices=["nodes", "pods", "services", "namespaces", "policies"])
+    p.add_argument("kind", choices=["nodes", "pods", "services", "namespaces", "policies", "gateways"])
     p.add_argument("-o", "--output", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_get)
 
@@ -144,7 +144,8 @@ KINDS = {
     "pods": ["Pod"],
     "services": ["Service"],
     "namespaces": ["Namespace"],
-    "policies": ["AuthorizationPolicy", "PeerAuthentication"],
+    "policies": ["AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication"],
+    "gateways": ["Gateway"],
 }
 
 

@@ -43,8 +43,8 @@ from ambit.policy import PolicyError, compile_policy
 
 log = logging.getLogger("ambit.local")
 
-APPLY_ORDER = {"Namespace": 0, "Service": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2, "Gateway": 2,
-               "Pod": 3}
+APPLY_ORDER = {"Namespace": 0, "Service": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2,
+               "RequestAuthentication": 2, "Gateway": 2, "Pod": 3}
 # The annotation on a pod the local cluster made for a Gateway (its waypoint), naming it.
 OWNER = "ambit.dev/owner"
 # On a waypoint Gateway of the local cluster: the node its pod runs on.

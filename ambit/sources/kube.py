@@ -40,6 +40,8 @@ log = logging.getLogger("ambit.cluster.kube")
 ISTIO_SECURITY_GROUP = "security.istio.io"
 # Preferred first: a cluster that serves v1 gets v1 objects.
 ISTIO_SECURITY_VERSIONS = ("v1", "v1beta1")
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+GATEWAY_VERSIONS = ("v1", "v1beta1")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 LIST_PAGE = 500
 
@@ -175,9 +177,10 @@ class _Reflector:
                     continue
                 if e.status == 404 and len(candidates) > 1:
                     versions = ", ".join(r.api_version for r in candidates)
+                    what = ("the Gateway API CRDs: no waypoints exist until then" if self.name == "gateways"
+                            else "Istio's security.istio.io CRDs: no policies apply until then")
                     raise _NotServed(
-                        f"{self.name}: none of {versions} is served: install Istio's "
-                        "security.istio.io CRDs (see docs/kubernetes.md); no policies apply until then"
+                        f"{self.name}: none of {versions} is served: install {what} (see docs/kubernetes.md)"
                     ) from e
                 raise
             self.resource = res
@@ -343,17 +346,18 @@ class KubernetesSource:
         def fixed(res: _Resource) -> Callable[[], list[_Resource]]:
             return lambda: [res]
 
-        def istio(kind: str, plural: str) -> Callable[[], list[_Resource]]:
+        def crd(group: str, versions: tuple[str, ...], kind: str, plural: str) -> Callable[[], list[_Resource]]:
             def call_for(version: str) -> Callable[..., Any]:
                 def call(**kw: Any) -> Any:
-                    return custom.list_cluster_custom_object(ISTIO_SECURITY_GROUP, version, plural, **kw)
+                    return custom.list_cluster_custom_object(group, version, plural, **kw)
 
                 return call
 
-            res = [
-                _Resource(kind, f"{ISTIO_SECURITY_GROUP}/{v}", call_for(v)) for v in ISTIO_SECURITY_VERSIONS
-            ]
+            res = [_Resource(kind, f"{group}/{v}", call_for(v)) for v in versions]
             return lambda: res
+
+        def istio(kind: str, plural: str) -> Callable[[], list[_Resource]]:
+            return crd(ISTIO_SECURITY_GROUP, ISTIO_SECURITY_VERSIONS, kind, plural)
 
         self._reflectors = [
             _Reflector(self, "namespaces", fixed(_Resource("Namespace", "v1", core.list_namespace, False))),
@@ -369,6 +373,8 @@ class KubernetesSource:
             ),
             _Reflector(self, "authorizationpolicies", istio("AuthorizationPolicy", "authorizationpolicies")),
             _Reflector(self, "peerauthentications", istio("PeerAuthentication", "peerauthentications")),
+            _Reflector(self, "requestauthentications", istio("RequestAuthentication", "requestauthentications")),
+            _Reflector(self, "gateways", crd(GATEWAY_GROUP, GATEWAY_VERSIONS, "Gateway", "gateways")),
         ]
         self._builder = threading.Thread(target=self._build_loop, name="ambit-kube-build", daemon=True)
         for r in self._reflectors:
@@ -497,7 +503,8 @@ class KubernetesSource:
         objects: list[dict[str, Any]] = []
         errors: dict[tuple[str, str, str], str] = {}
         last_good: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for group in ("namespaces", "nodes", "pods", "services", "authorizationpolicies", "peerauthentications"):
+        for group in ("namespaces", "nodes", "pods", "services", "authorizationpolicies", "peerauthentications",
+                      "requestauthentications", "gateways"):
             for obj in raw[group]:
                 md = obj.get("metadata") or {}
                 key = (str(obj.get("kind")), str(md.get("namespace") or ""), str(md.get("name") or ""))

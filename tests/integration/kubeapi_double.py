@@ -35,6 +35,8 @@ COLLECTIONS: dict[str, tuple[str, str]] = {
     "/apis/security.istio.io/v1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1"),
     "/apis/security.istio.io/v1beta1/authorizationpolicies": ("AuthorizationPolicy", "security.istio.io/v1beta1"),
     "/apis/security.istio.io/v1beta1/peerauthentications": ("PeerAuthentication", "security.istio.io/v1beta1"),
+    "/apis/security.istio.io/v1/requestauthentications": ("RequestAuthentication", "security.istio.io/v1"),
+    "/apis/gateway.networking.k8s.io/v1/gateways": ("Gateway", "gateway.networking.k8s.io/v1"),
 }
 POD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
 
@@ -323,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
         md: dict[str, Any] = {"resourceVersion": rv}
         if start + limit < len(items):
             md["continue"] = str(start + limit)
-        if api_version.startswith("security.istio.io"):
+        if api_version.startswith(("security.istio.io", "gateway.networking.k8s.io")):
             # Custom resources come back with kind/apiVersion on each item; built-in kinds do not.
             page = [{"apiVersion": api_version, "kind": kind, **o} for o in page]
         self._send_json(200, {"kind": f"{kind}List", "apiVersion": api_version, "metadata": md, "items": page})
