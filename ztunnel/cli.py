@@ -8,6 +8,7 @@ import datetime as dt
 from pathlib import Path
 
 from ambit.args import CliError, duration
+from ambit.tasks import use_uvloop
 from ztunnel.config import (
     ADMIN_PORT,
     HBONE_PORT,
@@ -115,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         source = AgentFeedSource(Path(args.state_feed), args.node)
     if not args.no_uvloop:
-        server.use_uvloop()
+        use_uvloop()
     try:
         return asyncio.run(server.run(cfg, state_source=source))
     except ConfigError as e:

@@ -40,16 +40,6 @@ log = logging.getLogger("ambit.ztunnel")
 METRICS_FLUSH_INTERVAL = 5.0
 
 
-def use_uvloop() -> bool:
-    """Install uvloop's event loop policy when it is available (faster sockets and TLS)."""
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
-
-
 class Ztunnel:
     """One node's ztunnel. Tests and the benchmark build it directly; the CLI via `run()`."""
 
