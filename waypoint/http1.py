@@ -53,12 +53,13 @@ from waypoint.exchange import (
     rewrite_request,
     text_headers,
 )
-from waypoint.paths import PathError, Target, parse_target
+from waypoint.paths import PathError, Target, check_authority, parse_target
 from waypoint.streams import ByteStream, StreamReset
 
 log = logging.getLogger("ambit.waypoint.http1")
 
 _NO_BODY_STATUSES = (204, 304)
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class _ClientFailed(Exception):
@@ -82,6 +83,8 @@ class _UpstreamFailed(Exception):
 class _Upstream:
     conn: h11.Connection
     stream: ByteStream
+    received: int = 0  # bytes read since the current request was sent
+    eof: bool = False
 
 
 @dataclass
@@ -186,6 +189,7 @@ class Http1Proxy:
             return False
         try:
             target = parse_target(raw_target, record.method)
+            check_authority(record.authority)
         except PathError as e:
             if record.method == "CONNECT":
                 record.fail(Failure.NOT_IMPLEMENTED, "CONNECT is not proxied by the waypoint")
@@ -307,48 +311,62 @@ class Http1Proxy:
 
     async def _forward(self, x: _Exchange, raw: RawHeaders, target: Target, verdict: Verdict) -> bool:
         record = x.record
-        up = await self._upstream(record)
-        if up is None:
-            await self._answer_error(record, 503, "", method=x.method)
-            return False
         headers = rewrite_request(raw, verdict, drop=(b"expect",))
         if target.authority is not None or header_value(headers, b"host") is None:
             # absolute-form names the host (RFC 9112 3.2.2); HTTP/1.0 may name none, and
             # HTTP/1.1 upstream needs one
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.insert(0, (b"Host", x.record.authority.encode("ascii", "surrogateescape")))
+            headers.insert(0, (b"Host", record.authority.encode("ascii", "surrogateescape")))
         chunked = header_value(raw, b"transfer-encoding") is not None
         if chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
-        try:
-            out = up.conn.send(h11.Request(method=x.method, target=target.forward.encode("ascii"),
-                                           headers=headers))
-        except h11.LocalProtocolError as e:
-            self._drop_upstream(abort=True)
-            record.fail(Failure.DECIDE_ERROR, f"cannot forward the request as rewritten: {e}")
-            await self._answer_error(record, 500, "", method=x.method)
-            return False
-        record.forwarded = True
-        x.down_chunked = False
-        try:
-            await self._up_write(up, out or b"")
-        except _UpstreamFailed as e:
-            self._drop_upstream(abort=True)
-            record.fail(e.failure, e.detail)
-            await self._answer_error(record, 502, "", method=x.method)
-            return False
-        if self.dc.they_are_waiting_for_100_continue and self.dc.their_http_version == b"1.1":
-            try:
-                await self._down_write(self.dc.send(h11.InformationalResponse(
-                    status_code=100, headers=[], reason=b"Continue")) or b"")
-            except _ClientFailed as e:
-                record.fail(e.failure, e.detail)
-                self._drop_upstream(abort=True)
+        request = h11.Request(method=x.method, target=target.forward.encode("ascii"), headers=headers)
+        # a reused upstream connection may have been closed by the server while idle: a request
+        # that can be sent again (idempotent, no body) gets one more try on a new one
+        retry = x.method in _IDEMPOTENT and self._declared_length(x) == 0
+        while True:
+            reused = self.up is not None
+            up = await self._upstream(record)
+            if up is None:
+                await self._answer_error(record, 503, "", method=x.method)
                 return False
-        return await self._relay(x, up, chunked)
+            try:
+                out = up.conn.send(request)
+            except h11.LocalProtocolError as e:
+                self._drop_upstream(abort=True)
+                record.fail(Failure.DECIDE_ERROR, f"cannot forward the request as rewritten: {e}")
+                await self._answer_error(record, 500, "", method=x.method)
+                return False
+            up.received = 0
+            record.forwarded = True
+            try:
+                await self._up_write(up, out or b"")
+            except _UpstreamFailed as e:
+                self._drop_upstream(abort=True)
+                if retry and reused:
+                    retry = False
+                    continue
+                record.fail(e.failure, e.detail)
+                await self._answer_error(record, 502, "", method=x.method)
+                return False
+            if self.dc.they_are_waiting_for_100_continue and self.dc.their_http_version == b"1.1":
+                try:
+                    await self._down_write(self.dc.send(h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue")) or b"")
+                except _ClientFailed as e:
+                    record.fail(e.failure, e.detail)
+                    self._drop_upstream(abort=True)
+                    return False
+            outcome = await self._relay(x, up, chunked, retry_ok=retry and reused)
+            if outcome is not None:
+                return outcome
+            log.debug("HTTP/1: reused upstream connection was closed; %s %s sent again",
+                      record.method, record.path)
+            retry = False
 
-    async def _relay(self, x: _Exchange, up: _Upstream, chunked: bool) -> bool:
-        """Stream the request body up and the response down at the same time."""
+    async def _relay(self, x: _Exchange, up: _Upstream, chunked: bool, *, retry_ok: bool) -> bool | None:
+        """Stream the request body up and the response down at the same time. True when the
+        connection may go on; None: the upstream closed before answering, send it again."""
         record = x.record
         n = self.requests
         body = asyncio.create_task(self._pump_request_body(x, up, chunked),
@@ -378,12 +396,14 @@ class Http1Proxy:
             body.cancel()
             if isinstance(exc, _UpstreamFailed):
                 self._drop_upstream(abort=True)
+                if (retry_ok and exc.failure is Failure.UPSTREAM_RESET and up.received == 0
+                        and not x.response_started):
+                    return None
                 record.fail(exc.failure, exc.detail)
                 if x.response_started:
                     self.down.abort()
                     return False
-                status = 502
-                await self._answer_error(record, status, "", method=x.method)
+                await self._answer_error(record, 502, "", method=x.method)
                 return False
             if isinstance(exc, _ClientFailed):
                 self._drop_upstream(abort=True)
@@ -413,6 +433,9 @@ class Http1Proxy:
         return True
 
     async def _pump_request_body(self, x: _Exchange, up: _Upstream, chunked: bool) -> None:
+        if self.dc.their_state is not h11.SEND_BODY:  # sent again: the (empty) body was read
+            await self._up_write(up, up.conn.send(h11.EndOfMessage()) or b"")
+            return
         while True:
             event = await self._down_event()
             if isinstance(event, h11.Data):
@@ -502,7 +525,7 @@ class Http1Proxy:
             except h11.RemoteProtocolError as e:
                 if self.down_eof:
                     raise _ClientFailed(Failure.CLIENT_RESET, f"client closed mid-request: {e}") from e
-                status = e.error_status_hint if e.error_status_hint in (400, 431) else 400
+                status = e.error_status_hint if e.error_status_hint in (400, 431, 501) else 400
                 raise _ClientFailed(_failure_of(status), f"malformed request: {e}", status) from e
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
@@ -518,6 +541,10 @@ class Http1Proxy:
             try:
                 event = up.conn.next_event()
             except h11.RemoteProtocolError as e:
+                if up.eof:
+                    raise _UpstreamFailed(
+                        Failure.UPSTREAM_RESET,
+                        "upstream closed the connection before the response ended") from e
                 raise _UpstreamFailed(Failure.UPSTREAM_PROTOCOL, f"malformed response: {e}") from e
             if event is h11.PAUSED:
                 raise _UpstreamFailed(Failure.UPSTREAM_PROTOCOL, "upstream switched protocols")
@@ -527,6 +554,8 @@ class Http1Proxy:
                 data = await up.stream.read(self.limits.read_size)
             except (StreamReset, OSError) as e:
                 raise _UpstreamFailed(Failure.UPSTREAM_RESET, f"upstream reset: {e}") from e
+            up.received += len(data)
+            up.eof = not data
             up.conn.receive_data(data)
 
     def _down_send(self, event: h11.Event) -> bytes:
@@ -574,6 +603,6 @@ class Http1Proxy:
 
 
 def _failure_of(status: int) -> Failure:
-    return Failure.HEADERS_TOO_LARGE if status == 431 else Failure.BAD_REQUEST
+    return {431: Failure.HEADERS_TOO_LARGE, 501: Failure.NOT_IMPLEMENTED}.get(status, Failure.BAD_REQUEST)
 
 

@@ -62,7 +62,7 @@ from waypoint.exchange import (
     text_headers,
 )
 from waypoint.h2input import Flood, FrameSplitter, GracefulGoaway
-from waypoint.paths import PathError, parse_target
+from waypoint.paths import PathError, check_authority, parse_target
 from waypoint.streams import ByteStream, StreamReset
 from ztunnel.hbone.h2compat import HboneH2Connection
 
@@ -306,6 +306,7 @@ class Http2Proxy:
             return
         raw_path = pseudo.get(b":path", b"").decode("ascii", "surrogateescape")
         try:
+            check_authority(authority)
             target = parse_target(raw_path, x.method)
             if target.form == "absolute":
                 raise PathError(f":path {raw_path!r} must be origin-form in HTTP/2")

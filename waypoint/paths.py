@@ -32,6 +32,8 @@ _HEX = frozenset("0123456789abcdefABCDEF")
 _VISIBLE = re.compile(r"[\x21-\x7e]*")
 _ABSOLUTE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?]*)(?P<rest>.*)", re.S)
 _AUTHORITY_FORM = re.compile(r"[A-Za-z0-9._~%!$&'()*+,;=:\[\]-]+:[0-9]+")
+# RFC 3986 3.2.2-3.2.3: an IP literal or a reg-name, then an optional port; no userinfo
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{0,5})?")
 
 
 class PathError(WaypointError):
@@ -90,6 +92,7 @@ def parse_target(raw_target: str, method: str = "GET") -> Target:
             raise PathError(
                 f"absolute-form target {_show(raw_target)} carries userinfo ('@'): refused"
             )
+        check_authority(authority)
         path, query = _split_query(absolute["rest"])
         return Target("absolute", normalize_path_only(path or "/"), query, scheme, authority)
     if method == "CONNECT" or _AUTHORITY_FORM.fullmatch(raw_target):
@@ -98,6 +101,15 @@ def parse_target(raw_target: str, method: str = "GET") -> Target:
             "proxy CONNECT"
         )
     raise PathError(f"request target {_show(raw_target)} is not origin-form (must start with '/')")
+
+
+def check_authority(authority: str) -> str:
+    """Return a Host / :authority value unchanged, or raise PathError when it is not
+    `host[:port]` (RFC 9112 3.2: such a request gets 400): policy matches hosts, so a
+    value two servers could read two ways is refused."""
+    if not _AUTHORITY.fullmatch(authority):
+        raise PathError(f"authority {_show(authority)} is not host[:port]")
+    return authority
 
 
 def normalize_path(raw_target: str) -> str:

@@ -162,6 +162,35 @@ async def test_absolute_form_target_routes_by_its_authority() -> None:
     assert glue.seen[0].header("host") == "other.ns:8080"
 
 
+async def test_bad_host_gets_400() -> None:
+    glue = Glue()
+    async with waypoint(glue) as (client, _, task):
+        client.write(b"GET / HTTP/1.1\r\nHost: evil.example@svc\r\n\r\n")
+        data = await asyncio.wait_for(_read_all(client), TIMEOUT)
+        await asyncio.wait_for(task, TIMEOUT)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert b"not host[:port]" in data
+    assert glue.requests == []
+
+
+async def test_idle_upstream_closed_by_the_server_is_replaced_for_an_idempotent_request() -> None:
+    glue = Glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H1Client(client)
+        assert (await c.request("GET", "/one")).status == 200
+        glue.upstreams[0][1].close()  # the server closes its idle keep-alive connection
+        await asyncio.sleep(0)
+        r = await c.request("GET", "/two")
+        assert r.status == 200
+        glue.upstreams[1][1].close()
+        await asyncio.sleep(0)
+        r = await c.request("POST", "/three", body=b"not safe to send twice")
+        assert r.status == 502
+    assert glue.opened == 2
+    assert [(r.path, r.status, r.failure) for r in glue.records] == [
+        ("/one", 200, None), ("/two", 200, None), ("/three", 502, Failure.UPSTREAM_RESET)]
+
+
 async def test_request_head_over_the_limit_gets_431_and_close() -> None:
     glue = Glue()
     async with waypoint(glue, Limits(max_header_bytes=4096)) as (client, _, task):
@@ -320,6 +349,16 @@ async def test_upgrade_and_connect_are_refused_with_501() -> None:
         client.write(b"CONNECT 10.0.0.1:443 HTTP/1.1\r\nHost: 10.0.0.1:443\r\n\r\n")
         data = await asyncio.wait_for(client.read(65536), TIMEOUT)
         assert data.startswith(b"HTTP/1.1 501 ")
+    assert glue.records[0].failure == Failure.NOT_IMPLEMENTED
+
+
+async def test_unknown_transfer_coding_gets_501() -> None:
+    glue = Glue()
+    async with waypoint(glue) as (client, _, task):
+        client.write(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+        data = await asyncio.wait_for(_read_all(client), TIMEOUT)
+        await asyncio.wait_for(task, TIMEOUT)
+    assert data.startswith(b"HTTP/1.1 501 ")
     assert glue.records[0].failure == Failure.NOT_IMPLEMENTED
 
 

@@ -96,6 +96,18 @@ async def test_paths_are_normalized_for_policy_and_upstream() -> None:
     assert glue.seen[0].target == "/a/c?q"
 
 
+async def test_bad_authority_gets_400_on_that_stream() -> None:
+    glue = h2_glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        sid = await c.start("GET", "/", authority="user@svc", end=True)
+        r = await c.response(sid)
+        assert r.status == 400
+        assert (await c.request("GET", "/ok")).status == 200
+        await c.close()
+    assert glue.records[0].failure == Failure.BAD_REQUEST
+
+
 async def test_header_list_over_the_limit_gets_431_on_that_stream() -> None:
     glue = h2_glue()
     async with waypoint(glue, Limits(max_header_bytes=8 * KIB)) as (client, _, _task):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from waypoint import WaypointError
-from waypoint.paths import PathError, Target, normalize_path, parse_target
+from waypoint.paths import PathError, Target, check_authority, normalize_path, parse_target
 
 NORMALIZED = [
     ("/", "/"),
@@ -111,3 +111,24 @@ def test_messages_quote_the_target_bounded() -> None:
     with pytest.raises(PathError) as err:
         normalize_path("/a%2F" + "x" * 1000)
     assert len(str(err.value)) < 400
+
+
+@pytest.mark.parametrize("authority", [
+    "", "svc", "svc.ns.svc.cluster.local:8080", "10.0.0.1", "10.0.0.1:80", "[fd00::1]:443",
+    "xn--caf-dma.example", "a%2Eb",
+])
+def test_authority_accepted(authority: str) -> None:
+    assert check_authority(authority) == authority
+
+
+@pytest.mark.parametrize("authority", [
+    "a b", "user@host", "host:port", "host:123456", "[fd00::1", "a/b", "a\\b", "a?b", "h\x00",
+])
+def test_authority_refused(authority: str) -> None:
+    with pytest.raises(PathError, match="not host"):
+        check_authority(authority)
+
+
+def test_absolute_form_authority_is_checked() -> None:
+    with pytest.raises(PathError, match="not host"):
+        parse_target("http://a:b:c/x")
