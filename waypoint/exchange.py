@@ -1,4 +1,4 @@
-"""What the HTTP engine and its glue exchange, and the header rules both proxies share. Pure.
+"""What the HTTP engine and its glue exchange. Pure.
 
 The engine hands the glue a `Request` and takes back a `Verdict` (`Hooks.decide`,
 synchronous); it asks for the destination's byte stream with
@@ -6,9 +6,7 @@ synchronous); it asks for the destination's byte stream with
 allowed or not, once, as a `RequestRecord` (`Hooks.on_request`) when it ends.
 
 Headers travel as the bytes received (original case for HTTP/1); only the
-`Request` view given to `decide` is text: names lower-cased, values decoded as
-UTF-8 with `surrogateescape` (so no byte is lost and non-ASCII policy values
-still match).
+`Request` view given to `decide` is text (waypoint.headers.text_headers).
 """
 
 from __future__ import annotations
@@ -16,12 +14,12 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Literal
 
 from waypoint import WaypointError
+from waypoint.headers import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from waypoint.streams import ByteStream
@@ -30,24 +28,8 @@ KIB = 1024
 MIB = 1024 * KIB
 
 HttpVersion = Literal["HTTP/1.0", "HTTP/1.1", "HTTP/2"]
-RawHeaders = list[tuple[bytes, bytes]]
-
 DENIED_BODY = b"RBAC: access denied"
 
-# RFC 9110 7.6.1: per-hop fields a proxy must not forward (plus the fields the
-# Connection header names). Proxy-* are the waypoint's own business.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
-    b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
-# fields a client may not make per-hop by naming them in Connection: framing and routing
-_NOT_HOP_BY_HOP = frozenset({b"content-length", b"host"})
-# never in trailers: they frame, route or authenticate the message (RFC 9110 6.5.1)
-_NOT_IN_TRAILERS = frozenset({
-    b"content-length", b"content-type", b"content-encoding", b"host", b"authorization",
-    b"expect", b"max-forwards", b"cache-control", b"te", b"trailer", b"transfer-encoding",
-    b"connection", b"keep-alive", b"upgrade", b"set-cookie",
-})
 _BAD_VALUE = frozenset("\r\n\x00")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -201,6 +183,10 @@ class Limits:
     h2_stream_window: int = 256 * KIB
     h2_connection_window: int = MIB
     h2_closed_streams_kept: int = 1024
+    # flood limits per 10 s (the ztunnel's FloodGuard counts them): RST_STREAM from a client
+    # (rapid reset), and DATA/CONTINUATION frames under 32 bytes (gRPC streams many small ones)
+    h2_max_resets: int = 1000
+    h2_max_small_frames: int = 100_000
 
     @property
     def h2_header_cap(self) -> int:
@@ -210,7 +196,8 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_header_bytes", "max_response_header_bytes", "read_size",
-                     "h2_max_concurrent_streams", "h2_closed_streams_kept"):
+                     "h2_max_concurrent_streams", "h2_closed_streams_kept", "h2_max_resets",
+                     "h2_max_small_frames"):
             if getattr(self, name) < 1:
                 raise WaypointError(f"Limits.{name}={getattr(self, name)}: must be at least 1")
         if self.drain_limit < 0:
@@ -235,92 +222,3 @@ class Hooks:
     on_request: Callable[[RequestRecord], None]
     clock: Callable[[], float] = time.monotonic
     authority: str = ""
-
-
-# ---------------------------------------------------------------- header rules
-
-
-def text_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """The `Request.headers` view of received fields."""
-    return [(n.decode("ascii", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))
-            for n, v in raw]
-
-
-def encode_headers(headers: Iterable[tuple[str, str]]) -> RawHeaders:
-    return [(n.lower().encode("ascii"), v.encode("utf-8", "surrogateescape")) for n, v in headers]
-
-
-def connection_tokens(raw: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """The lower-cased field names listed in Connection headers."""
-    tokens: set[bytes] = set()
-    for name, value in raw:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def per_hop(raw: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Every lower-cased name in `raw` that must not be forwarded."""
-    return HOP_BY_HOP | (connection_tokens(raw) - _NOT_HOP_BY_HOP)
-
-
-def forwardable(
-    raw: Sequence[tuple[bytes, bytes]],
-    *,
-    drop: Iterable[bytes] = (),
-    keep_te_trailers: bool = False,
-) -> RawHeaders:
-    """`raw` without its per-hop fields and the lower-cased names in `drop`.
-
-    `keep_te_trailers`: keep "te: trailers" (HTTP/2 allows exactly that one, and
-    gRPC needs it to reach the server).
-    """
-    gone = per_hop(raw) | frozenset(drop)
-    out: RawHeaders = []
-    for name, value in raw:
-        low = name.lower()
-        if low in gone:
-            if keep_te_trailers and low == b"te" and value.strip().lower() == b"trailers":
-                out.append((name, value))
-            continue
-        out.append((name, value))
-    return out
-
-
-def rewrite_request(raw: Sequence[tuple[bytes, bytes]], verdict: Verdict,
-                    *, drop: Iterable[bytes] = (), keep_te_trailers: bool = False) -> RawHeaders:
-    """The fields to forward: per-hop and `drop` removed, then the verdict applied."""
-    removed = {n.encode("ascii") for n in verdict.remove_headers} | set(drop)
-    out = forwardable(raw, drop=removed, keep_te_trailers=keep_te_trailers)
-    out.extend(encode_headers(verdict.add_headers))
-    return out
-
-
-def forwardable_trailers(raw: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
-    """Trailer fields that may be forwarded (no framing, routing or per-hop fields)."""
-    return [(n, v) for n, v in forwardable(raw) if n.lower() not in _NOT_IN_TRAILERS]
-
-
-def header_value(raw: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first value of a field (name lower-case), or None."""
-    for n, v in raw:
-        if n.lower() == name:
-            return v
-    return None
-
-
-def reason(status: int) -> str:
-    """The reason phrase of a status ("" when unknown)."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-def local_body(status: int, detail: str = "") -> bytes:
-    """The body of a response the waypoint makes itself: the status, and for a client error
-    what was wrong with the request (never internals for 5xx)."""
-    text = f"{status} {reason(status)}".strip()
-    if detail and 400 <= status < 500:
-        text += f": {detail}"
-    return (text + "\n").encode("utf-8", "replace")

@@ -46,10 +46,13 @@ class FrameSplitter:
     """Splits one connection's received bytes into runs of whole frames for h2."""
 
     def __init__(self, *, server: bool, max_frame_size: int = 16_384,
-                 max_header_list_size: int = 64 * 1024, max_continuation_frames: int = 16) -> None:
+                 max_header_list_size: int = 64 * 1024, max_continuation_frames: int = 16,
+                 max_resets: int = 1000, max_small_frames: int = 100_000) -> None:
         self.guard = FloodGuard(
             HboneConfig(max_header_list_size=max_header_list_size,
-                        max_continuation_frames=max_continuation_frames),
+                        max_continuation_frames=max_continuation_frames,
+                        max_resets_per_window=max_resets,
+                        max_small_frames_per_window=max_small_frames),
             server=server,
         )
         self._max_frame = max_frame_size

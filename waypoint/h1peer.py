@@ -1,0 +1,102 @@
+"""One side of the HTTP/1 proxy: an h11 connection over a byte stream, failures named by side.
+
+h11 parses and frames; this reads what h11 needs, writes what it produces with
+back-pressure (drain after every write), and turns every way a side can fail
+(a reset stream, EOF mid-message, malformed HTTP) into one exception per side:
+`ClientFailed` for the downstream, `UpstreamFailed` for the upstream, each with
+the `Failure` to record and, for a malformed request, the status to answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import h11
+
+from waypoint.exchange import Failure
+from waypoint.streams import ByteStream, StreamReset
+
+_HINTED = {400: Failure.BAD_REQUEST, 431: Failure.HEADERS_TOO_LARGE, 501: Failure.NOT_IMPLEMENTED}
+
+
+class PeerFailed(Exception):
+    """A side of the proxy failed; `status` is what to answer a malformed request (else 0)."""
+
+    def __init__(self, failure: Failure, detail: str, status: int = 0) -> None:
+        super().__init__(detail)
+        self.failure = failure
+        self.detail = detail
+        self.status = status
+
+
+class ClientFailed(PeerFailed):
+    """The downstream reset, closed mid-message, or sent malformed HTTP."""
+
+
+class UpstreamFailed(PeerFailed):
+    """The upstream reset, closed mid-message, or sent malformed HTTP."""
+
+
+class H1Peer:
+    """An h11 connection (server role downstream, client role upstream) on a byte stream."""
+
+    def __init__(self, stream: ByteStream, *, upstream: bool, max_head: int, read_size: int) -> None:
+        self.stream = stream
+        self.upstream = upstream
+        self.conn = h11.Connection(h11.CLIENT if upstream else h11.SERVER,
+                                   max_incomplete_event_size=max_head)
+        self.read_size = read_size
+        self.received = 0  # bytes read; the upstream's count restarts with each request
+        self.eof = False
+
+    def _failed(self, failure: Failure, detail: str, status: int = 0) -> PeerFailed:
+        return (UpstreamFailed if self.upstream else ClientFailed)(failure, detail, status)
+
+    async def next_event(self) -> Any:
+        """The next h11 event (never NEED_DATA): reads as needed. Raises ClientFailed or
+        UpstreamFailed."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as e:
+                raise self._protocol_error(e) from e
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.read(self.read_size)
+            except (StreamReset, OSError) as e:
+                raise self._failed(self._reset, f"{self._who} reset: {e}") from e
+            self.received += len(data)
+            self.eof = not data
+            self.conn.receive_data(data)
+
+    def _protocol_error(self, e: h11.RemoteProtocolError) -> PeerFailed:
+        if self.eof:
+            return self._failed(self._reset, f"{self._who} closed the connection mid-message: {e}")
+        if self.upstream:
+            return self._failed(Failure.UPSTREAM_PROTOCOL, f"malformed response: {e}")
+        status = e.error_status_hint if e.error_status_hint in _HINTED else 400
+        return self._failed(_HINTED[status], f"malformed request: {e}", status)
+
+    async def write(self, data: bytes | None) -> None:
+        """Write and drain. Raises ClientFailed or UpstreamFailed when the stream is gone."""
+        if not data:
+            return
+        try:
+            self.stream.write(data)
+            await self.stream.drain()
+        except (StreamReset, OSError) as e:
+            raise self._failed(self._reset, f"{self._who} gone: {e}") from e
+
+    @property
+    def _reset(self) -> Failure:
+        return Failure.UPSTREAM_RESET if self.upstream else Failure.CLIENT_RESET
+
+    @property
+    def _who(self) -> str:
+        return "upstream" if self.upstream else "client"
+
+    @property
+    def done(self) -> bool:
+        """Both directions finished the current exchange: the next may start."""
+        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
