@@ -1,25 +1,23 @@
 """The waypoint engine's test harness: real h11/h2 peers over memory pipes, and a fake glue.
 
 Other test_waypoint_* modules import from here (as test_h2compat imports
-test_hbone_peers); the tests at the bottom check the harness and the pipes
-themselves.
+test_hbone_peers); it holds no tests itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import h2.events as h2e
 import h11
-import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
+from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes
 
 from waypoint.engine import proxy
@@ -102,12 +100,14 @@ class Glue:
         handler: Handler = echo,
         upstream: str = "http1",
         fail_open: int = 0,
+        open_gate: asyncio.Event | None = None,
         pipe_high: int = 64 * 1024,
     ) -> None:
         self.decide_fn = decide or (lambda r: Verdict.allow(context=r.path))
         self.handler = handler
         self.upstream_kind = upstream
         self.fail_open = fail_open
+        self.open_gate = open_gate  # open_upstream waits for it (a slow dial)
         self.pipe_high = pipe_high
         self.requests: list[Request] = []
         self.records: list[RequestRecord] = []
@@ -123,6 +123,8 @@ class Glue:
 
     async def open_upstream(self) -> ByteStream:
         self.opened += 1
+        if self.open_gate is not None:
+            await self.open_gate.wait()
         if self.fail_open:
             self.fail_open -= 1
             raise ConnectionRefusedError("no route to the destination (test)")
@@ -378,16 +380,20 @@ class _H2Peer:
     async def send_body(self, sid: int, data: bytes, *, end: bool) -> None:
         """Send respecting flow control (waits for WINDOW_UPDATEs)."""
         view = memoryview(data)
-        while view:
-            await self.wait_for(lambda: self.conn.local_flow_control_window(sid) > 0)
-            n = min(len(view), self.conn.local_flow_control_window(sid), self.conn.max_outbound_frame_size)
-            self.conn.send_data(sid, bytes(view[:n]))
-            view = view[n:]
-            self.flush()
-            await self.stream.drain()
-        if end:
-            self.conn.end_stream(sid)
-            self.flush()
+        try:
+            while view:
+                await self.wait_for(lambda: self.conn.local_flow_control_window(sid) > 0)
+                n = min(len(view), self.conn.local_flow_control_window(sid),
+                        self.conn.max_outbound_frame_size)
+                self.conn.send_data(sid, bytes(view[:n]))
+                view = view[n:]
+                self.flush()
+                await self.stream.drain()
+            if end:
+                self.conn.end_stream(sid)
+                self.flush()
+        except StreamClosedError:
+            return  # the peer reset the stream: it wants no more
 
 
 @dataclass
@@ -568,54 +574,3 @@ def settings(**kw: int) -> dict[int, int]:
              "max_concurrent_streams": SettingCodes.MAX_CONCURRENT_STREAMS}
     return {names[k]: v for k, v in kw.items()}
 
-
-_counter = itertools.count()
-
-
-# ---------------------------------------------------------------- the harness's own tests
-
-
-async def test_memory_pipe_carries_bytes_both_ways_and_eof() -> None:
-    a, b = memory_pipe()
-    a.write(b"hello")
-    assert await b.read(100) == b"hello"
-    b.write(b"back")
-    b.write_eof()
-    assert await a.read(2) == b"ba"
-    assert await a.read(100) == b"ck"
-    assert await a.read(100) == b""
-
-
-async def test_memory_pipe_back_pressure_bounds_the_buffer() -> None:
-    a, b = memory_pipe(high=1000, low=100)
-    a.write(b"x" * 600)
-    await asyncio.wait_for(a.drain(), 1)  # under the high-water mark: no wait
-    a.write(b"x" * 600)
-    drained = asyncio.ensure_future(a.drain())
-    await asyncio.sleep(0)
-    assert not drained.done()
-    assert len(await b.read(700)) == 700
-    await asyncio.sleep(0)
-    assert not drained.done()  # 500 left, above the low-water mark
-    await b.read(450)
-    await asyncio.wait_for(drained, 1)
-    assert b.peak_buffered == 1200
-
-
-async def test_memory_pipe_abort_and_close() -> None:
-    a, b = memory_pipe()
-    a.write(b"last words")
-    a.abort()
-    assert await b.read(100) == b"last words"  # what arrived before the reset is delivered
-    with pytest.raises(StreamReset):
-        await b.read(100)
-    with pytest.raises(StreamReset):
-        await b.drain()
-    c, d = memory_pipe()
-    c.write(b"bye")
-    c.close()
-    assert await d.read(100) == b"bye"
-    assert await d.read(100) == b""
-    d.write(b"dropped")  # never raises
-    with pytest.raises(StreamReset):
-        await d.drain()

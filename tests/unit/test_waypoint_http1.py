@@ -632,3 +632,45 @@ async def _read_all(stream: object) -> bytes:
 
 
 _ = echo
+
+
+async def test_malformed_chunked_body_gets_400_and_the_upstream_is_aborted() -> None:
+    glue = Glue()
+    async with waypoint(glue) as (client, _, task):
+        client.write(b"POST /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\nzz\r\n")
+        data = await asyncio.wait_for(_read_all(client), TIMEOUT)
+        await asyncio.wait_for(task, TIMEOUT)
+        await asyncio.wait_for(glue.servers[0], TIMEOUT)
+    assert data.startswith(b"HTTP/1.1 400 ")
+    assert glue.seen == []  # the upstream never took the broken request as complete
+    assert glue.records[0].failure == Failure.CLIENT_PROTOCOL
+
+
+async def test_client_half_close_after_its_request_still_gets_the_response() -> None:
+    glue = Glue()
+    async with waypoint(glue) as (client, _, task):
+        client.write(b"GET /nc HTTP/1.1\r\nHost: a\r\n\r\n")
+        client.write_eof()
+        data = await asyncio.wait_for(_read_all(client), TIMEOUT)
+        await asyncio.wait_for(task, TIMEOUT)
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert glue.records[0].failure is None
+
+
+async def test_response_with_length_and_chunked_is_relayed_by_its_chunks() -> None:
+    async def handler(seen: Seen) -> Reply:
+        await asyncio.sleep(3600)
+        raise AssertionError
+
+    glue = Glue(handler=handler)
+    async with waypoint(glue) as (client, _, _task):
+        c = H1Client(client)
+        await c.send("GET", "/")
+        await asyncio.sleep(0.01)
+        _near, far = glue.upstreams[0]
+        glue.servers[0].cancel()
+        far.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+                  b"6\r\nsix ok\r\n0\r\n\r\n")
+        r = await c.response()
+        assert (r.status, r.body, r.header("content-length")) == (200, b"six ok", None)

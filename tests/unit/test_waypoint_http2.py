@@ -479,3 +479,114 @@ async def test_settings_advertised_to_the_client() -> None:
         assert remote[SettingCodes.INITIAL_WINDOW_SIZE] == Limits().h2_stream_window
         assert remote[SettingCodes.MAX_HEADER_LIST_SIZE] == Limits().h2_header_cap
         await c.close()
+
+
+async def test_request_body_waits_for_a_slow_upstream_open_within_the_window() -> None:
+    gate = asyncio.Event()
+    glue = h2_glue(open_gate=gate)
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        sid = await c.start("POST", "/slow-dial")
+        sending = asyncio.ensure_future(c.send_body(sid, b"b" * (MIB // 2), end=True))
+        await asyncio.sleep(0.05)
+        # nothing acknowledged while there is nowhere to send it: the window stops the client
+        assert not sending.done()
+        assert c.conn.local_flow_control_window(sid) == 0
+        gate.set()
+        await asyncio.wait_for(sending, TIMEOUT)
+        r = await c.response(sid)
+        assert (r.status, len(r.body)) == (200, MIB // 2)
+        await c.close()
+
+
+async def test_local_answer_waits_for_a_zero_window() -> None:
+    glue = h2_glue(decide=deny_admin)
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client, settings=settings(initial_window_size=0))
+        await asyncio.sleep(0.01)
+        sid = await c.start("GET", "/admin", end=True)
+        await asyncio.sleep(0.01)
+        st = c.streams[sid]
+        assert st.status == 403 and not st.ended  # the head went, the body waits for credit
+        c.conn.increment_flow_control_window(100, stream_id=sid)
+        c.flush()
+        r = await c.response(sid)
+        assert r.body == b"RBAC: access denied"
+        await c.close()
+    assert glue.records[0].status == 403
+
+
+async def test_response_head_over_the_limit_gets_502() -> None:
+    async def handler(seen: Seen) -> Reply:
+        return Reply(200, [("x-huge", "h" * 5000)], [b"x"])
+
+    glue = h2_glue(handler=handler)
+    async with waypoint(glue, Limits(max_response_header_bytes=4 * KIB)) as (client, _, _task):
+        c = H2Client(client)
+        r = await c.request("GET", "/")
+        assert r.status == 502
+        await c.close()
+    assert glue.records[0].failure == Failure.UPSTREAM_PROTOCOL
+
+
+async def test_upstream_connection_lost_mid_response_resets_the_stream() -> None:
+    async def handler(seen: Seen) -> Reply:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"partial"
+            await asyncio.sleep(0.01)
+            glue.upstreams[-1][1].abort()
+            await asyncio.sleep(3600)
+        return Reply(200, [], body)
+
+    glue = h2_glue(handler=handler)
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        r = await c.request("GET", "/")
+        assert (r.status, r.body, r.reset) == (200, b"partial", ErrorCodes.INTERNAL_ERROR)
+        assert (await c.request("GET", "/next")).status == 200  # a new upstream connection
+        await c.close()
+    assert glue.opened == 2
+    assert glue.records[0].failure == Failure.UPSTREAM_RESET
+
+
+async def test_early_complete_response_stops_the_request_body() -> None:
+    glue = h2_glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        sid = await c.start("POST", "/upload")
+        await c.send_body(sid, b"x" * 1000, end=False)
+        server = await _server(glue)
+        await server.wait_for(lambda: 1 in server.partial)
+        # the server answers before the request ends, then says "stop sending"
+        server.conn.send_headers(1, [(b":status", b"413")], end_stream=True)
+        server.conn.reset_stream(1, ErrorCodes.NO_ERROR)
+        server.flush()
+        r = await c.response(sid)
+        assert r.status == 413
+        await c.wait_for(lambda: c.streams[sid].reset is not None)
+        assert c.streams[sid].reset == ErrorCodes.NO_ERROR
+        assert (await c.request("GET", "/next")).status == 200
+        await c.close()
+    assert glue.records[0].status == 413
+    assert glue.records[0].failure is None
+
+
+async def test_denied_request_body_is_counted_and_dropped() -> None:
+    glue = h2_glue(decide=deny_admin)
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        r = await c.request("POST", "/admin", body=b"z" * 300_000)
+        assert r.status == 403
+        # the dropped body gave its credit back: the connection still carries data
+        r = await c.request("POST", "/ok", body=b"y" * 300_000)
+        assert (r.status, len(r.body)) == (200, 300_000)
+        await c.close()
+
+
+async def _server(glue: Glue) -> H2Server:
+    for _ in range(100):
+        if glue.server_conns:
+            server: H2Server = glue.server_conns[0]
+            return server
+        await asyncio.sleep(0.01)
+    raise AssertionError("no upstream connection")
