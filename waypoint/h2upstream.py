@@ -56,7 +56,7 @@ class Upstreams(Generic[X]):
         while self.waiting:
             side = self.current
             if side is None:
-                if self._opening is None and not self._closed:
+                if self._opening is None and not self._closed and not self._tasks.closed:
                     self._opening = self._tasks.spawn("open-upstream", self._open())
                 return
             if side.conn.open_outbound_streams >= side.conn.remote_settings.max_concurrent_streams:

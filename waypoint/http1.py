@@ -352,6 +352,10 @@ class Http1Proxy:
                     headers=forwardable(list(event.headers.raw_items())))))
             elif isinstance(event, h11.Response):
                 raw = list(event.headers.raw_items())
+                size = len(event.reason) + 15 + sum(len(n) + len(v) + 4 for n, v in raw)
+                if size > self.limits.max_response_header_bytes:
+                    raise UpstreamFailed(Failure.UPSTREAM_PROTOCOL, f"response head of {size} bytes "
+                                         f"over {self.limits.max_response_header_bytes}")
                 # a length beside Transfer-Encoding is void (RFC 9112 6.3): never relay it
                 drop = (b"content-length",) if header_value(raw, b"transfer-encoding") else ()
                 headers = forwardable(raw, drop=drop)

@@ -36,6 +36,7 @@ import h2.events as h2e
 from h2.errors import ErrorCodes
 
 from ambit.tasks import TaskSet
+from waypoint import WaypointError
 from waypoint.admission import Head, Refused, admit, local_body
 from waypoint.exchange import Failure, Hooks, Limits, RequestRecord
 from waypoint.h2exchange import HEADER_OVERHEAD, Exchange
@@ -224,6 +225,9 @@ class Http2Proxy:
 
     async def _open_upstream(self) -> Side:
         stream = await self.hooks.open_upstream()
+        if self.done.is_set():
+            stream.abort()
+            raise WaypointError("the downstream connection ended while its upstream opened")
         side: Side = new_side("upstream", stream, self, self.limits, self.hooks.clock, server=False)
         side.start(self.tasks)
         return side

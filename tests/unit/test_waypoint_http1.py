@@ -674,3 +674,14 @@ async def test_response_with_length_and_chunked_is_relayed_by_its_chunks() -> No
                   b"6\r\nsix ok\r\n0\r\n\r\n")
         r = await c.response()
         assert (r.status, r.body, r.header("content-length")) == (200, b"six ok", None)
+
+
+async def test_response_head_over_the_limit_gets_502() -> None:
+    async def handler(seen: Seen) -> Reply:
+        return Reply(200, [("x-huge", "h" * 5000), ("content-length", "0")])
+
+    glue = Glue(handler=handler)
+    async with waypoint(glue, Limits(max_response_header_bytes=4096)) as (client, _, _task):
+        r = await H1Client(client).request("GET", "/")
+        assert r.status == 502
+    assert glue.records[0].failure == Failure.UPSTREAM_PROTOCOL
