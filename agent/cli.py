@@ -19,6 +19,7 @@ from ambit.args import CliError
 GROUPS: dict[str, tuple[str, str]] = {
     "ca": ("controlplane.cli", "the cluster CA: init, node-credential, run"),
     "ztunnel": ("ztunnel.cli", "the per-node ztunnel"),
+    "waypoint": ("waypoint.cli", "a waypoint: L7 policy for the workloads that use it"),
     "agent": ("agent.agentcli", "the node agent"),
     "local": ("agent.local.cli", "a local cluster of network namespaces and cgroups"),
 }

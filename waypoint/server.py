@@ -1,0 +1,705 @@
+"""The waypoint process: HBONE in from source ztunnels, HTTP decided per request, HBONE on to the
+destinations' ztunnels.
+
+One waypoint serves one Gateway (class ambit-waypoint). It follows the cluster and compiles
+its own snapshot (keeping the last good policies on disk, like the agent), holds a
+certificate for its own identity (its pods' service account), and:
+
+- accepts HBONE on 15008 from source ztunnels, the peer's identity (the client workload's)
+  proved by its certificate and the client's address by `ambit.peers.client_address`;
+- serves only destinations that use it: a Service whose waypoint it is, or a workload whose
+  waypoint it is; anything else is 400;
+- reads the HTTP inside (`waypoint.http1`, `waypoint.http2`: HTTP/1.1 and HTTP/2 with prior
+  knowledge) and decides each request with `ambit.policy.authorize_http` against the
+  original client's identity, every policy that selects the destination applying (L4 and L7
+  parts together); a JWT is checked first (RequestAuthentication);
+- forwards allowed requests over HBONE, with its own identity, to the destination's node
+  (the destination admits a workload's traffic only from its waypoint), adding the client's
+  address in `x-forwarded-for` and `forwarded` and the trace context in `traceparent`;
+- traffic that is not HTTP passes through only when no rule that needs HTTP applies to it.
+
+The HBONE, identity and pool code is the ztunnel's (the one dependency the waypoint has on
+another process's code, allowed by the import contracts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from ambit.cluster import ClusterState
+from ambit.http import HttpServer, Response
+from ambit.lastgood import LastGood
+from ambit.peers import ClientAddress, client_address, serving_waypoint
+from ambit.policy import (
+    ConnectionFacts,
+    Decision,
+    HttpFacts,
+    authenticate,
+    authorize_http,
+)
+from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload, build_snapshot
+from ambit.sources import ClusterSource, open_source
+from ambit.spiffe import SpiffeError, SpiffeId
+from ambit.svid import SvidError, TrustBundle
+from ambit.tasks import TaskSet
+from waypoint import WaypointError
+from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Verdict
+from waypoint.http1 import serve_http1
+from waypoint.http2 import serve_http2
+from waypoint.jwks import JwksFiles
+from waypoint.sniff import sniff
+from waypoint.streams import ByteStream, LegStream
+from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
+from ztunnel.accesslog import AccessLog
+from ztunnel.config import Listen, Timeouts, ZtunnelConfig
+from ztunnel.context import ProxyContext
+from ztunnel.hbone import ConnectRequest, HboneConfig, HboneServer, RequestRejected
+from ztunnel.identity.caclient import CaClient
+from ztunnel.identity.manager import CaClientLike, CertManager, CertNotReady
+from ztunnel.identity.tls import server_context_selector, verified_peer
+from ztunnel.metrics import CONTENT_TYPE, Metrics
+from ztunnel.pool import Pool, PoolError
+from ztunnel.state import StateStore
+from ztunnel.tunnel import HboneProtocol, StreamLeg
+
+log = logging.getLogger("ambit.waypoint")
+
+SNIFF_TIMEOUT = 1.0  # a client that sends nothing this long is taken as non-HTTP
+RECENT = 512  # request records kept for /requests (ambit flows)
+
+
+class ConfigError(WaypointError):
+    """A waypoint setting is invalid; names the flag."""
+
+
+@dataclass(frozen=True)
+class WaypointConfig:
+    """Everything a waypoint process needs."""
+
+    namespace: str
+    gateway: str
+    node: str
+    cluster: str  # cluster source: local:PATH or kubernetes
+    ca_address: str
+    credential_dir: Path
+    ca_token_file: Path | None = None
+    trust_domain: str = "cluster.local"
+    root_namespace: str = "istio-system"
+    hbone: Listen = field(default_factory=lambda: Listen("0.0.0.0", 15008))
+    metrics: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15020))
+    readiness: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15021))
+    admin: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", 15000))
+    access_log: str = "-"
+    state_dir: Path | None = None  # last good policies; None: in memory only
+    otlp_endpoint: str | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    cert_ttl_seconds: int = 86400
+    limits: Limits = field(default_factory=Limits)
+    # peers' HBONE ports by node address (a test rig with several "nodes" on one host)
+    peer_hbone_ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> str:
+        return f"{self.namespace}/{self.gateway}"
+
+    def pool_config(self) -> ZtunnelConfig:
+        """What the ztunnel's HBONE client pool reads (it is the ztunnel's code)."""
+        return ZtunnelConfig(node=self.node, cluster=self.cluster, ca_address=self.ca_address,
+                             credential_dir=self.credential_dir, trust_domain=self.trust_domain,
+                             hbone=self.hbone, admin=None, timeouts=self.timeouts,
+                             peer_hbone_ports=dict(self.peer_hbone_ports))
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one HBONE stream to the waypoint goes: a workload, reached as a Service or itself."""
+
+    workload: Workload
+    port: int  # the workload's port
+    service: ServiceInfo | None
+    authority: str  # as the client dialed it
+
+
+def resolve_target(snap: Snapshot, me: WaypointInfo, host: str, port: int, pick: int) -> Target | str:
+    """Pure: the destination of a CONNECT to the waypoint, or why it is not one of its own."""
+    svc = snap.service_by_vip(host)
+    if svc is not None:
+        if svc.namespace != me.namespace or svc.waypoint != me.name:
+            return f"service {svc.uid} does not use waypoint {me.uid}"
+        eps = [(w, t) for w, t in snap.service_endpoints(host, port) if w.ip and w.enrolled]
+        if not eps:
+            return f"service {svc.uid} has no port {port} or no ready endpoints"
+        picked, target_port = eps[pick % len(eps)]
+        return Target(picked, target_port, svc, f"{host}:{port}")
+    w = snap.workload_by_ip(host)
+    if w is None or not w.enrolled:
+        return f"{host} is neither a service nor a workload of the mesh"
+    served = serving_waypoint(snap, me.identity, w)
+    if served is None or served.uid != me.uid:
+        return f"{w.uid} does not use waypoint {me.uid}"
+    return Target(w, port, None, f"{host}:{port}")
+
+
+@dataclass
+class _RequestContext:
+    """What the decide hook hands the record hook through the verdict."""
+
+    facts: RequestFacts
+    span: Any
+    start: float
+
+
+class Waypoint:
+    """The waypoint process; `start()`, serve, `stop()`."""
+
+    def __init__(self, config: WaypointConfig, *, ca: CaClientLike | None = None,
+                 source: ClusterSource | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.store = StateStore(config.node, trust_domain=config.trust_domain,
+                                root_namespace=config.root_namespace)
+        self.tasks = TaskSet("waypoint")
+        self.metrics = WaypointMetrics()
+        self.requests_log = RequestLog(config.access_log)
+        self.tracing = Tracing(f"waypoint {config.uid}", config.otlp_endpoint)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.clock = clock
+        self._ca = ca
+        self._own_ca: CaClient | None = None
+        self._source = source
+        self._lastgood = LastGood(config.state_dir) if config.state_dir is not None else None
+        self._servers: list[asyncio.Server] = []
+        self._http: list[HttpServer] = []
+        self._rr = 0
+        self._loaded = False
+        self.certs: CertManager | None = None
+        self.ctx: ProxyContext | None = None
+        self.pool: Pool | None = None
+        self.connections: set[WaypointConnection] = set()
+        self.hbone = HboneConfig()
+        self.jwks = JwksFiles()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def me(self) -> WaypointInfo | None:
+        return self.store.current.waypoint(self.config.namespace, self.config.gateway)
+
+    @property
+    def identity(self) -> SpiffeId | None:
+        me = self.me
+        return me.identity if me is not None else None
+
+    def apply(self, cluster: ClusterState) -> Snapshot:
+        """Compile the snapshot from `cluster` and the previous one (last good policies kept)."""
+        cfg = self.config
+        previous = self.store.current
+        if previous.version == 0 and self._lastgood is not None:
+            previous = self._lastgood.seed(cfg.node, cfg.trust_domain, cfg.root_namespace)
+        snap = build_snapshot(cluster, cfg.node, trust_domain=cfg.trust_domain,
+                              root_namespace=cfg.root_namespace, previous=previous)
+        if self._lastgood is not None:
+            try:
+                self._lastgood.save(snap)
+            except OSError as e:
+                log.error("cannot save the last good policies to %s: %s", self._lastgood.path, e)
+        self.store.publish(snap)
+        return snap
+
+    async def _follow(self, source: ClusterSource) -> None:
+        async for cluster in source.changes(0.25):
+            self.apply(cluster)
+            self._loaded = True
+            me = self.me
+            if self.certs is not None:
+                self.certs.track({me.identity} if me is not None and me.identity is not None else set())
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, first_snapshot_timeout: float = 15.0) -> None:
+        cfg = self.config
+        try:
+            bundle = TrustBundle.from_pem(cfg.trust_domain, (cfg.credential_dir / "ca.crt").read_bytes())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--credential-dir: cannot read the trust bundle ca.crt: {e}") from e
+        if self._ca is None:
+            self._own_ca = CaClient(cfg.ca_address, cfg.credential_dir, token_file=cfg.ca_token_file)
+            self._ca = self._own_ca
+        self.certs = CertManager(self._ca, ttl_seconds=cfg.cert_ttl_seconds, bundle=bundle, clock=self.clock)
+        self.ctx = ProxyContext(config=cfg.pool_config(), snapshot=lambda: self.store.current, certs=self.certs,
+                                bundle=bundle, hbone=self.hbone, metrics=Metrics(),
+                                access_log=AccessLog(cfg.access_log + ".tcp" if cfg.access_log != "-" else "-"))
+        self.pool = Pool(self.ctx)
+        source = self._source or open_source(cfg.cluster)
+        self.tasks.spawn("state", self._follow(source))
+        self.tasks.spawn("certs", self.certs.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + first_snapshot_timeout
+        while not self._loaded:
+            if loop.time() > deadline:
+                await self.stop()
+                raise ConfigError(f"--cluster {cfg.cluster}: no cluster state within {first_snapshot_timeout:g}s")
+            await asyncio.sleep(0.05)
+        if self.me is None or not self.me.exists:
+            log.warning("no Gateway %s of class ambit-waypoint in the cluster state (yet)", cfg.uid)
+        try:
+            await self._open_listeners(bundle)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("waypoint %s up: %s", cfg.uid, ", ".join(f"{k} {h}:{p}" for k, (h, p) in self.addresses.items()))
+
+    async def _open_listeners(self, bundle: TrustBundle) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        tls = server_context_selector(self._lookup_cert, bundle)
+        try:
+            srv = await loop.create_server(lambda: WaypointConnection(self), cfg.hbone.host, cfg.hbone.port,
+                                           ssl=tls, ssl_handshake_timeout=cfg.timeouts.connect,
+                                           reuse_address=True, backlog=1024)
+        except OSError as e:
+            raise ConfigError(f"--listen: cannot listen on {cfg.hbone}: {e.strerror or e}") from e
+        self._servers.append(srv)
+        a = srv.sockets[0].getsockname()
+        self.addresses["hbone"] = (str(a[0]), int(a[1]))
+        for name, where, routes in (
+            ("admin", cfg.admin, self._admin_routes()),
+            ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
+                                      "/stats/prometheus": (("GET",), self._metrics)}),
+            ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
+        ):
+            if where is None:
+                continue
+            http = HttpServer(f"waypoint {name}", routes)
+            try:
+                self.addresses[name] = await http.start(where.host, where.port)
+            except OSError as e:
+                raise ConfigError(f"{name}: cannot listen on {where}: {e.strerror or e}") from e
+            self._http.append(http)
+
+    def _lookup_cert(self, identity: SpiffeId) -> Any:
+        if self.certs is None or identity != self.identity:
+            return None  # only ever this waypoint's own identity
+        return self.certs.current(identity)
+
+    async def stop(self) -> None:
+        for s in self._servers:
+            s.close()
+        for c in list(self.connections):
+            c.abort("waypoint shutting down")
+        if self.pool is not None:
+            self.pool.close()
+        if self.ctx is not None:
+            await self.ctx.tasks.close(timeout=2.0)
+        for h in self._http:
+            await h.close()
+        await self.tasks.close()
+        if self.certs is not None:
+            await self.certs.close()
+        if self._own_ca is not None:
+            await self._own_ca.close()
+        self.store.close()
+        self.tracing.close()
+        self.requests_log.close()
+        if self.ctx is not None:
+            self.ctx.access_log.close()
+
+    # ------------------------------------------------------------------ readiness, admin
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._loaded:
+            return False, "no cluster state loaded yet"
+        me = self.me
+        if me is None or not me.exists:
+            return False, f"no Gateway {self.config.uid} of class ambit-waypoint"
+        if me.identity is None:
+            return False, f"no pod of Gateway {self.config.uid} in the cluster state"
+        if self.certs is None or self.certs.current(me.identity) is None:
+            return False, f"waiting for a certificate for {me.identity}"
+        return True, "ready"
+
+    def _ready(self, method: str, query: dict[str, str]) -> Response:
+        ok, why = self.readiness()
+        return Response.json({"ready": ok, "reason": why}, 200 if ok else 503)
+
+    def _metrics(self, method: str, query: dict[str, str]) -> Response:
+        from prometheus_client import generate_latest
+
+        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE)
+
+    def _admin_routes(self) -> dict[str, tuple[tuple[str, ...], Any]]:
+        return {
+            "/config_dump": (("GET",), self._config_dump),
+            "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
+            "/requests": (("GET",), lambda m, q: Response.json({"items": list(self.recent)})),
+            "/healthz/ready": (("GET",), self._ready),
+            "/debug/authorize": (("GET",), self._authorize),
+        }
+
+    def _config_dump(self, method: str, query: dict[str, str]) -> Response:
+        snap = self.store.current
+        me = self.me
+        served = sorted({w.uid for w in snap.workloads.values() if me is not None
+                         and serving_waypoint(snap, me.identity, w) is not None})
+        return Response.json({
+            "gateway": self.config.uid, "identity": str(self.identity) if self.identity else None,
+            "ready": self.readiness()[0], "version": snap.version, "serves": served,
+            "policies": snap.policies.summary(), "errors": list(snap.errors),
+            "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+        })
+
+    def _authorize(self, method: str, query: dict[str, str]) -> Response:
+        """`ambit policy check --method --path`: this waypoint's verdict on one request."""
+        snap = self.store.current
+        try:
+            src_ns, src_sa = query["from"].split("/", 1)
+            src = SpiffeId.for_workload(snap.trust_domain, src_ns, src_sa)
+            dst = snap.workload(query["to"])
+            port = int(query["port"])
+        except (KeyError, ValueError, SpiffeError) as e:
+            return Response.json({"error": f"use ?from=NS/SA&to=NS/POD&port=N[&method=&path=&host=] ({e})"}, 400)
+        if dst is None:
+            return Response.json({"error": f"no workload {query['to']} in this waypoint's state"}, 404)
+        headers = dict(h.split("=", 1) for h in query.get("headers", "").split(",") if "=" in h)
+        facts = ConnectionFacts(query.get("source_ip", "0.0.0.0"), src, dst, port, True)
+        http = HttpFacts(query.get("method", "GET").upper(), query.get("path", "/"), query.get("host", ""),
+                         {k.lower(): v for k, v in headers.items()})
+        d = authorize_http(facts, http, snap.policies)
+        out = d.to_dict()
+        out.update({"source": str(src), "destination": dst.uid, "port": port, "waypoint": self.config.uid})
+        return Response.json(out)
+
+    # ------------------------------------------------------------------ the data path
+
+    async def handle_connect(self, conn: WaypointConnection, leg: StreamLeg, req: ConnectRequest) -> None:
+        snap = self.store.current
+        me = self.me
+        peer_ip = conn.peer[0]
+        if me is None or me.identity is None:
+            conn.respond(leg, 503)
+            return
+        client = client_address(snap, peer_ip, conn.identity, req.forwarded_for)
+        if client.ip is None:
+            log.info("%s: %s", conn.label, client.reason)
+            conn.respond(leg, 400)
+            return
+        self._rr += 1
+        target = resolve_target(snap, me, req.host, req.port, self._rr)
+        if isinstance(target, str):
+            log.info("%s: CONNECT %s refused: %s", conn.label, req.authority, target)
+            conn.respond(leg, 400)
+            return
+        conn.respond(leg, 200)
+        down = LegStream(leg, name=f"downstream {req.authority}")
+        leg.attach(cast(Any, down))
+        session = _Session(self, conn, client, target)
+        try:
+            await session.run(down)
+        finally:
+            down.close()
+
+
+class _Session:
+    """One proxied TCP connection through the waypoint (one HBONE stream in)."""
+
+    def __init__(self, wp: Waypoint, conn: WaypointConnection, client: ClientAddress, target: Target) -> None:
+        self.wp = wp
+        self.conn = conn
+        self.client = client
+        self.target = target
+        self.upstreams: list[ByteStream] = []
+
+    async def run(self, down: LegStream) -> None:
+        first = await self._first_bytes(down)
+        kind = sniff(first) if first else "opaque"
+        hooks = Hooks(decide=self.decide, open_upstream=self.open_upstream, on_request=self.on_request,
+                      authority=self.target.authority)
+        try:
+            if kind == "http1":
+                await serve_http1(down, hooks, self.wp.config.limits, prefix=first)
+            elif kind == "http2":
+                await serve_http2(down, hooks, self.wp.config.limits, prefix=first)
+            else:
+                await self._opaque(down, first)
+        finally:
+            for up in self.upstreams:
+                up.close()
+
+    async def _first_bytes(self, down: LegStream) -> bytes:
+        got = b""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SNIFF_TIMEOUT):
+                while sniff(got) is None:
+                    chunk = await down.read(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+        return got
+
+    # -- hooks
+
+    def facts(self) -> ConnectionFacts:
+        return ConnectionFacts(self.client.ip or "", self.conn.identity, self.target.workload, self.target.port, True)
+
+    def decide(self, req: Request) -> Verdict:
+        snap = self.wp.store.current
+        t = self.target
+        rf = RequestFacts(
+            method=req.method, authority=req.authority, path=req.path,
+            protocol="grpc" if (req.header("content-type") or "").startswith("application/grpc") else "http",
+            client_ip=self.client.ip or "", source_workload=self.client.workload.uid if self.client.workload else None,
+            source_principal=str(self.conn.identity) if self.conn.identity else None,
+            destination_workload=t.workload.uid, destination_principal=str(t.workload.identity),
+            destination_service=t.service.uid if t.service else None,
+        )
+        span = self.wp.tracing.start(f"{req.method} {req.path}", dict(req.headers), {
+            "ambit.source.principal": rf.source_principal, "ambit.destination.workload": rf.destination_workload,
+            "ambit.waypoint": self.wp.config.uid, "client.address": rf.client_ip,
+        })
+        rf.trace_id = self.wp.tracing.trace_id(span)
+        context = _RequestContext(rf, span, time.monotonic())
+        headers = {n: v for n, v in req.headers}
+        # JWT first (RequestAuthentication): a present but invalid token is refused (401), a
+        # missing one passes and the policies decide. A CORS preflight carries no token.
+        preflight = req.method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
+        rules = () if preflight else snap.policies.jwt_rules(t.workload)
+        authn = authenticate(rules, headers, req.target, now=self.wp.clock(), keys=self.wp.jwks.resolve)
+        if not authn.ok:
+            rf.decision, rf.reason, rf.policy = "deny", authn.reason, authn.rule
+            challenge = authn.www_authenticate(req.authority or t.authority)
+            return Verdict.deny(authn.status, authn.reason.encode(), response_headers=[("www-authenticate", challenge)],
+                                context=context)
+        if authn.auth is not None:
+            rf.request_principal = authn.auth.principal
+        http = HttpFacts(req.method, req.path, req.authority, headers, auth=authn.auth)
+        d: Decision = authorize_http(self.facts(), http, snap.policies)
+        rf.decision = "allow" if d.allowed else "deny"
+        rf.policy, rf.rule, rf.reason = d.policy, d.rule, d.reason
+        if not d.allowed:
+            return Verdict.deny(403, context=context)
+        xff = req.header("x-forwarded-for")
+        fwd = req.header("forwarded")
+        add = [
+            ("x-forwarded-for", f"{xff}, {rf.client_ip}" if xff else rf.client_ip),
+            ("forwarded", f"{fwd}, for={_forwarded_node(rf.client_ip)}" if fwd else f"for={_forwarded_node(rf.client_ip)}"),
+            *self.wp.tracing.outgoing(span),
+        ]
+        # the token is not passed on unless forwardOriginalToken; claims/payload headers are set
+        # only from a verified token (a client's own are removed)
+        add += list(authn.set_headers)
+        remove = ["x-forwarded-for", "forwarded", "traceparent", *authn.remove_headers,
+                  *(n for n, _ in authn.set_headers)]
+        return Verdict.allow(add_headers=add, remove_headers=remove, context=context)
+
+    async def open_upstream(self) -> ByteStream:
+        wp, t = self.wp, self.target
+        assert wp.certs is not None and wp.pool is not None
+        me = wp.identity
+        if me is None:
+            raise WaypointError("the waypoint has no identity (no pod of its Gateway in the cluster state)")
+        snap = wp.store.current
+        addr = t.workload.node_address or snap.nodes.get(t.workload.node)
+        if not addr:
+            raise WaypointError(f"{t.workload.uid} runs on node {t.workload.node}, whose address is unknown")
+        try:
+            cert = await wp.certs.get(me, timeout=wp.config.timeouts.cert)
+            leg = await wp.pool.open_stream(cert, t.workload.identity, addr, wp.ctx.config.hbone_port_for(addr)
+                                            if wp.ctx else 15008, f"{t.workload.ip}:{t.port}", self.client.ip)
+        except (CertNotReady, PoolError) as e:
+            raise WaypointError(f"to {t.workload.uid}: {e}") from e
+        up = LegStream(leg, name=f"upstream {t.workload.uid}")
+        leg.attach(cast(Any, up))
+        self.upstreams.append(up)
+        return up
+
+    def on_request(self, record: RequestRecord) -> None:
+        ctx = record.context
+        if not isinstance(ctx, _RequestContext):  # refused before a decision (a malformed request)
+            rf = RequestFacts(method=record.method, authority=record.authority, path=record.path,
+                              client_ip=self.client.ip or "", decision="deny",
+                              source_principal=str(self.conn.identity) if self.conn.identity else None,
+                              destination_workload=self.target.workload.uid,
+                              reason=record.detail or "malformed request")
+            span = None
+        else:
+            rf, span = ctx.facts, ctx.span
+        rf.status = record.status
+        rf.request_bytes, rf.response_bytes = record.request_bytes, record.response_bytes
+        rf.duration_ms = max(0.0, (record.end - record.start) * 1000)
+        if record.failure is not None:
+            rf.error = f"{record.failure}: {record.detail}"
+        rf.response_flags = _flag(record, rf)
+        self.wp.metrics.record(rf)
+        self.wp.requests_log.write(rf)
+        self.wp.recent.append({
+            "time": time.time(), "method": rf.method, "authority": rf.authority, "path": rf.path,
+            "status": rf.status, "decision": rf.decision, "policy": rf.policy, "rule": rf.rule,
+            "reason": rf.reason, "client_ip": rf.client_ip, "src_workload": rf.source_workload,
+            "src_identity": rf.source_principal, "dst_workload": rf.destination_workload,
+            "dst_service": rf.destination_service, "waypoint": self.wp.config.uid, "trace_id": rf.trace_id,
+            "bytes_received": rf.request_bytes, "bytes_sent": rf.response_bytes,
+        })
+        if span is not None:
+            self.wp.tracing.finish(span, rf)
+
+    # -- not HTTP
+
+    async def _opaque(self, down: LegStream, first: bytes) -> None:
+        """TCP that is not HTTP: through only when no rule that needs HTTP applies."""
+        snap = self.wp.store.current
+        t = self.target
+        l7 = [f"{p.ref} rule {r.index}" for p in snap.policies.applicable(t.workload, at_waypoint=True)
+              for r in p.rules if r.l7_fields]
+        rf = RequestFacts(method="", authority=t.authority, path="", protocol="tcp", client_ip=self.client.ip or "",
+                          source_workload=self.client.workload.uid if self.client.workload else None,
+                          source_principal=str(self.conn.identity) if self.conn.identity else None,
+                          destination_workload=t.workload.uid, destination_principal=str(t.workload.identity),
+                          destination_service=t.service.uid if t.service else None)
+        if l7:
+            rf.decision, rf.reason = "deny", (f"not HTTP, and rules that need HTTP apply ({', '.join(l7)}): "
+                                              "the connection is denied")
+        else:
+            d = authorize_http(self.facts(), HttpFacts("", "", ""), snap.policies)
+            rf.decision, rf.policy, rf.rule, rf.reason = ("allow" if d.allowed else "deny"), d.policy, d.rule, d.reason
+        started = time.monotonic()
+        try:
+            if rf.decision != "allow":
+                down.abort()
+                return
+            try:
+                up = await self.open_upstream()
+            except WaypointError as e:
+                rf.error = str(e)
+                down.abort()
+                return
+            if first:
+                up.write(first)
+            rf.request_bytes, rf.response_bytes = await _pump_both(down, up)
+            rf.request_bytes += len(first)
+        finally:
+            rf.duration_ms = (time.monotonic() - started) * 1000
+            self.wp.requests_log.write(rf)
+            if rf.decision == "deny":
+                self.wp.metrics.denials.labels(*_split(rf.source_workload), *_split(rf.destination_workload),
+                                               "0", rf.policy or "-").inc()
+
+
+def _split(uid: str | None) -> tuple[str, str]:
+    if not uid or "/" not in uid:
+        return "unknown", "unknown"
+    ns, name = uid.split("/", 1)
+    return name, ns
+
+
+def _forwarded_node(ip: str) -> str:
+    """RFC 7239 node: an IPv6 address is quoted and bracketed."""
+    return f'"[{ip}]"' if ":" in ip else ip
+
+
+def _flag(record: RequestRecord, rf: RequestFacts) -> str:
+    if rf.decision == "deny":
+        return "UAEX" if record.status == 401 else "DENY"
+    failure = str(record.failure or "")
+    return {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
+            "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
+            "headers_too_large": "DPE"}.get(failure, "-")
+
+
+async def _pump_both(a: ByteStream, b: ByteStream) -> tuple[int, int]:
+    """Copy both ways until both directions ended; bytes (a->b, b->a)."""
+
+    async def pump(src: ByteStream, dst: ByteStream) -> int:
+        n = 0
+        while True:
+            data = await src.read(65536)
+            if not data:
+                dst.write_eof()
+                return n
+            dst.write(data)
+            n += len(data)
+            await dst.drain()
+
+    try:
+        up, down = await asyncio.gather(pump(a, b), pump(b, a))
+    except (WaypointError, OSError):
+        a.abort()
+        b.abort()
+        return 0, 0
+    return up, down
+
+
+class WaypointConnection(HboneProtocol):
+    """One HBONE server connection on the waypoint's 15008."""
+
+    def __init__(self, wp: Waypoint) -> None:
+        super().__init__(HboneServer(wp.hbone, asyncio.get_running_loop().time()), "waypoint")
+        self.wp = wp
+        self.identity: SpiffeId | None = None
+        self.peer: tuple[str, int] = ("-", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        p = transport.get_extra_info("peername")
+        self.peer = (str(p[0]), int(p[1]))
+        self.label = f"waypoint HBONE from {self.peer[0]}:{self.peer[1]}"
+        try:
+            self.identity = verified_peer(transport.get_extra_info("ssl_object"), self.wp.ctx.bundle
+                                          if self.wp.ctx else _no_bundle()).identity
+        except SvidError as e:
+            log.warning("%s: rejected peer certificate: %s", self.label, e)
+            cast(asyncio.Transport, transport).abort()
+            return
+        self.label = f"waypoint HBONE from {self.identity} at {self.peer[0]}:{self.peer[1]}"
+        self.wp.connections.add(self)
+        super().connection_made(transport)
+
+    def handle_other(self, ev: Any) -> None:
+        if isinstance(ev, ConnectRequest):
+            leg = StreamLeg(self, ev.stream_id)
+            self.streams[ev.stream_id] = leg
+            self.wp.tasks.spawn(f"stream-{ev.stream_id}", self.wp.handle_connect(self, leg, ev))
+        elif isinstance(ev, RequestRejected):
+            log.info("%s: rejected stream %d with %d: %s", self.label, ev.stream_id, ev.status, ev.reason)
+        else:
+            super().handle_other(ev)
+
+    def respond(self, leg: StreamLeg, status: int) -> None:
+        if self.closed or leg.closed:
+            return
+        try:
+            self.proto.respond(leg.stream_id, status)
+        except Exception as e:  # an already-reset stream: nothing left to answer
+            log.debug("%s: respond %d on stream %d: %s", self.label, status, leg.stream_id, e)
+        if status != 200:
+            self.forget(leg.stream_id)
+        self.flush()
+
+    def on_closed(self) -> None:
+        self.wp.connections.discard(self)
+
+
+def _no_bundle() -> TrustBundle:
+    raise SvidError("the waypoint is not started: no trust bundle")
+
+
+async def run(config: WaypointConfig, **kw: Any) -> int:
+    """Start, serve until SIGTERM/SIGINT, stop."""
+    import signal
+
+    wp = Waypoint(config, **kw)
+    await wp.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await wp.stop()
+    return 0
+

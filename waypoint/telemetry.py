@@ -1,0 +1,218 @@
+"""What the waypoint tells about every request: Istio's HTTP metrics, one JSON access-log line,
+and a W3C trace span carrying the security facts.
+
+- Metrics, with Istio's names and labels (`reporter="waypoint"`):
+  `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
+  `istio_response_bytes`; plus `ambit_waypoint_denials_total{source_workload,...,policy}`.
+- Access log: one JSON line per request (method, authority, path, status, both identities,
+  client IP, the deciding policy and rule, duration, trace id).
+- Tracing: the OpenTelemetry SDK. A request's `traceparent` (and `tracestate`) is continued,
+  or a trace started; one span per request holds source principal, destination, decision
+  and policy; with `--otlp-endpoint` spans are exported over OTLP/gRPC, else only their ids
+  appear (in the access log, and in the `traceparent` sent on to the destination).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+log = logging.getLogger("ambit.waypoint.telemetry")
+
+REQUEST_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_workload_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+    "request_protocol",
+    "response_code",
+    "response_flags",
+    "connection_security_policy",
+)
+# Istio's default buckets for request durations (ms) and sizes (bytes)
+DURATION_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+                    600000, 1800000, 3600000)
+SIZE_BUCKETS = (1, 10, 100, 1000, 10000, 100000, 1000000, 10000000, 100000000)
+
+
+@dataclass
+class RequestFacts:
+    """Everything the telemetry says about one request; filled as the request goes."""
+
+    method: str = ""
+    authority: str = ""
+    path: str = ""
+    protocol: str = "http"  # Istio's request_protocol: http or grpc
+    status: int = 0
+    response_flags: str = "-"
+    client_ip: str = ""
+    source_workload: str | None = None  # ns/name
+    source_principal: str | None = None
+    destination_workload: str | None = None
+    destination_principal: str | None = None
+    destination_service: str | None = None  # ns/name
+    decision: str = "pending"  # allow | deny
+    policy: str | None = None
+    rule: int | None = None
+    reason: str = ""
+    request_principal: str | None = None  # from a JWT
+    request_bytes: int = 0
+    response_bytes: int = 0
+    duration_ms: float = 0.0
+    trace_id: str | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _split(uid: str | None) -> tuple[str, str]:
+    if not uid or "/" not in uid:
+        return "unknown", "unknown"
+    ns, name = uid.split("/", 1)
+    return name, ns
+
+
+class WaypointMetrics:
+    """The waypoint's families in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("istio_requests_total", "Requests handled by the waypoint", REQUEST_LABELS,
+                                registry=r)
+        self.duration = Histogram("istio_request_duration_milliseconds", "Request duration (ms)",
+                                  REQUEST_LABELS, buckets=DURATION_BUCKETS, registry=r)
+        self.request_bytes = Histogram("istio_request_bytes", "Request body sizes (bytes)", REQUEST_LABELS,
+                                       buckets=SIZE_BUCKETS, registry=r)
+        self.response_bytes = Histogram("istio_response_bytes", "Response body sizes (bytes)", REQUEST_LABELS,
+                                        buckets=SIZE_BUCKETS, registry=r)
+        self.denials = Counter("ambit_waypoint_denials_total",
+                               "Requests the waypoint denied, by source workload and deciding policy",
+                               ("source_workload", "source_workload_namespace", "destination_workload",
+                                "destination_workload_namespace", "response_code", "policy"), registry=r)
+
+    def record(self, f: RequestFacts) -> None:
+        src_name, src_ns = _split(f.source_workload)
+        dst_name, dst_ns = _split(f.destination_workload)
+        svc_name, svc_ns = _split(f.destination_service)
+        labels = {
+            "reporter": "waypoint",
+            "source_workload": src_name,
+            "source_workload_namespace": src_ns,
+            "source_principal": f.source_principal or "unknown",
+            "destination_workload": dst_name,
+            "destination_workload_namespace": dst_ns,
+            "destination_principal": f.destination_principal or "unknown",
+            "destination_service": (f"{svc_name}.{svc_ns}.svc.cluster.local" if f.destination_service
+                                    else "unknown"),
+            "destination_service_name": svc_name,
+            "destination_service_namespace": svc_ns,
+            "request_protocol": f.protocol,
+            "response_code": str(f.status),
+            "response_flags": f.response_flags,
+            "connection_security_policy": "mutual_tls",
+        }
+        self.requests.labels(**labels).inc()
+        self.duration.labels(**labels).observe(f.duration_ms)
+        self.request_bytes.labels(**labels).observe(f.request_bytes)
+        self.response_bytes.labels(**labels).observe(f.response_bytes)
+        if f.decision == "deny":
+            self.denials.labels(src_name, src_ns, dst_name, dst_ns, str(f.status), f.policy or "-").inc()
+
+
+class RequestLog:
+    """One JSON line per request, to a file path or stdout ("-")."""
+
+    def __init__(self, target: str = "-") -> None:
+        self.target = target
+        self._out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
+
+    def write(self, f: RequestFacts) -> None:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reporter": "waypoint",
+            "method": f.method, "authority": f.authority, "path": f.path, "protocol": f.protocol,
+            "status": f.status, "response_flags": f.response_flags,
+            "client_ip": f.client_ip, "src_workload": f.source_workload, "src_identity": f.source_principal,
+            "dst_workload": f.destination_workload, "dst_identity": f.destination_principal,
+            "dst_service": f.destination_service, "request_principal": f.request_principal,
+            "decision": f.decision, "policy": f.policy, "rule": f.rule, "reason": f.reason,
+            "bytes_received": f.request_bytes, "bytes_sent": f.response_bytes,
+            "duration_ms": round(f.duration_ms, 3), "trace_id": f.trace_id, "error": f.error, **f.extra,
+        }
+        try:
+            self._out.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        except (OSError, ValueError) as e:  # a full disk must not stop the proxy
+            log.warning("access log %s: %s", self.target, e)
+
+    def close(self) -> None:
+        if self._out is not sys.stdout:
+            self._out.close()
+
+
+class Tracing:
+    """W3C trace context in and out, and one span per request (exported when configured)."""
+
+    def __init__(self, service_name: str, otlp_endpoint: str | None = None) -> None:
+        self.provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+        self.exporting = otlp_endpoint is not None
+        if otlp_endpoint is not None:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            self.provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True),
+                                   schedule_delay_millis=500))
+        self.tracer = self.provider.get_tracer("ambit.waypoint")
+        self.propagator = TraceContextTextMapPropagator()
+
+    def start(self, name: str, headers: Mapping[str, str], attributes: Mapping[str, Any]) -> Span:
+        """A server span continuing the request's `traceparent` (or starting a trace)."""
+        ctx = self.propagator.extract(carrier=dict(headers))
+        return self.tracer.start_span(name, context=ctx, kind=SpanKind.SERVER,
+                                      attributes={k: v for k, v in attributes.items() if v is not None})
+
+    def outgoing(self, span: Span) -> list[tuple[str, str]]:
+        """The `traceparent` (and `tracestate`) to send on, with `span` as the parent."""
+        carrier: dict[str, str] = {}
+        self.propagator.inject(carrier, context=trace.set_span_in_context(span))
+        return sorted(carrier.items())
+
+    @staticmethod
+    def trace_id(span: Span) -> str:
+        return format(span.get_span_context().trace_id, "032x")
+
+    @staticmethod
+    def finish(span: Span, f: RequestFacts) -> None:
+        values: dict[str, str | int | None] = {
+            "http.request.method": f.method, "url.path": f.path, "server.address": f.authority,
+            "http.response.status_code": f.status, "ambit.decision": f.decision,
+            "ambit.policy": f.policy, "ambit.rule": f.rule, "ambit.reason": f.reason,
+            "ambit.source.principal": f.source_principal, "ambit.destination.workload": f.destination_workload,
+            "ambit.request.principal": f.request_principal, "ambit.response_flags": f.response_flags,
+        }
+        attrs = {k: v for k, v in values.items() if v is not None}
+        span.set_attributes(attrs)
+        if f.status >= 500 or f.error:
+            span.set_status(Status(StatusCode.ERROR, f.error or str(f.status)))
+        span.end()
+
+    def close(self) -> None:
+        self.provider.shutdown()
