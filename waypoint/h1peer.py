@@ -70,6 +70,25 @@ class H1Peer:
             self.eof = not data
             self.conn.receive_data(data)
 
+    async def watch(self, limit: int) -> None:
+        """While a response is on its way: notice the peer going away (a reset, or EOF: like
+        Envoy and nginx, a client that closes before its response has given up on it) and
+        take what it pipelines into h11's buffer, up to `limit` bytes (then stop reading:
+        back-pressure). Raises ClientFailed or UpstreamFailed."""
+        taken = 0
+        while taken < limit:
+            try:
+                data = await self.stream.read(min(self.read_size, limit - taken))
+            except (StreamReset, OSError) as e:
+                raise self._failed(self._reset, f"{self._who} reset: {e}") from e
+            if not data:
+                self.eof = True
+                raise self._failed(self._reset, f"{self._who} closed the connection before the "
+                                                "response")
+            self.received += len(data)
+            taken += len(data)
+            self.conn.receive_data(data)
+
     def _protocol_error(self, e: h11.RemoteProtocolError) -> PeerFailed:
         if self.eof:
             return self._failed(self._reset, f"{self._who} closed the connection mid-message: {e}")

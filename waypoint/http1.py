@@ -26,6 +26,11 @@ Choices, where HTTP leaves them:
   closed it while idle) is replaced once for an idempotent request without a
   body; anything else gets 502 (or, once the response has started, the client
   connection is aborted).
+- While a response is awaited the client is still read (what it pipelines is
+  kept, up to `Limits.max_header_bytes`): a client that resets or closes
+  before its response has given up on it, and the upstream request is
+  aborted (as Envoy and nginx do; a client that half-closes after its request
+  gets no answer).
 - Trailers are relayed when both hops are chunked; 1xx responses (other than
   100) are relayed to HTTP/1.1 clients.
 """
@@ -268,6 +273,7 @@ class Http1Proxy:
                                    name=f"waypoint-http1/request-body-{n}")
         response = asyncio.create_task(self._relay_response(x, up),
                                        name=f"waypoint-http1/response-{n}")
+        watch: asyncio.Task[None] | None = None
         try:
             await asyncio.wait({body, response}, return_when=asyncio.FIRST_COMPLETED)
             if body.done():
@@ -280,7 +286,17 @@ class Http1Proxy:
                     return False
                 if exc is not None and not isinstance(exc, UpstreamFailed):
                     raise exc
-                # done, or the upstream stopped taking the body: its answer may still come
+                # the request is in (or the upstream stopped taking it): its answer may still
+                # come; meanwhile a client that goes away cancels it
+                watch = asyncio.create_task(self.down.watch(self.limits.max_header_bytes),
+                                            name=f"waypoint-http1/client-watch-{n}")
+                await asyncio.wait({response, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if not response.done() and isinstance(watch.exception(), ClientFailed):
+                    self._drop_upstream(abort=True)
+                    gone = watch.exception()
+                    assert isinstance(gone, ClientFailed)
+                    record.fail(gone.failure, gone.detail)
+                    return False
                 await asyncio.wait({response})
             exc = response.exception()
             if exc is None:
@@ -301,10 +317,11 @@ class Http1Proxy:
                 return False
             raise exc
         finally:
-            for task in (body, response):
+            tasks = [body, response] + ([watch] if watch is not None else [])
+            for task in tasks:
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(body, response, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _after_response(self, x: _Exchange, up: H1Peer, body: asyncio.Task[None]) -> bool:
         """The response is complete; settle both connections."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -10,7 +11,7 @@ from tests.unit.test_waypoint_harness import TIMEOUT, Glue, H1Client, H2Client, 
 from waypoint.engine import proxy, sniff_stream
 from waypoint.exchange import Failure, Verdict
 from waypoint.sniff import PREFACE, sniff
-from waypoint.streams import memory_pipe
+from waypoint.streams import LegStream, StreamReset, memory_pipe
 
 SNIFFED = [
     (b"", None),
@@ -168,3 +169,69 @@ def test_verdict_constructors() -> None:
                 Verdict.deny(401, response_headers=[("content-length", "3")])):
         with pytest.raises(WaypointError):
             bad.check()
+
+
+H1_SEED = (b"POST /a/b?c=d HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n"
+           b"X-A: 1\r\n\r\n4\r\nbody\r\n0\r\nT: v\r\n\r\nGET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+
+
+def _mutate(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.random()
+        pos = rng.randrange(len(out) + 1)
+        if op < 0.4 and out:
+            out[min(pos, len(out) - 1)] = rng.randrange(256)
+        elif op < 0.7:
+            out[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+        else:
+            del out[pos:pos + rng.randint(1, 6)]
+    return bytes(out)
+
+
+def _h2_seed() -> bytes:
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    conn = H2Connection(H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "svc"),
+                          (":path", "/x"), ("x-a", "1")])
+    conn.send_data(1, b"hello")
+    conn.send_headers(1, [("t", "v")], end_stream=True)
+    conn.send_headers(3, [(":method", "GET"), (":scheme", "http"), (":authority", "svc"),
+                          (":path", "/y")], end_stream=True)
+    conn.reset_stream(3)
+    return conn.data_to_send()
+
+
+@pytest.mark.parametrize("kind", ["http1", "http2"])
+async def test_mangled_input_never_raises_out_of_the_engine(kind: str) -> None:
+    rng = random.Random(1234)
+    seed = H1_SEED if kind == "http1" else _h2_seed()
+    keep = len(PREFACE) if kind == "http2" else 0
+    for _ in range(150):
+        glue = Glue(upstream=kind)
+        data = seed[:keep] + _mutate(seed[keep:], rng)
+        a, b = memory_pipe()
+        a.write(data)
+        a.write_eof()
+        task = asyncio.ensure_future(proxy(b, glue.hooks()))
+        try:
+            found = await asyncio.wait_for(task, TIMEOUT)  # ends cleanly: no exception
+            if found.protocol != "opaque":
+                await asyncio.wait_for(_drain_until_closed(a), TIMEOUT)  # and closes
+        finally:
+            a.close()
+            await asyncio.gather(task, return_exceptions=True)
+            await glue.close()
+        for record in glue.records:
+            assert record.end >= record.start
+
+
+async def _drain_until_closed(stream: LegStream) -> None:
+    try:
+        while await stream.read(65536):
+            pass
+    except StreamReset:
+        pass

@@ -17,6 +17,7 @@ from tests.unit.test_waypoint_harness import (
     waypoint,
 )
 from waypoint.exchange import Failure, Limits, Request, Verdict
+from waypoint.streams import LegStream, StreamReset
 
 MIB = 1024 * 1024
 
@@ -617,8 +618,6 @@ async def test_idle_client_closing_ends_the_engine_without_a_record() -> None:
 
 
 async def _read_all(stream: object) -> bytes:
-    from waypoint.streams import LegStream, StreamReset
-
     assert isinstance(stream, LegStream)
     out = b""
     try:
@@ -647,15 +646,47 @@ async def test_malformed_chunked_body_gets_400_and_the_upstream_is_aborted() -> 
     assert glue.records[0].failure == Failure.CLIENT_PROTOCOL
 
 
-async def test_client_half_close_after_its_request_still_gets_the_response() -> None:
-    glue = Glue()
+async def test_client_closing_before_its_response_cancels_the_upstream() -> None:
+    hold = asyncio.Event()
+
+    async def handler(seen: Seen) -> Reply:
+        await hold.wait()
+        return Reply(200)
+
+    glue = Glue(handler=handler)
     async with waypoint(glue) as (client, _, task):
-        client.write(b"GET /nc HTTP/1.1\r\nHost: a\r\n\r\n")
-        client.write_eof()
-        data = await asyncio.wait_for(_read_all(client), TIMEOUT)
+        client.write(b"GET /long-poll HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.01)
+        client.write_eof()  # like Envoy and nginx: the client has given up on it
         await asyncio.wait_for(task, TIMEOUT)
-    assert data.startswith(b"HTTP/1.1 200 ")
-    assert glue.records[0].failure is None
+        near, far = glue.upstreams[0]
+        assert near.gone  # the upstream was cut too
+        with pytest.raises(StreamReset):
+            await far.drain()
+        hold.set()
+    assert (glue.records[0].status, glue.records[0].failure) == (0, Failure.CLIENT_RESET)
+
+
+async def test_pipelined_bytes_read_while_a_response_is_pending_are_kept() -> None:
+    hold = asyncio.Event()
+
+    async def handler(seen: Seen) -> Reply:
+        if seen.target == "/slow":
+            await hold.wait()
+        return Reply(200, [("content-length", "0"), ("x-seen", seen.target)])
+
+    glue = Glue(handler=handler)
+    async with waypoint(glue) as (client, _, _task):
+        client.write(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.01)
+        client.write(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        await asyncio.sleep(0.01)
+        hold.set()
+        c = H1Client(client)
+        c.expect_response()
+        assert (await c.response()).header("x-seen") == "/slow"
+        c.expect_response()
+        assert (await c.response()).header("x-seen") == "/next"
 
 
 async def test_response_with_length_and_chunked_is_relayed_by_its_chunks() -> None:
