@@ -75,7 +75,8 @@ class Exchange:
         self.host.ups.want(self)
 
     def request_data(self, data: bytes, n: int) -> None:
-        self.record.request_bytes += len(data)
+        if not self.finished:  # a reported record stays as reported
+            self.record.request_bytes += len(data)
         if not self.forwarding or self.request_end_queued or self.reset:
             self.down.ack(self.sid, n)  # nobody takes it: consumed here
             return

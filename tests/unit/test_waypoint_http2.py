@@ -590,3 +590,30 @@ async def _server(glue: Glue) -> H2Server:
             return server
         await asyncio.sleep(0.01)
     raise AssertionError("no upstream connection")
+
+
+async def test_head_and_trailers_only_responses() -> None:
+    async def handler(seen: Seen) -> Reply:
+        if seen.method == "HEAD":
+            return Reply(200, [("content-length", "11")])
+        # gRPC "Trailers-Only": one HEADERS frame with END_STREAM
+        return Reply(200, [("content-type", "application/grpc"), ("grpc-status", "5")])
+
+    glue = h2_glue(handler=handler)
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        r = await c.request("HEAD", "/doc")
+        assert (r.status, r.header("content-length"), r.body) == (200, "11", b"")
+        r = await c.request("POST", "/pkg.Svc/Missing", [("content-type", "application/grpc")], b"\x00")
+        assert (r.status, r.header("grpc-status"), r.body) == (200, "5", b"")
+        await c.close()
+
+
+async def test_absolute_form_path_is_refused() -> None:
+    glue = h2_glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        r = await c.request("GET", "http://svc/x")
+        assert r.status == 400
+        assert b"origin-form" in r.body
+        await c.close()
