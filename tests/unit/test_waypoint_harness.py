@@ -147,6 +147,7 @@ class Glue:
                      on_request=self.on_request, **kw)
 
     async def close(self) -> None:
+        assert len({id(r) for r in self.records}) == len(self.records), "a request reported twice"
         for task in self.servers:
             task.cancel()
         await asyncio.gather(*self.servers, return_exceptions=True)
