@@ -617,3 +617,28 @@ async def test_absolute_form_path_is_refused() -> None:
         assert r.status == 400
         assert b"origin-form" in r.body
         await c.close()
+
+
+async def test_431_also_before_the_client_acknowledged_our_settings() -> None:
+    """The decoder's hard cap holds from the first byte (h2's DEFAULT_MAX_HEADER_LIST_SIZE knob,
+    waypoint/h2side.py): a 100 KB header list in the client's first flight gets 431, not GOAWAY."""
+    import h2.events as h2e
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    glue = h2_glue()
+    async with waypoint(glue) as (client, _, _task):
+        conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"),
+                              (b":path", b"/"), (b"x-big", b"v" * 100_000)], end_stream=True)
+        client.write(conn.data_to_send())  # all before reading anything from the waypoint
+        status = None
+        while status is None:
+            data = await asyncio.wait_for(client.read(65536), TIMEOUT)
+            assert data, "the waypoint closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2e.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                assert not isinstance(event, h2e.ConnectionTerminated), event
+    assert status == b"431"
