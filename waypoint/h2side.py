@@ -42,16 +42,13 @@ _DEFAULT_WINDOW = 65_535  # RFC 9113 6.9.2: every connection window starts here
 
 
 class H2Conn(HboneH2Connection):
-    """h2's connection with the HPACK decoder's hard limit raised to `Limits.h2_header_cap`.
-
-    h2 reads DEFAULT_MAX_HEADER_LIST_SIZE in __init__ (like MAX_CLOSED_STREAMS, see
-    ztunnel/hbone/h2compat.py) for the decoder and its initial local setting;
-    the owner advertises the same value, so the acknowledged setting keeps it.
-    """
+    """h2's connection with the HPACK decoder's hard limit raised to `Limits.h2_header_cap`
+    (through ztunnel.hbone.h2compat, which holds every use of h2's insides); the owner
+    advertises the same value, so the acknowledged setting keeps it."""
 
     def __init__(self, config: H2Configuration, limits: Limits) -> None:
-        self.DEFAULT_MAX_HEADER_LIST_SIZE = limits.h2_header_cap
-        super().__init__(config, closed_streams_kept=limits.h2_closed_streams_kept)
+        super().__init__(config, closed_streams_kept=limits.h2_closed_streams_kept,
+                         max_header_list_size=limits.h2_header_cap)
 
 
 @dataclass(eq=False)

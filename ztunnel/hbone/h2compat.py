@@ -134,9 +134,14 @@ class _QuietDataFrame(DataFrame):
 class HboneH2Connection(H2Connection):
     """h2's connection with HBONE's uses of its insides (see the module docstring)."""
 
-    def __init__(self, config: H2Configuration, *, closed_streams_kept: int) -> None:
+    def __init__(self, config: H2Configuration, *, closed_streams_kept: int,
+                 max_header_list_size: int | None = None) -> None:
         # Item 3: h2 sizes its closed-stream history from this attribute in __init__.
         self.MAX_CLOSED_STREAMS = closed_streams_kept
+        if max_header_list_size is not None:
+            # h2 sizes its HPACK decoder's hard limit (and its initial local setting) from this
+            # undocumented attribute in __init__; the owner advertises the same value.
+            self.DEFAULT_MAX_HEADER_LIST_SIZE = max_header_list_size
         super().__init__(config)
         off = DIRECT_DATA_OFF
         table = getattr(self, "_frame_dispatch_table", None)
