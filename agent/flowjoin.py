@@ -94,6 +94,7 @@ def join_flows(
                 "destination_port": _port(z.get("dst")),
                 "security": "mutual_tls" if z.get("mtls") else "none",
                 "route": z.get("route"),
+                "waypoint": z.get("waypoint"),
                 "verdict": z.get("decision"),
                 "policy": _policy(z),
                 "reason": z.get("reason"),

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 AGENT_ADMIN_PORT = 15010
 ZTUNNEL_ADMIN_PORT = 15000
+WAYPOINT_ADMIN_PORT = 15000  # on the waypoint pod's own 127.0.0.1
 DEFAULT_STATE_DIR = "/run/ambit/local"
 
 Connector = Callable[[str, int, float], socket.socket]
@@ -70,6 +71,9 @@ class NodeAdmin:
             raise CliError(f"the {what} on {self.label} sent invalid JSON for {path}: {body[:100]!r}")
         return body
 
+    def waypoint(self, path: str) -> Any:
+        return self.get(WAYPOINT_ADMIN_PORT, path, "waypoint")
+
     def agent(self, path: str) -> Any:
         return self.get(AGENT_ADMIN_PORT, path, "agent")
 
@@ -88,6 +92,32 @@ def node_admin(args: argparse.Namespace) -> NodeAdmin:
     except Exception as e:  # a missing cluster or node: say which
         raise CliError(f"local cluster node {args.node!r} in {args.state_dir}: {e}") from e
     return NodeAdmin(label=f"node {args.node}", connect=connect)
+
+
+def waypoint_admins(args: argparse.Namespace, admin: NodeAdmin, waypoint: str | None = None,
+                    node: str | None = None) -> list[NodeAdmin]:
+    """The admin endpoints of ready waypoint pods (all, or of `waypoint` "ns/name"; on `node` only),
+    reachable from here: inside their pods' network namespaces in the local cluster."""
+    if not getattr(args, "node", None):
+        return []  # on a real node the waypoints' admin ports are their pods' own loopback
+    from agent.local.runtime import pod_connector
+
+    dump = admin.ztunnel("/config_dump")
+    by_ip = {w["ip"]: w for w in dump.get("workloads", [])}
+    out = []
+    for wp in dump.get("waypoints", []):
+        if waypoint is not None and wp.get("uid") != waypoint:
+            continue
+        for ip in wp.get("addresses") or []:
+            w = by_ip.get(ip)
+            if w is None or (node is not None and w.get("node") != node):
+                continue
+            try:
+                connect = pod_connector(Path(args.state_dir), w["namespace"], w["name"])
+            except Exception:  # a pod that is going away: skip it
+                continue
+            out.append(NodeAdmin(label=f"waypoint {wp['uid']} ({w['uid']})", connect=connect))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +204,7 @@ FLOW_COLUMNS = [
     ("destination_identity", "DESTINATION IDENTITY"),
     ("port", "PORT"),
     ("security", "SECURITY"),
+    ("via", "VIA"),
     ("verdict", "VERDICT"),
     ("policy", "POLICY"),
     ("sent", "SENT"),
@@ -202,6 +233,7 @@ def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
                 "destination_identity": f.get("destination_identity"),
                 "port": f.get("destination_port"),
                 "security": f.get("security"),
+                "via": f"waypoint {f['waypoint']}" if f.get("waypoint") else None,
                 "verdict": f.get("verdict"),
                 "policy": f.get("policy"),
                 "sent": human_bytes(f.get("bytes_sent")),
@@ -224,10 +256,15 @@ def cmd_flows(args: argparse.Namespace) -> int:
 
     if not args.watch:
         rows, raw = fetch()
+        requests = waypoint_requests(args, admin)
         if args.output == "json":
-            return render(args, rows, FLOW_COLUMNS, title, raw={"items": [r for r in raw.get("items", [])
-                                                                         if _keep_raw(r, args)]})
-        return render(args, rows, FLOW_COLUMNS, title)
+            return render(args, rows, FLOW_COLUMNS, title, raw={
+                "items": [r for r in raw.get("items", []) if _keep_raw(r, args)], "requests": requests})
+        render(args, rows, FLOW_COLUMNS, title)
+        if requests:
+            console().print(make_table(request_rows(requests), REQUEST_COLUMNS,
+                                       f"requests decided by waypoints on {admin.label}"))
+        return 0
     if args.output == "json":
         raise CliError("--watch shows a live table; use it without -o json (or poll with -o json)")
     with Live(make_table(fetch()[0], FLOW_COLUMNS, title), refresh_per_second=4) as live:
@@ -236,6 +273,72 @@ def cmd_flows(args: argparse.Namespace) -> int:
             time.sleep(args.interval)
             live.update(make_table(fetch()[0], FLOW_COLUMNS, title))
     return 0
+
+
+REQUEST_COLUMNS = [
+    ("source", "SOURCE"),
+    ("via", "VIA"),
+    ("destination", "DESTINATION"),
+    ("request", "REQUEST"),
+    ("status", "STATUS"),
+    ("verdict", "VERDICT"),
+    ("policy", "POLICY"),
+    ("age", "AGE"),
+]
+
+
+def waypoint_requests(args: argparse.Namespace, admin: NodeAdmin) -> list[dict[str, Any]]:
+    """The recent requests of the waypoints that run on this node (the L7 hop of its flows)."""
+    out: list[dict[str, Any]] = []
+    for wp in waypoint_admins(args, admin, node=getattr(args, "node", None)):
+        try:
+            items = wp.waypoint("/requests").get("items", [])
+        except CliError:
+            continue  # a waypoint that does not answer has nothing to show
+        for r in items:
+            if args.denied and r.get("decision") != "deny":
+                continue
+            if args.pod and args.pod not in (r.get("src_workload"), r.get("dst_workload")):
+                continue
+            out.append(r)
+    return sorted(out, key=lambda r: r.get("time") or 0)
+
+
+def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    now = time.time()
+    return [{
+        "source": r.get("src_workload") or r.get("client_ip"),
+        "via": r.get("waypoint"),
+        "destination": r.get("dst_service") or r.get("dst_workload"),
+        "request": f"{r.get('method')} {r.get('path')}",
+        "status": r.get("status"),
+        "verdict": r.get("decision"),
+        "policy": (f"{r['policy']} rule {r['rule']}" if r.get("policy") and r.get("rule") is not None
+                   else r.get("policy") or r.get("reason")),
+        "age": human_age(now - float(r.get("time") or now)),
+    } for r in requests]
+
+
+def cmd_waypoints(args: argparse.Namespace) -> int:
+    admin = node_admin(args)
+    dump = admin.ztunnel("/config_dump")
+    users: dict[str, list[str]] = {}
+    for w in dump.get("workloads", []):
+        if w.get("waypoint"):
+            users.setdefault(f"{w['namespace']}/{w['waypoint']}", []).append(w["uid"])
+    for s in dump.get("services", []):
+        if s.get("waypoint"):
+            users.setdefault(f"{s['namespace']}/{s['waypoint']}", []).append(f"service {s['namespace']}/{s['name']}")
+    rows = []
+    for wp in dump.get("waypoints", []):
+        ready = "yes" if wp.get("ready") else ("NO: no such Gateway" if not wp.get("exists") else "NO: no running pod")
+        rows.append({"waypoint": wp.get("uid"), "for": wp.get("for"), "identity": wp.get("identity"),
+                     "addresses": wp.get("addresses"), "ready": ready,
+                     "used_by": sorted(users.get(str(wp.get("uid")), []))})
+    cols = [("waypoint", "WAYPOINT"), ("for", "FOR"), ("identity", "IDENTITY"), ("addresses", "ADDRESSES"),
+            ("ready", "READY"), ("used_by", "USED BY")]
+    render(args, rows, cols, f"waypoints known to {admin.label}", raw={"items": rows})
+    return 0 if all(r["ready"] == "yes" for r in rows) else 4
 
 
 def _keep_raw(f: dict[str, Any], args: argparse.Namespace) -> bool:
@@ -347,7 +450,19 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         query["source_ip"] = args.source_ip
     if args.plaintext:
         query["mtls"] = "false"
-    data = admin.ztunnel("/debug/authorize?" + urllib.parse.urlencode(query))
+    if args.host:
+        query["host"] = args.host
+    if args.header:
+        for h in args.header:
+            if "=" not in h:
+                raise CliError(f"--header {h!r}: expected NAME=VALUE, e.g. x-user=alice")
+        query["headers"] = ",".join(args.header)
+    if args.jwt:
+        try:
+            query["jwt"] = Path(args.jwt).read_text().strip()
+        except OSError as e:
+            raise CliError(f"--jwt {args.jwt}: {e.strerror}") from e
+    data = _judge(args, admin, query)
     if args.output == "json":
         json.dump(data, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -365,6 +480,22 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         if data.get("mtls_mode"):
             con.print(f"  mTLS mode of the destination port: {data['mtls_mode']}")
     return 0 if data.get("allowed") else 3
+
+
+def _judge(args: argparse.Namespace, admin: NodeAdmin, query: dict[str, str]) -> Any:
+    """Ask the proxy that enforces: the destination's waypoint when it has one (and it can be
+    reached from here), else the destination node's ztunnel."""
+    dump = admin.ztunnel("/config_dump")
+    dst = next((w for w in dump.get("workloads", []) if w.get("uid") == query["to"]), None)
+    if dst is not None and dst.get("waypoint"):
+        for wp in waypoint_admins(args, admin, f"{dst['namespace']}/{dst['waypoint']}"):
+            try:
+                data = wp.waypoint("/debug/authorize?" + urllib.parse.urlencode(query))
+            except CliError:
+                continue
+            data.setdefault("notes", []).insert(0, f"judged by {wp.label}, which enforces {query['to']}'s policies")
+            return data
+    return admin.ztunnel("/debug/authorize?" + urllib.parse.urlencode(query))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -458,8 +589,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--method", help="HTTP method (L7 rules)")
     c.add_argument("--path", help="HTTP path (L7 rules)")
     c.add_argument("--source-ip", help="source IP for ipBlocks rules")
+    c.add_argument("--host", help="HTTP host (L7 rules)")
+    c.add_argument("--header", action="append", metavar="NAME=VALUE", help="an HTTP header (repeatable)")
+    c.add_argument("--jwt", metavar="FILE", help="a JWT (the file's content) sent as Authorization: Bearer")
     c.add_argument("--plaintext", action="store_true", help="the connection is not mTLS (no principal)")
     c.set_defaults(func=cmd_policy_check)
+
+    p = sub.add_parser("waypoints", help="waypoints, what uses each, and whether they are ready",
+                       formatter_class=fmt, epilog="examples:\n  ambit waypoints\n  ambit waypoints --node node-a\n\n"
+                       "exit status: 0 every waypoint ready, 4 one is not, 1 error")
+    _common(p)
+    p.set_defaults(func=cmd_waypoints)
 
     p = sub.add_parser("status", help="is every enrolled pod really redirected into the ztunnel?",
                        formatter_class=fmt, epilog="examples:\n  ambit status\n  ambit status --node node-a\n"

@@ -368,10 +368,20 @@ class Waypoint:
             return Response.json({"error": f"use ?from=NS/SA&to=NS/POD&port=N[&method=&path=&host=] ({e})"}, 400)
         if dst is None:
             return Response.json({"error": f"no workload {query['to']} in this waypoint's state"}, 404)
-        headers = dict(h.split("=", 1) for h in query.get("headers", "").split(",") if "=" in h)
+        headers = {k.lower(): v for k, v in (h.split("=", 1) for h in query.get("headers", "").split(",")
+                                             if "=" in h)}
+        if query.get("jwt"):
+            headers["authorization"] = f"Bearer {query['jwt']}"
+        path = query.get("path", "/")
+        authn = authenticate(snap.policies.jwt_rules(dst), headers, path, now=self.clock(), keys=self.jwks.resolve)
+        if not authn.ok:
+            return Response.json({"allowed": False, "action": "DENY", "policy": authn.rule, "rule": None,
+                                  "reason": f"{authn.status} {authn.reason} (RequestAuthentication)", "notes": [],
+                                  "source": str(src), "destination": dst.uid, "port": port,
+                                  "waypoint": self.config.uid})
         facts = ConnectionFacts(query.get("source_ip", "0.0.0.0"), src, dst, port, True)
-        http = HttpFacts(query.get("method", "GET").upper(), query.get("path", "/"), query.get("host", ""),
-                         {k.lower(): v for k, v in headers.items()})
+        http = HttpFacts(query.get("method", "GET").upper(), path.partition("?")[0], query.get("host", ""),
+                         headers, auth=authn.auth)
         d = authorize_http(facts, http, snap.policies)
         out = d.to_dict()
         out.update({"source": str(src), "destination": dst.uid, "port": port, "waypoint": self.config.uid})

@@ -346,9 +346,14 @@ class Ztunnel:
             "root_namespace": snap.policies.root_namespace,
             "workloads": self._workload_json(snap),
             "services": [
-                {"namespace": s.namespace, "name": s.name, "vip": s.vip,
+                {"namespace": s.namespace, "name": s.name, "vip": s.vip, "waypoint": s.waypoint,
                  "ports": {str(k): v for k, v in s.ports.items()}, "endpoints": list(s.endpoints)}
                 for s in sorted(snap.services.values(), key=lambda s: s.uid)
+            ],
+            "waypoints": [
+                {"uid": w.uid, "for": w.waypoint_for, "identity": str(w.identity) if w.identity else None,
+                 "addresses": list(w.addresses), "exists": w.exists, "ready": w.ready}
+                for w in sorted(snap.waypoints.values(), key=lambda w: w.uid)
             ],
             "nodes": dict(snap.nodes),
             "policies": policies,

@@ -104,3 +104,17 @@ def node_connector(state_dir: Path, node: str) -> Callable[[str, int, float], so
         return nsops.connect_in(ns, host, port, timeout)
 
     return connect
+
+
+def pod_connector(state_dir: Path, namespace: str, name: str) -> Callable[[str, int, float], socket.socket]:
+    """connect(host, port, timeout) from inside a pod's netns: reaches a waypoint's 127.0.0.1 admin."""
+    layout = Layout.load(Path(state_dir))
+    ns = layout.pod_netns(namespace, name)
+    if not nsops.exists(ns):
+        raise LocalError(f"pod {namespace}/{name} has no network namespace {ns}; is it running?")
+
+    def connect(host: str, port: int, timeout: float) -> socket.socket:
+        return nsops.connect_in(ns, host, port, timeout)
+
+    return connect
+

@@ -16,10 +16,13 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def _cluster() -> Any:
     objs = read_manifests([EXAMPLES])
-    ips = {"backend": "10.1.1.2", "frontend": "10.1.0.2", "client": "10.1.0.3", "catalog": "10.1.0.4"}
-    for o in objs:
+    ips = {"backend": "10.1.1.2", "frontend": "10.1.0.2", "client": "10.1.0.3", "catalog": "10.1.0.4",
+           "payment": "10.1.1.5", "order-service": "10.1.0.6", "reporting": "10.1.0.7"}
+    for i, o in enumerate(objs):
         if o["kind"] == "Pod":
             o["status"] = {"podIP": ips[o["metadata"]["name"]], "phase": "Running"}
+        if o["kind"] == "Service":  # the local cluster allocates these on apply
+            o["spec"].setdefault("clusterIP", f"10.96.0.{10 + i}")
     nodes = [
         {"kind": "Node", "metadata": {"name": n}, "status": {"addresses": [{"type": "InternalIP", "address": a}]}}
         for n, a in (("node-a", "10.200.1.10"), ("node-b", "10.200.1.11"))
@@ -29,7 +32,7 @@ def _cluster() -> Any:
 
 def test_examples_describe_the_demo() -> None:
     state = _cluster()
-    assert set(state.namespaces) == {"shop", "legacy"}
+    assert set(state.namespaces) == {"shop", "legacy", "payments"}
     pods = {k[1]: p for k, p in state.pods.items()}
     assert pods["frontend"].node_name == "node-a" and pods["backend"].node_name == "node-b"
     assert state.is_enrolled(pods["frontend"]) and state.is_enrolled(pods["backend"])
@@ -38,7 +41,8 @@ def test_examples_describe_the_demo() -> None:
     for name in ("backend", "catalog"):
         svc = state.services[("shop", name)]
         assert [p.name for p in state.service_endpoints(svc)] == [name]
-    assert all(p.command and p.command[0] == "python3" for p in pods.values() if p.name != "client")
+    assert all(p.command and p.command[0] == "python3" for p in pods.values()
+               if p.name not in ("client", "order-service", "reporting"))
 
 
 def test_examples_policy_allows_only_the_frontend_with_mtls() -> None:
@@ -53,3 +57,23 @@ def test_examples_policy_allows_only_the_frontend_with_mtls() -> None:
     assert not authorize(ConnectionFacts("10.1.0.2", other, backend, 8080, True), snap.policies).allowed
     # the unenrolled legacy client speaks plaintext: STRICT refuses it
     assert not authorize(ConnectionFacts("10.1.0.3", None, backend, 8080, False), snap.policies).allowed
+
+
+def test_examples_payments_go_through_a_waypoint_that_decides_per_request() -> None:
+    from ambit.policy import HttpFacts, authorize_http
+
+    snap = build_snapshot(_cluster(), "node-b")
+    payment = snap.workload_by_ip("10.1.1.5")
+    assert payment is not None and payment.waypoint == "waypoint"
+    svc = next(s for s in snap.services.values() if s.name == "payment")
+    assert svc.waypoint == "waypoint" and snap.waypoint("payments", "waypoint") is not None
+    orders = SpiffeId("cluster.local", "payments", "order-service")
+    reporting = SpiffeId("cluster.local", "payments", "reporting")
+
+    def allowed(who: SpiffeId, method: str, path: str) -> bool:
+        facts = ConnectionFacts("10.1.0.6", who, payment, 8080, True)
+        return authorize_http(facts, HttpFacts(method, path, "payment"), snap.policies).allowed
+
+    assert allowed(orders, "POST", "/api/v1/charges") and allowed(orders, "GET", "/api/v1/charges/42")
+    assert not allowed(orders, "DELETE", "/api/v1/charges")
+    assert not allowed(reporting, "GET", "/api/v1/charges")
