@@ -4,8 +4,9 @@ It runs the commands a user would run and prints them with their output:
 brings up a local cluster (CA, two nodes with an agent and a ztunnel each),
 applies `examples/` (the enrolled `shop` namespace with three services across
 both nodes, the unenrolled `legacy` namespace, an ALLOW-by-principal policy and
-STRICT mTLS), sends allowed and denied traffic, shows `ambit flows` and an
-`ambit policy check` that explains a denial, and tears everything down. It
+STRICT mTLS, and the `payments` namespace behind a waypoint with an HTTP
+policy), sends allowed and denied traffic and requests, shows `ambit flows` and
+`ambit policy check` explaining denials, and tears everything down. It
 checks what it claims (exit status 1 if the mesh did not behave) and always
 cleans up, also when interrupted.
 """
@@ -37,6 +38,23 @@ except OSError as e:
 if not reply:
     print(f"{host}:{port} -> connection closed without a reply (refused by the mesh)"); sys.exit(1)
 print(f"{host}:{port} -> {reply}")
+"""
+
+
+# HTTP requests on one keep-alive connection from inside a pod: prints one line per request
+REQUESTS = """
+import http.client, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = http.client.HTTPConnection(host, port, timeout=5)
+for spec in sys.argv[3:]:
+    method, path = spec.split(" ", 1)
+    try:
+        c.request(method, path, body=b"{}" if method == "POST" else None)
+        r = c.getresponse()
+        body = r.read().decode(errors="replace")
+        print(f"{method} {path} -> {r.status} {body if r.status != 200 else ''}".rstrip())
+    except OSError as e:
+        print(f"{method} {path} -> failed: {e!r}")
 """
 
 
@@ -86,6 +104,17 @@ class Demo:
         if (proc.returncode == 0) != expect_ok:
             raise DemoFailed(f"{pod} -> {host}:{port}: expected {'success' if expect_ok else 'refusal'}, "
                              f"got {proc.stdout.strip() or proc.stderr.strip()}")
+
+    def show_requests(self, pod: str, host: str, port: int, expect: list[int], *specs: str) -> None:
+        print(f"$ ambit local exec {pod} -- <HTTP on one connection to {host}:{port}>", flush=True)
+        proc = self.ambit("local", "exec", pod, "--", "python3", "-c", REQUESTS, host, str(port), *specs,
+                          check=False, show=False)
+        lines = proc.stdout.strip().splitlines()
+        for line in lines:
+            print("  " + line, flush=True)
+        got = [int(ln.split(" -> ")[1].split()[0]) if " -> failed" not in ln else 0 for ln in lines]
+        if got != expect:
+            raise DemoFailed(f"{pod}: expected statuses {expect}, got {got}: {proc.stderr.strip()[-300:]}")
 
     def get_json(self, *args: str) -> Any:
         return json.loads(self.ambit(*args, "-o", "json", show=False).stdout)
@@ -169,6 +198,32 @@ def run(demo: Demo) -> None:
                       "--node", "node-b", check=False)
     if proc.returncode != 0:
         raise DemoFailed(f"policy check should have said ALLOWED (exit 0), exited {proc.returncode}")
+
+    demo.step("L7: `payments` uses a waypoint; only order-service may POST or GET /api/v1/charges")
+    wait_for("the payments waypoint to be ready",
+             lambda: demo.ambit("waypoints", "--node", "node-a", show=False, check=False).returncode == 0, 60)
+    demo.ambit("waypoints", "--node", "node-a")
+    service = "payment.payments.svc.cluster.local"
+    wait_for("order-service to reach payment through the waypoint",
+             lambda: "-> 200" in demo.ambit("local", "exec", "payments/order-service", "--", "python3", "-c",
+                                           REQUESTS, service, "80", "GET /api/v1/charges",
+                                           show=False, check=False).stdout, 60)
+    demo.show_requests("payments/order-service", service, 80, [200, 200, 403],
+                       "POST /api/v1/charges", "GET /api/v1/charges", "DELETE /api/v1/charges")
+    demo.show_requests("payments/reporting", service, 80, [403], "GET /api/v1/charges")
+
+    demo.step("The waypoint hop in the flows of node-a, and each request it decided")
+    wait_for("node-a's flows to show reporting's connection through the waypoint",
+             lambda: any(f.get("waypoint") == "payments/waypoint" and f.get("verdict") == "allow"
+                         for f in demo.get_json("flows", "--node", "node-a", "--pod", "payments/reporting")["items"]),
+             20)
+    demo.ambit("flows", "--node", "node-a", "--pod", "payments/reporting")
+
+    demo.step("Why was reporting's GET denied? Ask the waypoint that enforces it")
+    proc = demo.ambit("policy", "check", "--from", "payments/reporting", "--to", "payments/payment:8080",
+                      "--method", "GET", "--path", "/api/v1/charges", "--node", "node-b", check=False)
+    if proc.returncode != 3 or "waypoint" not in proc.stdout:
+        raise DemoFailed(f"the waypoint's policy check should have said DENIED (exit 3), exited {proc.returncode}")
 
 
 def main() -> int:

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from opentelemetry import trace
@@ -143,6 +144,8 @@ class RequestLog:
 
     def __init__(self, target: str = "-") -> None:
         self.target = target
+        if target != "-":
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
 
     def write(self, f: RequestFacts) -> None:

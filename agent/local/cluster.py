@@ -171,6 +171,8 @@ def _up_steps(layout: Layout, undo: Undo, report: UpReport, wait: float) -> None
         for other in layout.nodes:
             if other.name != n.name:
                 nsops.add_route(n.netns, other.pod_cidr, other.address)
+        # the CA answers pods too (a waypoint asks it for its identity), as a cluster's CA would
+        nsops.add_route(layout.control_netns, n.pod_cidr, n.address)
     undo.push("bpf pins", lambda: shutil.rmtree(layout.bpf_dir, ignore_errors=True))
     _init_ca(layout)
 
@@ -268,6 +270,11 @@ def down(state_dir: Path) -> list[str]:
     if nodes_dir.is_dir():
         for cred in nodes_dir.glob("*/credential"):
             shutil.rmtree(cred, ignore_errors=True)
+    # the last good policies belong to this cluster: a new one in the same dir starts clean
+    # (logs stay for a post-mortem)
+    for kept in (*state_dir.glob("nodes/*/last-good-policies.json"),
+                 *state_dir.glob("waypoints/*/last-good-policies.json")):
+        kept.unlink(missing_ok=True)
     return done
 
 

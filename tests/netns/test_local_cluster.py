@@ -305,6 +305,9 @@ def test_fabric_has_no_way_out(cluster: L.Layout) -> None:
             if other.name != n.name:
                 assert f"{other.pod_cidr} via {other.address}" in routes
     assert "default" not in nsops.run_in(cluster.fabric_netns, ["ip", "route"]).stdout
+    control = nsops.run_in(cluster.control_netns, ["ip", "route"]).stdout
+    assert "default" not in control
+    assert all(f"{n.pod_cidr} via {n.address}" in control for n in cluster.nodes), control
 
 
 def _leftovers(state: Path) -> list[str]:
