@@ -268,3 +268,13 @@ async def test_with_the_waypoint_down_traffic_is_refused(rig: Rig) -> None:
     with pytest.raises((ConnectionError, OSError, asyncio.IncompleteReadError)):
         c = await rig.h1(f"{rig.mesh.prefix}.61")
         await c.request("POST", "/api/v1/charges")
+
+
+async def test_traffic_that_is_not_http_is_denied_where_http_rules_apply(rig: Rig) -> None:
+    r, w = await rig.mesh.socks5_connect("node-a", f"{rig.mesh.prefix}.61", rig.vip, 80)
+    w.write(b"\x00\x01 this is no HTTP request\r\n\r\n")
+    await w.drain()
+    assert await asyncio.wait_for(r.read(), 10) == b"", "opaque bytes reached the app"
+    w.close()
+    entry = [e for e in rig.access_log() if e["protocol"] == "tcp"][-1]
+    assert entry["decision"] == "deny" and "rules that need HTTP apply" in entry["reason"], entry
