@@ -1,12 +1,14 @@
 """Judging one request head, for either protocol: the engine's checks, then the glue's decision.
 
-In order: the head's size (431); Content-Length beside Transfer-Encoding (400,
+In order: the head's size and its number of fields (431); Content-Length beside
+Transfer-Encoding (400,
 the request-smuggling shape); CONNECT and Upgrade (501; an `h2c` upgrade offer
 is ignored, RFC 9110 7.8 allows it); the authority (400 unless host[:port]);
 the target (400 with the reason from waypoint.paths; HTTP/2 :path must be
 origin-form or "*"); a request that names no authority (400, unless the glue
 gave one); then `Hooks.decide`, whose exception or malformed verdict is a 500
-(fail closed), and whose denial is answered as it says.
+(fail closed), and whose denial (or local answer) is answered as it says; last,
+a declared Content-Length over the verdict's `max_request_body` (413).
 
 `admit` fills the request's record as it goes (authority, path, request,
 verdict, failure), so a refused request is reported as far as it was read.
@@ -63,6 +65,9 @@ def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Ad
     if head.size > limits.max_header_bytes:
         return _refuse(record, 431, Failure.HEADERS_TOO_LARGE,
                        f"request head of {head.size} bytes over {limits.max_header_bytes}")
+    if len(head.headers) > limits.max_header_count:
+        return _refuse(record, 431, Failure.HEADERS_TOO_LARGE,
+                       f"{len(head.headers)} header fields, over {limits.max_header_count}")
     if header_value(head.headers, b"transfer-encoding") is not None and (
         header_value(head.headers, b"content-length") is not None
     ):
@@ -110,7 +115,23 @@ def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Ad
     record.verdict = verdict
     if not verdict.allowed:
         return Refused(verdict.status, verdict.body, verdict.response_headers)
+    if verdict.max_request_body is not None:
+        declared = declared_length(head.headers)
+        if declared is not None and declared > verdict.max_request_body:
+            return _refuse(record, 413, Failure.BODY_TOO_LARGE,
+                           f"a body of {declared} bytes, over {verdict.max_request_body}")
     return Admitted(request, verdict, target)
+
+
+def declared_length(headers: RawHeaders) -> int | None:
+    """The Content-Length a head declares (None: none, or not a number: the parser's business)."""
+    value = header_value(headers, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value.split(b",")[0])
+    except ValueError:
+        return None
 
 
 def _refuse(record: RequestRecord, status: int, failure: Failure, detail: str) -> Refused:

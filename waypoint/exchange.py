@@ -2,8 +2,10 @@
 
 The engine hands the glue a `Request` and takes back a `Verdict` (`Hooks.decide`,
 synchronous); it asks for the destination's byte stream with
-`Hooks.open_upstream` on the first allowed request; it reports every request,
-allowed or not, once, as a `RequestRecord` (`Hooks.on_request`) when it ends.
+`Hooks.open_upstream` on the first allowed request (or, for a verdict that names
+its own `Upstream`, with that upstream's opener: a gateway routes each request on
+its own); it reports every request, allowed or not, once, as a `RequestRecord`
+(`Hooks.on_request`) when it ends.
 
 Headers travel as the bytes received (original case for HTTP/1); only the
 `Request` view given to `decide` is text (waypoint.headers.text_headers).
@@ -14,8 +16,8 @@ from __future__ import annotations
 import enum
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from waypoint import WaypointError
@@ -41,6 +43,8 @@ class Failure(enum.StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"  # 431
     NOT_IMPLEMENTED = "not_implemented"  # CONNECT, Upgrade: 501
     DECIDE_ERROR = "decide_error"  # the decide hook raised or returned garbage: 500
+    BODY_TOO_LARGE = "body_too_large"  # the request body is over the verdict's limit: 413
+    UPSTREAM_TIMEOUT = "upstream_timeout"  # no response head within the verdict's timeout: 504
     UPSTREAM_CONNECT = "upstream_connect"  # open_upstream failed: 503
     UPSTREAM_RESET = "upstream_reset"  # the upstream reset or closed mid-exchange
     UPSTREAM_PROTOCOL = "upstream_protocol"  # the upstream spoke malformed HTTP: 502
@@ -75,13 +79,40 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """Where an allowed request goes when not to the connection's default upstream
+    (`Hooks.open_upstream`): requests with equal `key`s share an upstream connection,
+    and a request whose key differs from the open connection's gets a new one."""
+
+    key: Hashable
+    open: Callable[[], Awaitable[ByteStream]] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Send a request without a body again (HTTP/1): when its upstream cannot be opened, is
+    reset before answering, or answers one of `statuses`; at most `attempts` more times,
+    `backoff` seconds apart. Each attempt opens a new upstream connection."""
+
+    attempts: int
+    statuses: frozenset[int] = frozenset()
+    backoff: float = 0.0
+
+
+@dataclass(frozen=True)
 class Verdict:
     """The glue's decision on one request.
 
     Allowed: the request is forwarded with the fields named in `remove_headers`
-    removed, then `add_headers` appended (to replace a field, name it in both).
-    Denied: the waypoint answers `status` with `body` (text/plain) and
-    `response_headers` itself. `context` comes back in the RequestRecord.
+    removed, then `add_headers` appended (to replace a field, name it in both);
+    to `upstream` (None: the connection's default). Its response is relayed with
+    `remove_response_headers` removed and `add_response_headers` appended; a request
+    body over `max_request_body` bytes gets 413, no response head within `timeout`
+    seconds 504, and `retry` says when to send it again.
+    Denied: the engine answers `status` with `body` (text/plain) and
+    `response_headers` itself. `local` answers are the glue's own responses (a
+    redirect, a CORS preflight), with any final status. `context` comes back in the
+    RequestRecord.
     """
 
     allowed: bool
@@ -91,6 +122,13 @@ class Verdict:
     add_headers: tuple[tuple[str, str], ...] = ()
     remove_headers: frozenset[str] = frozenset()
     context: object = None
+    upstream: Upstream | None = None
+    add_response_headers: tuple[tuple[str, str], ...] = ()
+    remove_response_headers: frozenset[str] = frozenset()
+    max_request_body: int | None = None
+    timeout: float | None = None
+    retry: Retry | None = None
+    local: bool = False
 
     @classmethod
     def allow(
@@ -98,9 +136,29 @@ class Verdict:
         add_headers: Iterable[tuple[str, str]] = (),
         remove_headers: Iterable[str] = (),
         context: object = None,
+        *,
+        upstream: Upstream | None = None,
+        add_response_headers: Iterable[tuple[str, str]] = (),
+        remove_response_headers: Iterable[str] = (),
+        max_request_body: int | None = None,
+        timeout: float | None = None,
+        retry: Retry | None = None,
     ) -> Verdict:
         return cls(True, 200, b"", (), tuple(add_headers),
-                   frozenset(n.lower() for n in remove_headers), context)
+                   frozenset(n.lower() for n in remove_headers), context, upstream,
+                   tuple(add_response_headers), frozenset(n.lower() for n in remove_response_headers),
+                   max_request_body, timeout, retry)
+
+    @classmethod
+    def respond(
+        cls,
+        status: int,
+        body: bytes = b"",
+        response_headers: Iterable[tuple[str, str]] = (),
+        context: object = None,
+    ) -> Verdict:
+        """The glue answers the request itself (any final status: 204, 301, 404...)."""
+        return cls(False, status, body, tuple(response_headers), (), frozenset(), context, local=True)
 
     @classmethod
     def deny(
@@ -114,11 +172,20 @@ class Verdict:
 
     def check(self) -> None:
         """Raise WaypointError when the verdict cannot be put on the wire as given."""
-        if not self.allowed and not 400 <= self.status <= 599:
+        if not self.allowed and not self.local and not 400 <= self.status <= 599:
             raise WaypointError(f"Verdict: a denial needs a 4xx/5xx status, not {self.status}")
+        if self.local and not 200 <= self.status <= 599:
+            raise WaypointError(f"Verdict: a local answer needs a final status, not {self.status}")
+        if self.max_request_body is not None and self.max_request_body < 0:
+            raise WaypointError(f"Verdict.max_request_body={self.max_request_body}: must be >= 0")
+        if self.timeout is not None and self.timeout <= 0:
+            raise WaypointError(f"Verdict.timeout={self.timeout}: must be > 0")
+        if self.retry is not None and (self.retry.attempts < 0 or self.retry.backoff < 0):
+            raise WaypointError(f"Verdict.retry={self.retry}: attempts and backoff must be >= 0")
         for where, headers, refused in (
             ("add_headers", self.add_headers, HOP_BY_HOP),
             ("response_headers", self.response_headers, HOP_BY_HOP | {b"content-length"}),
+            ("add_response_headers", self.add_response_headers, HOP_BY_HOP | {b"content-length"}),
         ):
             for name, value in headers:
                 if not _TOKEN.fullmatch(name):
@@ -176,6 +243,7 @@ class Limits:
     32 bytes of overhead per field; HTTP/1: the request line and CRLFs)."""
 
     max_header_bytes: int = 64 * KIB  # a request head beyond this: 431
+    max_header_count: int = 100  # more request header fields than this: 431 (Envoy's default)
     max_response_header_bytes: int = 64 * KIB  # an upstream response head beyond: 502
     drain_limit: int = MIB  # request body read and discarded after a refusal, at most
     read_size: int = 64 * KIB
@@ -195,7 +263,7 @@ class Limits:
         return 4 * max(self.max_header_bytes, self.max_response_header_bytes)
 
     def __post_init__(self) -> None:
-        for name in ("max_header_bytes", "max_response_header_bytes", "read_size",
+        for name in ("max_header_bytes", "max_header_count", "max_response_header_bytes", "read_size",
                      "h2_max_concurrent_streams", "h2_closed_streams_kept", "h2_max_resets",
                      "h2_max_small_frames"):
             if getattr(self, name) < 1:

@@ -5,10 +5,16 @@ back-pressure (drain after every write), and turns every way a side can fail
 (a reset stream, EOF mid-message, malformed HTTP) into one exception per side:
 `ClientFailed` for the downstream, `UpstreamFailed` for the upstream, each with
 the `Failure` to record and, for a malformed request, the status to answer.
+
+h11 is lenient where a proxy must not be: it unfolds obs-fold lines, takes a bare
+LF as a line end and lets control characters through in field values. Two
+servers could read such a head two ways (the stuff of request smuggling), so a
+client's request head is checked first (`head_problem`) and refused with 400.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import h11
@@ -17,6 +23,35 @@ from waypoint.exchange import Failure
 from waypoint.streams import ByteStream, StreamReset
 
 _HINTED = {400: Failure.BAD_REQUEST, 431: Failure.HEADERS_TOO_LARGE, 501: Failure.NOT_IMPLEMENTED}
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # every control character but HTAB
+
+
+def head_problem(buffered: bytes) -> str | None:
+    """Why the request head at the start of `buffered` (complete or not) is refused, or None.
+
+    RFC 9112 lets a recipient accept these; a proxy that accepts them can be made to
+    disagree with the server behind it about where a request ends.
+    """
+    start = 0
+    while buffered.startswith(b"\r\n", start):  # empty lines before a request line are allowed
+        start += 2
+    end = _HEAD_END.search(buffered, start)
+    head = buffered[start:end.end() if end else len(buffered)]
+    if head.endswith(b"\r"):
+        head = head[:-1]  # its LF has not arrived yet
+    if _BARE_LF.search(head):
+        return "a line ends with a bare LF (CRLF is required)"
+    if _BARE_CR.search(head):
+        return "a bare CR in the request head"
+    for line in head.split(b"\r\n")[1:]:
+        if line[:1] in (b" ", b"\t"):
+            return "obs-fold: a header line starts with whitespace (folded lines are refused)"
+        if _CTL.search(line):
+            return "a control character in a header field"
+    return None
 
 
 class PeerFailed(Exception):
@@ -56,6 +91,10 @@ class H1Peer:
         """The next h11 event (never NEED_DATA): reads as needed. Raises ClientFailed or
         UpstreamFailed."""
         while True:
+            if not self.upstream and self.conn.their_state is h11.IDLE:
+                problem = head_problem(self.conn.trailing_data[0])
+                if problem is not None:
+                    raise self._failed(Failure.BAD_REQUEST, f"malformed request: {problem}", 400)
             try:
                 event = self.conn.next_event()
             except h11.RemoteProtocolError as e:

@@ -10,6 +10,7 @@ directions are over.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from typing import Protocol
@@ -18,10 +19,10 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error
 
 from waypoint.admission import local_body
-from waypoint.exchange import Failure, Hooks, Limits, RequestRecord
+from waypoint.exchange import Failure, Hooks, Limits, RequestRecord, Verdict
 from waypoint.h2side import H2Side, Out
 from waypoint.h2upstream import Upstreams
-from waypoint.headers import RawHeaders, forwardable, forwardable_trailers
+from waypoint.headers import RawHeaders, edit_response, forwardable, forwardable_trailers
 
 log = logging.getLogger("ambit.waypoint.http2")
 
@@ -32,7 +33,6 @@ class Host(Protocol):
     """What an exchange needs from its connection's proxy."""
 
     down: H2Side[Exchange]
-    ups: Upstreams[Exchange]
     hooks: Hooks
     limits: Limits
 
@@ -49,6 +49,9 @@ class Exchange:
         self.record = record
         self.method = ""
         self.forwarding = False  # allowed: the request goes upstream
+        self.verdict: Verdict | None = None
+        self.ups: Upstreams[Exchange] | None = None  # the upstream connections it goes to
+        self.timer: asyncio.TimerHandle | None = None  # the verdict's timeout
         self.up_headers: RawHeaders = []
         self.up: H2Side[Exchange] | None = None
         self.up_sid: int | None = None
@@ -68,17 +71,42 @@ class Exchange:
 
     # --------------------------------------------------------------- request
 
-    def forward(self, up_headers: RawHeaders) -> None:
+    def forward(self, up_headers: RawHeaders, verdict: Verdict, ups: Upstreams[Exchange]) -> None:
         """Allowed: the request goes upstream once a stream is free (Upstreams.want)."""
         self.forwarding = True
         self.up_headers = up_headers
-        self.host.ups.want(self)
+        self.verdict = verdict
+        self.ups = ups
+        if verdict.timeout is not None:
+            self.timer = asyncio.get_running_loop().call_later(verdict.timeout, self._timed_out)
+        ups.want(self)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.finished or self.response_started or self.reset:
+            return
+        assert self.verdict is not None and self.verdict.timeout is not None
+        self.fail(Failure.UPSTREAM_TIMEOUT, f"no response within {self.verdict.timeout:g}s")
+        self.reset_upstream(ErrorCodes.CANCEL)
+        self.local(504, local_body(504))
+        self.host.check_done()
 
     def request_data(self, data: bytes, n: int) -> None:
         if not self.finished:  # a reported record stays as reported
             self.record.request_bytes += len(data)
         if not self.forwarding or self.request_end_queued or self.reset:
             self.down.ack(self.sid, n)  # nobody takes it: consumed here
+            return
+        limit = self.verdict.max_request_body if self.verdict is not None else None
+        if limit is not None and self.record.request_bytes > limit:
+            self.down.ack(self.sid, n)
+            self.fail(Failure.BODY_TOO_LARGE, f"the request body is over {limit} bytes")
+            self.reset_upstream(ErrorCodes.CANCEL)
+            if self.response_started:
+                self.down.reset_stream(self.sid, ErrorCodes.CANCEL)
+                self.end()
+            else:
+                self.local(413, local_body(413, f"the request body is over {limit} bytes"))
             return
         self._to_upstream(Out(data, ack=(self.down, self.sid, n)))
 
@@ -138,7 +166,7 @@ class Exchange:
             self.local(502, local_body(502))
             return
         status = next((v for n, v in headers if n == b":status"), b"0")
-        if self._relay_head(status, headers):
+        if self._relay_head(status, headers, final=True):
             self.response_started = True
             self.record.status = int(status)
 
@@ -147,9 +175,12 @@ class Exchange:
         if not self.response_started and status != b"101":
             self._relay_head(status, headers)
 
-    def _relay_head(self, status: bytes, headers: RawHeaders) -> bool:
-        fields = [(b":status", status),
-                  *forwardable([(n, v) for n, v in headers if not n.startswith(b":")])]
+    def _relay_head(self, status: bytes, headers: RawHeaders, *, final: bool = False) -> bool:
+        regular = forwardable([(n, v) for n, v in headers if not n.startswith(b":")])
+        if final:
+            regular = edit_response(regular, self.verdict)
+            self._cancel_timer()
+        fields = [(b":status", status), *regular]
         try:
             self.down.conn.send_headers(self.sid, fields)
         except H2Error as e:
@@ -233,7 +264,8 @@ class Exchange:
             return
         self._unlink_upstream()
         up.reset_stream(up_sid, code)
-        self.host.ups.close_if_idle(up)
+        if self.ups is not None:
+            self.ups.close_if_idle(up)
 
     def _drop_early(self) -> None:
         early, self.early = self.early, []
@@ -312,12 +344,19 @@ class Exchange:
         up = self.up
         if up is not None and self.up_sid is not None and up.exchanges.get(self.up_sid) is self:
             del up.exchanges[self.up_sid]
-            self.host.ups.close_if_idle(up)
+            if self.ups is not None:
+                self.ups.close_if_idle(up)
         self.host.check_done()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def _finish(self) -> None:
         if self.finished:
             return
+        self._cancel_timer()
         self.finished = True
         self.record.end = self.host.hooks.clock()
         try:

@@ -86,6 +86,16 @@ def rewrite_request(raw: Sequence[tuple[bytes, bytes]], verdict: Verdict,
     return out
 
 
+def edit_response(raw: RawHeaders, verdict: Verdict | None) -> RawHeaders:
+    """A relayed response's fields with the verdict's response edits applied."""
+    if verdict is None or not (verdict.remove_response_headers or verdict.add_response_headers):
+        return raw
+    gone = {n.encode("ascii") for n in verdict.remove_response_headers}
+    out = [(n, v) for n, v in raw if n.lower() not in gone]
+    out.extend(encode_headers(verdict.add_response_headers))
+    return out
+
+
 def forwardable_trailers(raw: Sequence[tuple[bytes, bytes]]) -> RawHeaders:
     """Trailer fields that may be forwarded (no framing, routing or per-hop fields)."""
     return [(n, v) for n, v in forwardable(raw) if n.lower() not in _NOT_IN_TRAILERS]

@@ -33,6 +33,14 @@ Choices, where HTTP leaves them:
   gets no answer).
 - Trailers are relayed when both hops are chunked; 1xx responses (other than
   100) are relayed to HTTP/1.1 clients.
+- A verdict that names its own `Upstream` (a gateway's route) gets a connection
+  of its own: the open upstream connection is kept while the next request goes
+  to the same key, and closed (it is idle between requests) when it does not.
+- The verdict's limits: a request body longer than `max_request_body` is cut
+  off with 413 (the connection closes); no response head within `timeout` is
+  a 504 (the connection closes); `retry` sends a request without a body again,
+  on a new upstream connection, when the upstream cannot be opened, resets
+  before answering, or answers one of its statuses (that response is dropped).
 """
 
 from __future__ import annotations
@@ -45,10 +53,11 @@ from dataclasses import dataclass
 import h11
 
 from waypoint.admission import Admitted, Head, Refused, admit, local_body, reason
-from waypoint.exchange import Failure, Hooks, HttpVersion, Limits, RequestRecord
+from waypoint.exchange import Failure, Hooks, HttpVersion, Limits, RequestRecord, Verdict
 from waypoint.h1peer import ClientFailed, H1Peer, UpstreamFailed
 from waypoint.headers import (
     RawHeaders,
+    edit_response,
     forwardable,
     forwardable_trailers,
     header_value,
@@ -73,6 +82,18 @@ class _Exchange:
     raw: RawHeaders
     response_started: bool = False
     down_chunked: bool = False  # the response to the client is chunked (it may carry trailers)
+    verdict: Verdict | None = None  # once allowed
+    retries_left: int = 0  # Verdict.retry attempts not yet used
+    deadline: asyncio.Timeout | None = None  # the verdict's timeout, until the response head
+
+
+class _RetryStatus(Exception):
+    """The upstream answered a status the verdict retries; the response was not relayed."""
+
+
+# what `_relay` returns when the request is to be sent again
+_REUSED_CLOSED = "reused upstream closed"
+_RETRY = "retry"
 
 
 async def serve_http1(down: ByteStream, hooks: Hooks, limits: Limits | None = None,
@@ -94,6 +115,7 @@ class Http1Proxy:
             self.down.conn.receive_data(prefix)
         self.dc = self.down.conn
         self.up: H1Peer | None = None
+        self.up_key: object = None  # the Upstream.key of self.up (None: the default upstream)
         self.requests = 0
 
     async def run(self) -> None:
@@ -222,8 +244,9 @@ class Http1Proxy:
     # ----------------------------------------------------------------- forwarding
 
     async def _forward(self, x: _Exchange, admitted: Admitted) -> bool:
-        record, target = x.record, admitted.target
-        headers = rewrite_request(x.raw, admitted.verdict, drop=(b"expect",))
+        record, target, verdict = x.record, admitted.target, admitted.verdict
+        x.verdict = verdict
+        headers = rewrite_request(x.raw, verdict, drop=(b"expect",))
         if target.authority is not None or header_value(headers, b"host") is None:
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
             headers.insert(0, (b"Host", record.authority.encode("ascii", "surrogateescape")))
@@ -231,11 +254,17 @@ class Http1Proxy:
         if chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
         request = h11.Request(method=x.method, target=target.forward.encode("ascii"), headers=headers)
-        retry = x.method in _IDEMPOTENT and self._declared_length(x) == 0
+        bodiless = self._declared_length(x) == 0
+        retry = x.method in _IDEMPOTENT and bodiless
+        x.retries_left = verdict.retry.attempts if verdict.retry is not None and bodiless else 0
         while True:
+            self._switch_upstream(verdict)
             reused = self.up is not None
-            up = await self._upstream(record)
+            up = await self._upstream(record, verdict)
             if up is None:
+                if await self._retrying(x):
+                    record.failure, record.detail = None, ""
+                    continue
                 await self._answer_error(x, 503, "")
                 return False
             try:
@@ -255,24 +284,61 @@ class Http1Proxy:
                     record.fail(e.failure, e.detail)
                     self._drop_upstream(abort=True)
                     return False
-            outcome = await self._relay(x, up, out, chunked, retry_ok=retry and reused)
-            if outcome is not None:
-                return outcome
-            log.debug("HTTP/1: reused upstream connection was closed; %s %s sent again",
-                      record.method, record.path)
+            try:
+                outcome = await self._relay(x, up, out, chunked, retry_ok=retry and reused)
+            except TimeoutError:
+                self._drop_upstream(abort=True)
+                record.fail(Failure.UPSTREAM_TIMEOUT, f"no response within {verdict.timeout:g}s")
+                await self._answer_error(x, 504, "")
+                return False
+            if outcome == _REUSED_CLOSED:
+                log.debug("HTTP/1: reused upstream connection was closed; %s %s sent again",
+                          record.method, record.path)
+            elif outcome == _RETRY:
+                await self._retrying(x)
+                record.failure, record.detail = None, ""
+            else:
+                return bool(outcome)
             retry = False
 
+    async def _retrying(self, x: _Exchange) -> bool:
+        """Use one of the verdict's retries (after its backoff); False when none is left."""
+        if x.retries_left <= 0 or x.response_started or x.verdict is None or x.verdict.retry is None:
+            return False
+        x.retries_left -= 1
+        if x.verdict.retry.backoff:
+            await asyncio.sleep(x.verdict.retry.backoff)
+        log.debug("HTTP/1: %s %s sent again (%d retries left)", x.record.method, x.record.path,
+                  x.retries_left)
+        return True
+
     async def _relay(self, x: _Exchange, up: H1Peer, head: bytes, chunked: bool,
-                     *, retry_ok: bool) -> bool | None:
+                     *, retry_ok: bool) -> bool | str:
         """Send the request head, then stream the request body up and the response down at
-        the same time. True when the connection may go on; None: the upstream closed before
-        answering, send it again."""
-        record = x.record
+        the same time. True when the connection may go on; _REUSED_CLOSED or _RETRY: send it
+        again (the reused upstream closed before answering; a retry of the verdict's).
+        Raises TimeoutError when the verdict's timeout passed before the response head."""
         n = self.requests
         body = asyncio.create_task(self._pump_request_body(x, up, head, chunked),
                                    name=f"waypoint-http1/request-body-{n}")
         response = asyncio.create_task(self._relay_response(x, up),
                                        name=f"waypoint-http1/response-{n}")
+        timeout = x.verdict.timeout if x.verdict is not None else None
+        try:
+            # the verdict's timeout runs until the response head (then the response streams)
+            async with asyncio.timeout(timeout) as deadline:
+                x.deadline = deadline
+                return await self._relay_both(x, up, body, response, retry_ok)
+        finally:
+            x.deadline = None
+            for task in (body, response):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(body, response, return_exceptions=True)
+
+    async def _relay_both(self, x: _Exchange, up: H1Peer, body: asyncio.Task[None],
+                          response: asyncio.Task[None], retry_ok: bool) -> bool | str:
+        record = x.record
         watch: asyncio.Task[None] | None = None
         try:
             await asyncio.wait({body, response}, return_when=asyncio.FIRST_COMPLETED)
@@ -280,7 +346,10 @@ class Http1Proxy:
                 exc = body.exception()
                 if isinstance(exc, ClientFailed):
                     self._drop_upstream(abort=True)
-                    record.fail(Failure.CLIENT_PROTOCOL if exc.status else exc.failure, exc.detail)
+                    failure = exc.failure
+                    if exc.status and failure is not Failure.BODY_TOO_LARGE:
+                        failure = Failure.CLIENT_PROTOCOL  # malformed after its head was taken
+                    record.fail(failure, exc.detail)
                     if exc.status and not x.response_started:
                         await self._answer_error(x, exc.status, exc.detail)
                     return False
@@ -289,7 +358,7 @@ class Http1Proxy:
                 # the request is in (or the upstream stopped taking it): its answer may still
                 # come; meanwhile a client that goes away cancels it
                 watch = asyncio.create_task(self.down.watch(self.limits.max_header_bytes),
-                                            name=f"waypoint-http1/client-watch-{n}")
+                                            name=f"waypoint-http1/client-watch-{self.requests}")
                 await asyncio.wait({response, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if not response.done() and isinstance(watch.exception(), ClientFailed):
                     self._drop_upstream(abort=True)
@@ -302,10 +371,15 @@ class Http1Proxy:
             if exc is None:
                 return await self._after_response(x, up, body)
             self._drop_upstream(abort=True)
+            if isinstance(exc, _RetryStatus):
+                return _RETRY
             if isinstance(exc, UpstreamFailed):
                 if (retry_ok and exc.failure is Failure.UPSTREAM_RESET and up.received == 0
                         and not x.response_started):
-                    return None
+                    return _REUSED_CLOSED
+                if (x.retries_left > 0 and exc.failure is Failure.UPSTREAM_RESET
+                        and not x.response_started):
+                    return _RETRY
                 record.fail(exc.failure, exc.detail)
                 if x.response_started:
                     self.down.stream.abort()
@@ -317,11 +391,9 @@ class Http1Proxy:
                 return False
             raise exc
         finally:
-            tasks = [body, response] + ([watch] if watch is not None else [])
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if watch is not None and not watch.done():
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
 
     async def _after_response(self, x: _Exchange, up: H1Peer, body: asyncio.Task[None]) -> bool:
         """The response is complete; settle both connections."""
@@ -343,10 +415,14 @@ class Http1Proxy:
         if self.dc.their_state is not h11.SEND_BODY:  # sent again: the (empty) body was read
             await up.write(up.conn.send(h11.EndOfMessage()))
             return
+        limit = x.verdict.max_request_body if x.verdict is not None else None
         while True:
             event = await self.down.next_event()
             if isinstance(event, h11.Data):
                 x.record.request_bytes += len(event.data)
+                if limit is not None and x.record.request_bytes > limit:
+                    raise ClientFailed(Failure.BODY_TOO_LARGE,
+                                       f"the request body is over {limit} bytes", 413)
                 await up.write(up.conn.send(h11.Data(data=event.data)))
             elif isinstance(event, h11.EndOfMessage):
                 trailers = forwardable_trailers(list(event.headers.raw_items())) if chunked else []
@@ -373,9 +449,15 @@ class Http1Proxy:
                 if size > self.limits.max_response_header_bytes:
                     raise UpstreamFailed(Failure.UPSTREAM_PROTOCOL, f"response head of {size} bytes "
                                          f"over {self.limits.max_response_header_bytes}")
+                v = x.verdict
+                if (v is not None and v.retry is not None and x.retries_left > 0
+                        and event.status_code in v.retry.statuses):
+                    raise _RetryStatus()
+                if x.deadline is not None:
+                    x.deadline.reschedule(None)
                 # a length beside Transfer-Encoding is void (RFC 9112 6.3): never relay it
                 drop = (b"content-length",) if header_value(raw, b"transfer-encoding") else ()
-                headers = forwardable(raw, drop=drop)
+                headers = edit_response(forwardable(raw, drop=drop), v)
                 x.down_chunked = (
                     x.method != b"HEAD"
                     and event.status_code not in _NO_BODY_STATUSES
@@ -407,16 +489,25 @@ class Http1Proxy:
 
     # -------------------------------------------------------------------- upstream
 
-    async def _upstream(self, record: RequestRecord) -> H1Peer | None:
+    def _switch_upstream(self, verdict: Verdict) -> None:
+        """Close the open upstream connection (idle between requests) when this request goes
+        elsewhere."""
+        key = verdict.upstream.key if verdict.upstream is not None else None
+        if self.up is not None and self.up_key != key:
+            self._drop_upstream(abort=False)
+
+    async def _upstream(self, record: RequestRecord, verdict: Verdict) -> H1Peer | None:
         if self.up is not None:
             return self.up
+        opener = verdict.upstream.open if verdict.upstream is not None else self.hooks.open_upstream
         try:
-            stream = await self.hooks.open_upstream()
+            stream = await opener()
         except Exception as e:
             record.fail(Failure.UPSTREAM_CONNECT, f"upstream connect failed: {e}")
             return None
         self.up = H1Peer(stream, upstream=True, max_head=self.limits.max_response_header_bytes,
                          read_size=self.limits.read_size)
+        self.up_key = verdict.upstream.key if verdict.upstream is not None else None
         return self.up
 
     def _drop_upstream(self, *, abort: bool) -> None:

@@ -22,6 +22,11 @@ Choices:
   stream; beyond `Limits.h2_header_cap` (advertised as
   SETTINGS_MAX_HEADER_LIST_SIZE) the connection ends. An upstream response
   head over `Limits.max_response_header_bytes` is a 502.
+- A verdict that names its own `Upstream` (a gateway's route) gets upstream
+  connections of its own, one set per `Upstream.key`; the verdict's
+  `max_request_body` (413, or a reset once the response has started) and
+  `timeout` (504 until the response head) hold per stream; `retry` is not
+  applied to HTTP/2 (a limit: the request is not kept to be sent again).
 - A protocol error or flood from the client ends its connection with GOAWAY;
   the upstream streams of its requests are reset. A client's graceful GOAWAY
   or EOF lets the requests it has sent finish, then the connection closes.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import h2.events as h2e
 from h2.errors import ErrorCodes
@@ -38,7 +44,7 @@ from h2.errors import ErrorCodes
 from ambit.tasks import TaskSet
 from waypoint import WaypointError
 from waypoint.admission import Head, Refused, admit, local_body
-from waypoint.exchange import Failure, Hooks, Limits, RequestRecord
+from waypoint.exchange import Failure, Hooks, Limits, RequestRecord, Upstream
 from waypoint.h2exchange import HEADER_OVERHEAD, Exchange
 from waypoint.h2side import H2Side, new_side
 from waypoint.h2upstream import Upstreams
@@ -69,10 +75,8 @@ class Http2Proxy:
         self.prefix = prefix
         self.down: Side = new_side("downstream", down, self, limits, hooks.clock, server=True)
         self.tasks = TaskSet("waypoint-http2")
-        self.ups: Upstreams[Exchange] = Upstreams(
-            tasks=self.tasks, open_side=self._open_upstream,
-            start_stream=lambda x, up: x.start_upstream(up),
-            open_failed=self._open_failed, alive=lambda x: x.alive)
+        # the upstream connections, per Upstream.key (None: the hooks' default upstream)
+        self.ups_by_key: dict[object, Upstreams[Exchange]] = {}
         self.done = asyncio.Event()
         self.ending = False  # the client sends no more requests (EOF or GOAWAY)
 
@@ -102,8 +106,34 @@ class Http2Proxy:
             x.fail(Failure.CLIENT_RESET, "connection closed")
             x.reset_upstream(ErrorCodes.CANCEL)
             x.end()
-        self.ups.close()
+        for ups in self.ups_by_key.values():
+            ups.close()
         self.down.close()
+
+    def upstreams(self, upstream: Upstream | None) -> Upstreams[Exchange]:
+        """The upstream connections of a verdict's `Upstream` (made on first use)."""
+        key = upstream.key if upstream is not None else None
+        ups = self.ups_by_key.get(key)
+        if ups is None:
+            opener = upstream.open if upstream is not None else self.hooks.open_upstream
+
+            async def open_side() -> Side:
+                return await self._open_upstream(opener)
+
+            ups = Upstreams(tasks=self.tasks, open_side=open_side,
+                            start_stream=lambda x, up: x.start_upstream(up),
+                            open_failed=self._open_failed, alive=lambda x: x.alive)
+            self.ups_by_key[key] = ups
+        return ups
+
+    def _owner(self, side: Side) -> Upstreams[Exchange] | None:
+        for ups in self.ups_by_key.values():
+            if side in ups.sides():
+                return ups
+        return None
+
+    def _all_up_sides(self) -> list[Side]:
+        return [s for ups in self.ups_by_key.values() for s in ups.sides()]
 
     # ------------------------------------------------------- from the sides
 
@@ -117,14 +147,16 @@ class Http2Proxy:
                 return
 
     def side_received(self, side: Side) -> None:
-        self.ups.start_waiting()
-        for s in (self.down, *self.ups.sides()):
+        for ups in self.ups_by_key.values():
+            ups.start_waiting()
+        for s in (self.down, *self._all_up_sides()):
             s.wake.set()
         self.check_done()
 
     def side_idle(self, side: Side) -> None:
-        if side is not self.down:
-            self.ups.close_if_idle(side)
+        owner = self._owner(side) if side is not self.down else None
+        if owner is not None:
+            owner.close_if_idle(side)
 
     def side_goaway(self, side: Side, last_stream_id: int) -> None:
         if side is self.down:
@@ -134,7 +166,9 @@ class Http2Proxy:
         for up_sid, x in sorted(side.exchanges.items()):
             if up_sid > last_stream_id:
                 x.upstream_refused()
-        self.ups.retire(side)
+        owner = self._owner(side)
+        if owner is not None:
+            owner.retire(side)
 
     def side_eof(self, side: Side) -> None:
         if side is not self.down:
@@ -162,11 +196,14 @@ class Http2Proxy:
             side.shut(reason, code, wire_gone=wire_gone)
             self.done.set()
             return
+        owner = self._owner(side)
         side.shut(reason, code, wire_gone=wire_gone)
-        self.ups.lost(side)
+        if owner is not None:
+            owner.lost(side)
         for x in list(side.exchanges.values()):
             x.upstream_lost(reason)
-        self.ups.start_waiting()
+        if owner is not None:
+            owner.start_waiting()
 
     # --------------------------------------------------------------- downstream
 
@@ -219,12 +256,12 @@ class Http2Proxy:
             (b":authority", record.authority.encode("ascii", "surrogateescape")),
             (b":path", outcome.target.forward.encode("ascii")),
             *rewrite_request(regular, outcome.verdict, keep_te_trailers=True),
-        ])
+        ], outcome.verdict, self.upstreams(outcome.verdict.upstream))
 
     # ----------------------------------------------------------------- upstream
 
-    async def _open_upstream(self) -> Side:
-        stream = await self.hooks.open_upstream()
+    async def _open_upstream(self, opener: Callable[[], Awaitable[ByteStream]]) -> Side:
+        stream = await opener()
         if self.done.is_set():
             stream.abort()
             raise WaypointError("the downstream connection ended while its upstream opened")

@@ -1,7 +1,8 @@
 """What the waypoint tells about every request: Istio's HTTP metrics, one JSON access-log line,
 and a W3C trace span carrying the security facts.
 
-- Metrics, with Istio's names and labels (`reporter="waypoint"`):
+- Metrics, with Istio's names and labels (`reporter="waypoint"`; an ingress gateway, which
+  reuses this module, reports as `gateway`):
   `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
   `istio_response_bytes`; plus `ambit_waypoint_denials_total{source_workload,...,policy}`.
 - Access log: one JSON line per request (method, authority, path, status, both identities,
@@ -81,6 +82,7 @@ class RequestFacts:
     duration_ms: float = 0.0
     trace_id: str | None = None
     error: str | None = None
+    connection_security_policy: str = "mutual_tls"  # Istio's label: mutual_tls | none
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -92,9 +94,10 @@ def _split(uid: str | None) -> tuple[str, str]:
 
 
 class WaypointMetrics:
-    """The waypoint's families in their own registry."""
+    """The waypoint's families in their own registry (`reporter` names who reports)."""
 
-    def __init__(self) -> None:
+    def __init__(self, reporter: str = "waypoint") -> None:
+        self.reporter = reporter
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("istio_requests_total", "Requests handled by the waypoint", REQUEST_LABELS,
@@ -115,7 +118,7 @@ class WaypointMetrics:
         dst_name, dst_ns = _split(f.destination_workload)
         svc_name, svc_ns = _split(f.destination_service)
         labels = {
-            "reporter": "waypoint",
+            "reporter": self.reporter,
             "source_workload": src_name,
             "source_workload_namespace": src_ns,
             "source_principal": f.source_principal or "unknown",
@@ -129,7 +132,7 @@ class WaypointMetrics:
             "request_protocol": f.protocol,
             "response_code": str(f.status),
             "response_flags": f.response_flags,
-            "connection_security_policy": "mutual_tls",
+            "connection_security_policy": f.connection_security_policy,
         }
         self.requests.labels(**labels).inc()
         self.duration.labels(**labels).observe(f.duration_ms)
@@ -142,8 +145,9 @@ class WaypointMetrics:
 class RequestLog:
     """One JSON line per request, to a file path or stdout ("-")."""
 
-    def __init__(self, target: str = "-") -> None:
+    def __init__(self, target: str = "-", reporter: str = "waypoint") -> None:
         self.target = target
+        self.reporter = reporter
         if target != "-":
             Path(target).parent.mkdir(parents=True, exist_ok=True)
         self._out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
@@ -151,7 +155,7 @@ class RequestLog:
     def write(self, f: RequestFacts) -> None:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "reporter": "waypoint",
+            "reporter": self.reporter,
             "method": f.method, "authority": f.authority, "path": f.path, "protocol": f.protocol,
             "status": f.status, "response_flags": f.response_flags,
             "client_ip": f.client_ip, "src_workload": f.source_workload, "src_identity": f.source_principal,
