@@ -24,9 +24,11 @@ unit: setup
 demo: setup
 	@$(PY) -m agent.demo
 
+# as root: namespaces, eBPF, HAProxy (apt) and ambit on the real path; QUICK=1 for a short smoke run
 bench: setup
-	@command -v stunnel4 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4 >/dev/null
-	@$(PY) -m bench.run $(BENCH_ARGS)
+	@command -v haproxy >/dev/null && command -v iptables >/dev/null || { apt-get update -qq >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy iptables >/dev/null; }
+	@$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info

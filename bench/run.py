@@ -1,18 +1,17 @@
-"""The benchmark harness: ambit's data path against real alternatives, on loopback.
+"""`make bench`: ambit's data path on the real path (namespaces, eBPF, two ztunnel processes)
+against HAProxy, every variant interleaved in one run.
 
-Topologies (each carries the same traffic from one client to one echo/sink server):
-- direct:  client -> server (the floor: what the kernel and the Python client cost)
-- stunnel: client -> stunnel (client, mTLS) -> stunnel (server) -> server; a C/OpenSSL TLS tunnel
-- ambit:   client -> ztunnel A -> HBONE (HTTP/2 CONNECT in mTLS) -> ztunnel B -> server
+Each round runs every measurement for every chosen variant back to back (the
+variants' order rotates by one each round), after one warm-up round that is
+not counted; the JSON keeps every round's value and reports the median with
+its min and max. Memory is measured first, on fresh processes: the proxies'
+PSS with 0, 1000 and 5000 idle tunnelled connections, and the slope between
+the last two. See bench/README.md for what each number means and how to
+profile; bench/variants.py for the rows.
 
-Measured per topology: bulk throughput of one connection, new connections per
-second (connect, one round trip, close), round-trip latency of small messages on
-one connection (p50/p99), and the resident memory of the proxy processes. Plus
-the sans-IO HBONE layer alone, in memory. Writes bench/results/latest.json and
-a Markdown table (bench/results/latest.md) that the README quotes.
-
-Run with `make bench` (or `python -m bench.run --quick`). Numbers are for this
-machine (2 cores); compare rows, not machines.
+Output: bench/results/latest.json, latest.md (the table the README shows),
+and PNG plots beside them. Needs root (namespaces, cgroups, eBPF); installs
+nothing itself (`make bench` apt-installs haproxy and iptables first).
 """
 
 from __future__ import annotations
@@ -23,361 +22,349 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from bench.report import write_report
+from bench.rig import Rig
+from bench.topology import Topology, cgroup_cpu_s, cgroup_pids, pss_kib
+from bench.variants import ALL_METRICS, HIGHER_IS_BETTER, VARIANTS, Variant
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-Connect = Callable[[], socket.socket]
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of each measurement a round does."""
+
+    rounds: int = 5
+    warmup: int = 1
+    seconds: float = 1.0  # each throughput and rate run
+    rtt_count: int = 2000  # back-to-back round trips
+    fixed_count: int = 1000  # round trips at fixed_rate per second
+    fixed_rate: float = 1000.0
+    connect_count: int = 200
+    http_count: int = 1000
+    concurrency: int = 8
+    mem_points: tuple[int, ...] = (0, 1000, 5000)
+    mem_rounds: int = 2
+    settle: float = 1.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(rounds=3, warmup=1, seconds=0.25, rtt_count=300, fixed_count=100, fixed_rate=1000.0,
+                   connect_count=30, http_count=200, mem_points=(0, 100, 500), mem_rounds=1, settle=0.5)
 
 
 # ---------------------------------------------------------------------------
-# the server side: a sink/echo server in its own thread
+# the machine's load
 
 
-class EchoServer:
-    """A threaded TCP server: echoes small messages; for bulk, counts bytes and acks at EOF."""
+def _cpu_busy_s() -> float:
+    """Seconds of CPU the whole machine has spent busy (all cores), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(512)
-        self.addr = self.sock.getsockname()
-        self._stop = False
-        self._thread = threading.Thread(target=self._accept, name="bench-echo", daemon=True)
-        self._thread.start()
 
-    def _accept(self) -> None:
-        while not self._stop:
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+# ---------------------------------------------------------------------------
+# one measurement of one variant
+
+
+class Runner:
+    def __init__(self, rig: Rig, variants: list[Variant], plan: Plan) -> None:
+        self.rig = rig
+        self.variants = variants
+        self.plan = plan
+        self.addr: dict[str, tuple[str, int]] = {}
+        self.samples: dict[str, dict[str, list[float]]] = {v.name: {} for v in variants}
+        self.errors: dict[str, str] = {}
+
+    def start(self) -> None:
+        for v in list(self.variants):
             try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+                self.addr[v.name] = v.start(self.rig)
+                self.rig.client(v.client)
+            except Exception as e:  # one broken path must not hide the others' numbers
+                print(f"bench: {v.name} could not start: {e}", file=sys.stderr)
+                self.errors[v.name] = f"could not start: {e}"[:400]
+                self.variants.remove(v)
 
-    @staticmethod
-    def _serve(c: socket.socket) -> None:
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = bytearray(256 * 1024)
-        total = 0
-        try:
-            mode = c.recv(1)
-            if mode == b"E":  # echo until EOF
-                while True:
-                    n = c.recv_into(buf)
-                    if not n:
-                        break
-                    c.sendall(memoryview(buf)[:n])
-            elif mode == b"S":  # sink until EOF, then report the count
-                while True:
-                    n = c.recv_into(buf)
-                    if not n:
-                        break
-                    total += n
-                c.sendall(struct.pack("!Q", total))
-        except OSError:
-            pass
-        finally:
-            c.close()
+    def _cpu(self, v: Variant) -> float:
+        return sum(cgroup_cpu_s(self.rig.cgroup_of(p)) for p in v.proxies)
 
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()
+    def _pss_kib(self, v: Variant) -> int:
+        pids = [pid for p in v.proxies for pid in cgroup_pids(self.rig.cgroup_of(p))]
+        return pss_kib(pids)
 
+    def _add(self, v: Variant, metric: str, value: float | None) -> None:
+        if value is not None:
+            self.samples[v.name].setdefault(metric, []).append(value)
 
-# ---------------------------------------------------------------------------
-# measurements
+    def _run(self, v: Variant, op: str, **args: Any) -> dict[str, Any]:
+        host, port = self.addr[v.name]
+        return self.rig.client(v.client).run(op, host=host, port=port, **args)
 
+    # -- measurement groups (each: one variant, one round)
 
-def bulk_mbps(connect: Connect, megabytes: int) -> float:
-    chunk = b"\xab" * (256 * 1024)
-    total = megabytes * 1024 * 1024
-    s = connect()
-    try:
-        start = time.perf_counter()
-        s.sendall(b"S")
-        sent = 0
-        while sent < total:
-            s.sendall(chunk)
-            sent += len(chunk)
-        s.shutdown(socket.SHUT_WR)
-        got = _recv_exact(s, 8)
-        elapsed = time.perf_counter() - start
-    finally:
-        s.close()
-    (count,) = struct.unpack("!Q", got)
-    if count != sent:
-        raise RuntimeError(f"bulk transfer lost bytes: sent {sent}, the server counted {count}")
-    return sent / elapsed / 1e6
-
-
-def connection_rate(connect: Connect, seconds: float, concurrency: int) -> float:
-    deadline = time.perf_counter() + seconds
-    counts = [0] * concurrency
-    errors: list[BaseException] = []
-
-    def worker(i: int) -> None:
-        try:
-            while time.perf_counter() < deadline:
-                s = connect()
-                try:
-                    s.sendall(b"Eping")
-                    _recv_exact(s, 4)
-                finally:
-                    s.close()
-                counts[i] += 1
-        except BaseException as e:
-            errors.append(e)
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise RuntimeError(f"connection-rate run failed: {errors[0]!r}")
-    return sum(counts) / (time.perf_counter() - start)
-
-
-def latency_us(connect: Connect, rounds: int) -> tuple[float, float]:
-    s = connect()
-    samples = []
-    try:
-        s.sendall(b"E")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            s.sendall(b"x" * 64)
-            _recv_exact(s, 64)
-            samples.append((time.perf_counter() - t0) * 1e6)
-    finally:
-        s.close()
-    samples.sort()
-    return statistics.median(samples), samples[int(len(samples) * 0.99) - 1]
-
-
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        b = s.recv(n - len(out))
-        if not b:
-            raise ConnectionError(f"peer closed after {len(out)} of {n} bytes")
-        out += b
-    return bytes(out)
-
-
-def rss_kib(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except FileNotFoundError:
-            pass
-    return total
-
-
-# ---------------------------------------------------------------------------
-# topologies
-
-
-@dataclass
-class Topology:
-    name: str
-    connect: Connect
-    pids: list[int] = field(default_factory=list)
-    note: str = ""
-
-
-def _tcp(addr: tuple[str, int]) -> Connect:
-    def connect() -> socket.socket:
-        s = socket.create_connection(addr, timeout=30)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return s
-
-    return connect
-
-
-def stop_processes(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """SIGTERM every process, then SIGKILL whichever has not exited after `grace` seconds."""
-    for p in procs:
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    def tput(self, v: Variant, conns: int, count: bool) -> None:
+        cpu0 = self._cpu(v)
+        r = self._run(v, "tput", conns=conns, seconds=self.plan.seconds)
+        cpu = self._cpu(v) - cpu0
+        if not count:
             return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+        suffix = "1conn" if conns == 1 else "8conn"
+        self._add(v, f"throughput_{suffix}_MBps", r["bytes"] / r["seconds"] / 1e6)
+        if v.proxies:
+            self._add(v, "cpu_s_per_GB" if conns == 1 else "cpu_s_per_GB_8conn", cpu / (r["bytes"] / 1e9))
+
+    def rtt(self, v: Variant, size: int, fixed: bool, count: bool) -> None:
+        p = self.plan
+        r = self._run(v, "rtt", size=size, count=p.fixed_count if fixed else p.rtt_count,
+                      rate=p.fixed_rate if fixed else 0.0)
+        if count:
+            label = "64B" if size == 64 else "1KiB"
+            tail = "_fixed" if fixed else ""
+            self._add(v, f"latency_p50_us_{label}{tail}", r["p50"])
+            self._add(v, f"latency_p99_us_{label}{tail}", r["p99"])
+
+    def connect(self, v: Variant, count: bool) -> None:
+        r = self._run(v, "connect", count=self.plan.connect_count)
+        if count:
+            self._add(v, "connect_us", r["p50"])
+
+    def conns(self, v: Variant, count: bool) -> None:
+        r = self._run(v, "conns", seconds=self.plan.seconds, concurrency=self.plan.concurrency)
+        if count:
+            self._add(v, "conns_per_s", r["rate"])
+
+    def http(self, v: Variant, count: bool) -> None:
+        authority = f"{self.addr[v.name][0]}:{self.addr[v.name][1]}"
+        r = self._run(v, "http", count=self.plan.http_count, authority=authority)
+        q = self._run(v, "http_rate", seconds=self.plan.seconds, concurrency=self.plan.concurrency,
+                      authority=authority)
+        if count:
+            self._add(v, "request_p50_us", r["p50"])
+            self._add(v, "request_p99_us", r["p99"])
+            self._add(v, "requests_per_s", q["rate"])
+
+    def memory(self, v: Variant) -> None:
+        """PSS of the variant's proxies at each number of idle tunnelled connections."""
+        client = self.rig.client(v.client)
+        client.run("release")
+        time.sleep(self.plan.settle)
+        points: dict[int, float] = {}
+        held = 0
+        try:
+            for n in self.plan.mem_points:
+                if n > held:
+                    host, port = self.addr[v.name]
+                    client.run("hold", host=host, port=port, n=n - held)
+                    held = n
+                time.sleep(self.plan.settle)
+                points[n] = self._pss_kib(v)
+        finally:
+            client.run("release")
+        zero, lo, hi = (points[n] for n in self.plan.mem_points)
+        lo_n, hi_n = self.plan.mem_points[1], self.plan.mem_points[2]
+        self._add(v, "pss_idle_MiB", zero / 1024)
+        self._add(v, "pss_MiB_1k", lo / 1024)
+        self._add(v, "pss_MiB_5k", hi / 1024)
+        self._add(v, "pss_KiB_per_conn", (hi - lo) / (hi_n - lo_n))
+
+    # -- the schedule
+
+    def groups(self) -> list[tuple[str, Any]]:
+        return [
+            ("throughput, 1 connection", lambda v, c: self.tput(v, 1, c)),
+            ("throughput, 8 connections", lambda v, c: self.tput(v, self.plan.concurrency, c)),
+            ("RTT 64 B", lambda v, c: self.rtt(v, 64, False, c)),
+            ("RTT 1 KiB", lambda v, c: self.rtt(v, 1024, False, c)),
+            ("RTT 64 B, fixed rate", lambda v, c: self.rtt(v, 64, True, c)),
+            ("RTT 1 KiB, fixed rate", lambda v, c: self.rtt(v, 1024, True, c)),
+            ("connect + first byte", self.connect),
+            ("new connections/s", self.conns),
+        ]
+
+    def run(self) -> None:
+        p = self.plan
+        tcp = [v for v in self.variants if "tcp" in v.kinds]
+        http = [v for v in self.variants if "http" in v.kinds]
+        with_memory = [v for v in tcp if v.proxies]
+        for r in range(p.mem_rounds):
+            for v in _rotated(with_memory, r):
+                self._guard(v, lambda v=v: self.memory(v), f"memory, round {r + 1}")
+        for r in range(p.warmup + p.rounds):
+            counted = r >= p.warmup
+            label = f"round {r + 1 - p.warmup}/{p.rounds}" if counted else "warm-up"
+            print(f"bench: {label} (load {loadavg()})", file=sys.stderr, flush=True)
+            for name, fn in self.groups():
+                for v in _rotated(tcp, r):
+                    self._guard(v, lambda v=v, fn=fn, counted=counted: fn(v, counted), name)
+            for v in _rotated(http, r):
+                self._guard(v, lambda v=v, counted=counted: self.http(v, counted), "HTTP requests")
+
+    def _guard(self, v: Variant, fn: Any, what: str) -> None:
+        if v.name in self.errors:
+            return
+        try:
+            fn()
+        except Exception as e:
+            print(f"bench: {v.name}: {what} failed: {e}", file=sys.stderr)
+            self.errors[v.name] = f"{what}: {e}"[:400]
 
 
-@contextlib.contextmanager
-def direct(server: EchoServer) -> Iterator[Topology]:
-    yield Topology("direct TCP (no proxy)", _tcp(server.addr))
-
-
-@contextlib.contextmanager
-def stunnel(server: EchoServer, workdir: Path) -> Iterator[Topology]:
-    """Two stunnel processes with mutual TLS 1.3 (ECDSA P-256), the classic C tunnel."""
-    exe = shutil.which("stunnel4") or shutil.which("stunnel")
-    if exe is None:
-        raise RuntimeError("stunnel is not installed (make bench installs it: apt-get install stunnel4)")
-    from bench.certs import write_pair  # certificates made with `cryptography`, like the CA's
-
-    paths = write_pair(workdir)
-    front, back = free_port(), free_port()
-    common = "foreground = yes\npid =\nsslVersion = TLSv1.3\ndebug = 3\n"
-    (workdir / "server.conf").write_text(
-        common + f"[s]\naccept = 127.0.0.1:{back}\nconnect = {server.addr[0]}:{server.addr[1]}\n"
-        f"cert = {paths['server_cert']}\nkey = {paths['server_key']}\nCAfile = {paths['ca']}\nverifyChain = yes\n"
-    )
-    (workdir / "client.conf").write_text(
-        common + f"[c]\nclient = yes\naccept = 127.0.0.1:{front}\nconnect = 127.0.0.1:{back}\n"
-        f"cert = {paths['client_cert']}\nkey = {paths['client_key']}\nCAfile = {paths['ca']}\nverifyChain = yes\n"
-    )
-    procs = [
-        subprocess.Popen([exe, str(workdir / n)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for n in ("server.conf", "client.conf")
-    ]
-    try:
-        _wait_port(back)
-        _wait_port(front)
-        yield Topology("stunnel mTLS pair (C, OpenSSL)", _tcp(("127.0.0.1", front)), [p.pid for p in procs])
-    finally:
-        stop_processes(procs, 5)
-
-
-@contextlib.contextmanager
-def ambit(workdir: Path) -> Iterator[Topology]:
-    """Its own echo server, bound to the server pod's address the ztunnels route to."""
-    from bench.ambitpair import ztunnel_pair
-
-    with ztunnel_pair(workdir) as (connect, pids):
-        yield Topology("ambit ztunnel pair (HBONE)", connect, pids)
+def _rotated(vs: list[Variant], r: int) -> list[Variant]:
+    if not vs:
+        return vs
+    k = r % len(vs)
+    return vs[k:] + vs[:k]
 
 
 # ---------------------------------------------------------------------------
+# results
 
 
-@dataclass
-class Row:
-    topology: str
-    throughput_mbps: float
-    conns_per_s: float
-    latency_p50_us: float
-    latency_p99_us: float
-    proxy_rss_mib: float
-    error: str = ""
+def summarize(runner: Runner, all_variants: list[Variant]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for v in all_variants:
+        s = runner.samples.get(v.name, {})
+        row: dict[str, Any] = {m: (statistics.median(s[m]) if s.get(m) else None) for m in ALL_METRICS}
+        row["min"] = {m: min(s[m]) for m in ALL_METRICS if s.get(m)}
+        row["max"] = {m: max(s[m]) for m in ALL_METRICS if s.get(m)}
+        row["samples"] = {m: s[m] for m in ALL_METRICS if s.get(m)}
+        row["title"] = v.title
+        row["kinds"] = list(v.kinds)
+        row["proxies"] = list(v.proxies)
+        row["baseline"] = v.baseline
+        row["error"] = runner.errors.get(v.name)
+        out[v.name] = row
+    direct = out.get("direct")
+    for name, row in out.items():
+        base = out.get(row["baseline"]) if row["baseline"] else None
+        row["vs_direct"] = _ratios(row, direct)
+        row["vs_haproxy"] = _ratios(row, base)
+        row["added_us"] = {m: row[m] - direct[m] for m in _latency_metrics()
+                           if direct and row[m] is not None and direct[m] is not None} if name != "direct" else {}
+        row["added_vs_haproxy"] = {}
+        if base is not None and direct is not None:
+            for m in _latency_metrics():
+                if row[m] is not None and base[m] is not None and direct[m] is not None and base[m] > direct[m]:
+                    row["added_vs_haproxy"][m] = (row[m] - direct[m]) / (base[m] - direct[m])
+    return out
 
 
-def measure(topo: Topology, quick: bool) -> Row:
-    mb = 64 if quick else 256
-    bulk = max(bulk_mbps(topo.connect, mb) for _ in range(2))
-    rate = connection_rate(topo.connect, 2.0 if quick else 5.0, concurrency=8)
-    p50, p99 = latency_us(topo.connect, 1000 if quick else 5000)
-    rss = rss_kib(topo.pids) / 1024
-    return Row(topo.name, bulk, rate, p50, p99, rss)
+def _latency_metrics() -> list[str]:
+    return [m for m in ALL_METRICS if m.endswith(("_us", "_64B", "_1KiB", "_fixed"))]
 
 
-def hbone_in_memory(quick: bool) -> float | None:
+def _ratios(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float]:
+    if base is None or base is row:
+        return {}
+    return {m: row[m] / base[m] for m in ALL_METRICS
+            if row[m] is not None and base.get(m) not in (None, 0)}
+
+
+def machine() -> dict[str, Any]:
+    hp = shutil.which("haproxy")
+    version = ""
+    if hp:
+        version = subprocess.run([hp, "-v"], capture_output=True, text=True).stdout.split("\n", 1)[0]
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "haproxy": version,
+    }
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="ambit-bench-"))
     try:
-        from ztunnel.hbone.bench import throughput
-    except ImportError:
-        return None
-    return float(throughput(64 if quick else 256))
-
-
-def to_markdown(rows: list[Row], hbone_mbps: float | None, meta: dict[str, str]) -> str:
-    lines = [
-        f"Measured {meta['date']} on {meta['machine']} with `make bench` (loopback, one client).",
-        "",
-        "| topology | throughput (MB/s, 1 conn) | new conns/s (8 clients) | RTT p50 (µs) | RTT p99 (µs) | proxy RSS (MiB) |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.topology} | failed: {r.error} | | | | |")
-            continue
-        rss = f"{r.proxy_rss_mib:.0f}" if r.proxy_rss_mib else "-"
-        lines.append(
-            f"| {r.topology} | {r.throughput_mbps:.0f} | {r.conns_per_s:.0f} | {r.latency_p50_us:.0f} "
-            f"| {r.latency_p99_us:.0f} | {rss} |"
-        )
-    if hbone_mbps is not None:
-        lines += ["", f"HBONE framing alone (sans-IO client+server in memory, no TLS): {hbone_mbps:.0f} MB/s."]
-    return "\n".join(lines) + "\n"
-
-
-def _topology(name: str, server: EchoServer, workdir: Path) -> contextlib.AbstractContextManager[Topology]:
-    if name == "direct":
-        return direct(server)
-    if name == "stunnel":
-        return stunnel(server, workdir)
-    return ambit(workdir)
+        yield d
+    finally:
+        if keep:
+            print(f"bench: logs kept in {d}", file=sys.stderr)
+        else:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller runs (for a smoke check)")
-    ap.add_argument("--only", choices=("direct", "stunnel", "ambit"), action="append",
-                    help="run only these topologies")
+    ap.add_argument("--quick", action="store_true", help="a short run (a smoke check, under two minutes)")
+    ap.add_argument("--only", default="", help="comma-separated variants (default: all): "
+                    + ", ".join(VARIANTS))
+    ap.add_argument("--rounds", type=int, default=None, help="measured rounds (default 5; quick 3)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where latest.json/.md and the plots go")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
+    ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
-    chosen = args.only or ["direct", "stunnel", "ambit"]
-    rows: list[Row] = []
-    server = EchoServer()
-    try:
-        for name in chosen:
-            with tempfile.TemporaryDirectory(prefix=f"ambit-bench-{name}-") as tmp:
-                try:
-                    with _topology(name, server, Path(tmp)) as topo:
-                        print(f"bench: {topo.name} ...", file=sys.stderr, flush=True)
-                        rows.append(measure(topo, args.quick))
-                except Exception as e:  # one topology failing must not hide the others
-                    print(f"bench: {name} failed: {e}", file=sys.stderr)
-                    rows.append(Row(name, 0, 0, 0, 0, 0, error=str(e)[:200]))
-    finally:
-        server.close()
-    hb = hbone_in_memory(args.quick)
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}",
+    if os.geteuid() != 0:
+        print("bench: needs root (network namespaces, cgroups, eBPF)", file=sys.stderr)
+        return 2
+    plan = Plan.quick() if args.quick else Plan()
+    if args.rounds is not None:
+        plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+    names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    if "direct" not in names:
+        names.insert(0, "direct")  # every ratio is against it
+    chosen = [VARIANTS[n] for n in names]
+    started = time.monotonic()
+    load_before = loadavg()
+    with _workdir(args.keep) as workdir:
+        topo = Topology(workdir=workdir)
+        rig = Rig(topo, workdir)
+        try:
+            topo.create()
+            runner = Runner(rig, list(chosen), plan)
+            runner.start()
+            busy0, ours0, t0 = _cpu_busy_s(), cgroup_cpu_s(topo.cgroup_base), time.monotonic()
+            runner.run()
+            busy = _cpu_busy_s() - busy0
+            ours = cgroup_cpu_s(topo.cgroup_base) - ours0
+            wall = time.monotonic() - t0
+        finally:
+            rig.close()
+        left = topo.leftovers()
+    if left:
+        print(f"bench: left behind: {left}", file=sys.stderr)
+    meta = machine() | {
+        "quick": args.quick,
+        "plan": plan.__dict__ | {"mem_points": list(plan.mem_points)},
+        "load_before": load_before,
+        "load_after": loadavg(),
+        "seconds": round(time.monotonic() - started, 1),
+        # CPU the rest of the machine used while the rounds ran, in cores (other engineers'
+        # tests, say): the benchmark's own processes are subtracted
+        "other_load_cores": round(max(0.0, busy - ours) / wall, 2) if wall else None,
+        "metrics_higher_is_better": sorted(HIGHER_IS_BETTER),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(
-        json.dumps({"meta": meta, "rows": [asdict(r) for r in rows], "hbone_in_memory_mbps": hb}, indent=2) + "\n"
-    )
-    md = to_markdown(rows, hb, meta)
-    (RESULTS / "latest.md").write_text(md)
+    results = {"meta": meta, "variants": summarize(runner, chosen)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    md = write_report(results, args.out, with_plots=not args.no_plots)
     print(md)
-    return 1 if any(r.error for r in rows) else 0
+    failed = [n for n, r in results["variants"].items() if r["error"]]
+    if failed:
+        print(f"bench: failed variants: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

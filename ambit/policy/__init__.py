@@ -37,6 +37,7 @@ from ambit.policy.jwt import (
     KeyResolver,
     RequestAuth,
     authenticate,
+    output_headers,
     parse_jwks,
 )
 from ambit.policy.match import (
@@ -81,5 +82,6 @@ __all__ = [
     "mtls_mode",
     "mtls_policy",
     "mtls_port_modes",
+    "output_headers",
     "parse_jwks",
 ]

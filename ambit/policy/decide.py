@@ -131,10 +131,10 @@ class _Attrs:
         if h is None:
             return None
         if attr == "remote.ip":
-            # The original client as the first X-Forwarded-For hop, else the peer.
-            xff = self.header("x-forwarded-for")
-            first = xff.split(",")[0].strip() if xff else ""
-            return _ip_or_none(first) or _ip_or_none(f.src_ip)
+            # The client's address as the mesh verified it, never X-Forwarded-For: the
+            # client writes that header itself. (Istio reads it only with numTrustedProxies,
+            # which ambit does not offer.)
+            return _ip_or_none(f.src_ip)
         if attr == "request.host":
             return h.host or self.header("host")
         if attr == "request.method":
