@@ -223,9 +223,10 @@ class ClusterState:
 
     def waypoint_for(self, pod: Pod) -> str | None:
         """The waypoint (a Gateway of the pod's namespace) the pod uses: its label, else its
-        namespace's; None for `none`, for no label, and for the waypoint's own pods."""
+        namespace's; None for `none`, for no label, and for the waypoint's own pods (its
+        label, and its Gateway's service account)."""
         name = self._use_waypoint(pod.meta.labels, pod.namespace)
-        if name is not None and pod.meta.labels.get(GATEWAY_NAME_LABEL) == name:
+        if name is not None and pod.meta.labels.get(GATEWAY_NAME_LABEL) == name and pod.service_account == name:
             return None
         return name
 

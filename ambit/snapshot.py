@@ -220,19 +220,21 @@ def _waypoints(cluster: ClusterState, trust_domain: str, workloads: Mapping[str,
     for gw in sorted(cluster.gateways.values(), key=lambda g: g.key):
         if not gw.is_waypoint:
             continue
+        # The waypoint's identity is the service account named after its Gateway (Istio's
+        # convention), never whatever a pod carrying the Gateway's label runs as: a pod
+        # labelled by mistake or by malice gets neither the identity nor the traffic.
         pods = cluster.gateway_pods(gw)
-        sas = sorted({p.service_account for p in pods})
-        if len(sas) > 1:
-            errors.append(f"Gateway {gw.key}: its pods run as {', '.join(sas)}; the waypoint's identity is "
-                          f"the first, and the others' traffic is refused")
+        for p in pods:
+            if p.service_account != gw.meta.name:
+                errors.append(f"Gateway {gw.key}: pod {p.key} carries its label but runs as service account "
+                              f"{p.service_account!r}, not {gw.meta.name!r}: it does not serve the waypoint")
         identity = None
-        if sas:
-            try:
-                identity = SpiffeId.for_workload(trust_domain, gw.meta.namespace, sas[0])
-            except SpiffeError as e:
-                errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its pods ({e})")
+        try:
+            identity = SpiffeId.for_workload(trust_domain, gw.meta.namespace, gw.meta.name)
+        except SpiffeError as e:
+            errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its service account ({e})")
         addrs = tuple(sorted(p.ip for p in pods if p.ip and p.phase == "Running"
-                             and (identity is None or p.service_account == identity.service_account)))
+                             and identity is not None and p.service_account == identity.service_account))
         out[gw.key] = WaypointInfo(gw.meta.namespace, gw.meta.name, gw.waypoint_for, identity, addrs)
     named = {(w.namespace, w.waypoint) for w in workloads.values() if w.waypoint}
     named |= {(s.namespace, s.waypoint) for s in services.values() if s.waypoint}

@@ -8,6 +8,7 @@ for the glue to refuse or pass through; the engine never touches it.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from waypoint.exchange import Hooks, Limits
@@ -27,32 +28,40 @@ class SniffResult:
     prefix: bytes
 
 
-async def sniff_stream(down: ByteStream, *, max_bytes: int = MAX_SNIFF) -> SniffResult:
-    """Read from `down` until `sniff` can tell; EOF or a reset before that is "opaque"."""
+async def sniff_stream(down: ByteStream, *, max_bytes: int = MAX_SNIFF, timeout: float | None = None) -> SniffResult:
+    """Read from `down` until `sniff` can tell; EOF, a reset or `timeout` seconds before
+    that is "opaque" (so a client that never speaks, or speaks slowly, is opaque: the glue
+    must refuse opaque traffic wherever HTTP rules apply)."""
     prefix = b""
-    while True:
-        try:
-            data = await down.read(max_bytes)
-        except (StreamReset, OSError):
-            return SniffResult("opaque", prefix)
-        if not data:
-            return SniffResult("opaque", prefix)
-        prefix += data
-        found = sniff(prefix)
-        if found is not None:
-            return SniffResult(found, prefix)
-        if len(prefix) >= max_bytes:
-            return SniffResult("opaque", prefix)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    data = await down.read(max_bytes)
+                except (StreamReset, OSError):
+                    return SniffResult("opaque", prefix)
+                if not data:
+                    return SniffResult("opaque", prefix)
+                prefix += data
+                found = sniff(prefix)
+                if found is not None:
+                    return SniffResult(found, prefix)
+                if len(prefix) >= max_bytes:
+                    return SniffResult("opaque", prefix)
+    except TimeoutError:
+        return SniffResult("opaque", prefix)
 
 
-async def proxy(down: ByteStream, hooks: Hooks, limits: Limits | None = None) -> SniffResult:
-    """Sniff `down` and serve it as HTTP/1.x or HTTP/2 until the connection ends.
+async def proxy(down: ByteStream, hooks: Hooks, limits: Limits | None = None, *,
+                sniff_timeout: float | None = None) -> SniffResult:
+    """Sniff `down` (for at most `sniff_timeout` seconds) and serve it as HTTP/1.x or
+    HTTP/2 until the connection ends.
 
     Returns what was sniffed. For "http1"/"http2" the engine has closed `down`
     when this returns; for "opaque" `down` is untouched beyond the prefix read.
     Never raises for bad input or a failed peer (cancellation propagates).
     """
-    found = await sniff_stream(down)
+    found = await sniff_stream(down, timeout=sniff_timeout)
     if found.protocol == "http1":
         await serve_http1(down, hooks, limits, prefix=found.prefix)
     elif found.protocol == "http2":

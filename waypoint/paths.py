@@ -11,8 +11,9 @@ refused (a `PathError`, answered 400) rather than guessed.
 - dot segments are resolved (RFC 3986 5.2.4) after duplicate slashes are merged;
 - refused: an encoded `/` or `\\` (%2F, %5C), a raw `\\`, a malformed escape, `..`
   that climbs above the root, a dot segment with parameters (`..;`, which Tomcat
-  reads as `..`), a NUL or any control, space or non-ASCII character (raw or
-  escaped), a fragment, and a target that is not origin-form. Absolute-form
+  reads as `..`), a NUL or any control character (raw or escaped), a raw space
+  or non-ASCII character (escaped UTF-8, `%C3%A9`, is kept as written), a
+  fragment, and a target that is not origin-form. Absolute-form
   (`http://host/path`) is accepted: its path is normalized and its authority
   kept for the caller; `*` only for OPTIONS; authority-form only means CONNECT,
   which the waypoint does not proxy.

@@ -25,7 +25,6 @@ another process's code, allowed by the import contracts).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -39,11 +38,13 @@ from ambit.http import HttpServer, Response
 from ambit.lastgood import LastGood
 from ambit.peers import ClientAddress, client_address, serving_waypoint
 from ambit.policy import (
+    AuthnResult,
     ConnectionFacts,
     Decision,
     HttpFacts,
     authenticate,
     authorize_http,
+    output_headers,
 )
 from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload, build_snapshot
 from ambit.sources import ClusterSource, open_source
@@ -51,11 +52,9 @@ from ambit.spiffe import SpiffeError, SpiffeId
 from ambit.svid import SvidError, TrustBundle
 from ambit.tasks import TaskSet
 from waypoint import WaypointError
+from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Verdict
-from waypoint.http1 import serve_http1
-from waypoint.http2 import serve_http2
 from waypoint.jwks import JwksFiles
-from waypoint.sniff import sniff
 from waypoint.streams import ByteStream, LegStream
 from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
 from ztunnel.accesslog import AccessLog
@@ -428,31 +427,15 @@ class _Session:
         self.upstreams: list[ByteStream] = []
 
     async def run(self, down: LegStream) -> None:
-        first = await self._first_bytes(down)
-        kind = sniff(first) if first else "opaque"
         hooks = Hooks(decide=self.decide, open_upstream=self.open_upstream, on_request=self.on_request,
                       authority=self.target.authority)
         try:
-            if kind == "http1":
-                await serve_http1(down, hooks, self.wp.config.limits, prefix=first)
-            elif kind == "http2":
-                await serve_http2(down, hooks, self.wp.config.limits, prefix=first)
-            else:
-                await self._opaque(down, first)
+            found = await proxy(down, hooks, self.wp.config.limits, sniff_timeout=SNIFF_TIMEOUT)
+            if found.protocol == "opaque":
+                await self._opaque(down, found.prefix)
         finally:
             for up in self.upstreams:
                 up.close()
-
-    async def _first_bytes(self, down: LegStream) -> bytes:
-        got = b""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(SNIFF_TIMEOUT):
-                while sniff(got) is None:
-                    chunk = await down.read(65536)
-                    if not chunk:
-                        break
-                    got += chunk
-        return got
 
     # -- hooks
 
@@ -476,12 +459,16 @@ class _Session:
         })
         rf.trace_id = self.wp.tracing.trace_id(span)
         context = _RequestContext(rf, span, time.monotonic())
-        headers = {n: v for n, v in req.headers}
+        headers = _joined(req.headers)
         # JWT first (RequestAuthentication): a present but invalid token is refused (401), a
-        # missing one passes and the policies decide. A CORS preflight carries no token.
+        # missing one passes and the policies decide. A CORS preflight carries no token, but
+        # the headers only a verified token may set are removed from it all the same.
         preflight = req.method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers
-        rules = () if preflight else snap.policies.jwt_rules(t.workload)
-        authn = authenticate(rules, headers, req.target, now=self.wp.clock(), keys=self.wp.jwks.resolve)
+        rules = snap.policies.jwt_rules(t.workload)
+        if preflight:
+            authn = AuthnResult(ok=True, remove_headers=output_headers(rules))
+        else:
+            authn = authenticate(rules, headers, req.target, now=self.wp.clock(), keys=self.wp.jwks.resolve)
         if not authn.ok:
             rf.decision, rf.reason, rf.policy = "deny", authn.reason, authn.rule
             challenge = authn.www_authenticate(req.authority or t.authority)
@@ -563,11 +550,14 @@ class _Session:
     # -- not HTTP
 
     async def _opaque(self, down: LegStream, first: bytes) -> None:
-        """TCP that is not HTTP: through only when no rule that needs HTTP applies."""
+        """TCP that is not HTTP (or that was not HTTP soon enough): through only when no rule
+        that needs HTTP applies, and no RequestAuthentication (whose checks and header
+        cleaning it would skip)."""
         snap = self.wp.store.current
         t = self.target
         l7 = [f"{p.ref} rule {r.index}" for p in snap.policies.applicable(t.workload, at_waypoint=True)
               for r in p.rules if r.l7_fields]
+        l7 += [r.where for r in snap.policies.jwt_rules(t.workload)]
         rf = RequestFacts(method="", authority=t.authority, path="", protocol="tcp", client_ip=self.client.ip or "",
                           source_workload=self.client.workload.uid if self.client.workload else None,
                           source_principal=str(self.conn.identity) if self.conn.identity else None,
@@ -607,6 +597,16 @@ def _split(uid: str | None) -> tuple[str, str]:
         return "unknown", "unknown"
     ns, name = uid.split("/", 1)
     return name, ns
+
+
+def _joined(headers: list[tuple[str, str]]) -> dict[str, str]:
+    """One value per header name, as policy and JWT checks see them: a repeated field's
+    values joined (", ", cookies "; "), as Envoy does, so what is checked is everything the
+    application receives, not just the last copy."""
+    out: dict[str, str] = {}
+    for n, v in headers:
+        out[n] = f"{out[n]}{'; ' if n == 'cookie' else ', '}{v}" if n in out else v
+    return out
 
 
 def _forwarded_node(ip: str) -> str:

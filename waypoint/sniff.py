@@ -32,7 +32,13 @@ def sniff(first_bytes: bytes) -> Sniffed | None:
     head = first_bytes[: len(PREFACE)]
     if PREFACE.startswith(head):
         return "http2" if len(head) == len(PREFACE) else None
-    return _sniff_http1(first_bytes)
+    # Empty lines before a request line are HTTP/1 too (RFC 9112 2.2: servers may skip
+    # them; h11 answers 400): taking them for opaque would let such a request pass
+    # around the HTTP rules to a server that skips them.
+    body = first_bytes.lstrip(b"\r\n")
+    if not body:
+        return None if len(first_bytes) < _MAX_METHOD else "opaque"
+    return _sniff_http1(body)
 
 
 def _sniff_http1(data: bytes) -> Sniffed | None:

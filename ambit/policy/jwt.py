@@ -32,7 +32,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote_plus
+from urllib.parse import parse_qsl
 
 from joserfc.errors import JoseError
 from joserfc.jwk import JWKRegistry, Key
@@ -180,7 +180,7 @@ class RequestAuth:
 @dataclass(frozen=True)
 class AuthnResult:
     """What to do with the request. `ok`: forward it (with `auth` when a token was verified,
-    after applying the header and query edits); otherwise reply `status` with `reason` as
+    after applying the header edits); otherwise reply `status` with `reason` as
     the body and `www_authenticate(...)` as the WWW-Authenticate header."""
 
     ok: bool
@@ -189,26 +189,11 @@ class AuthnResult:
     reason: str = ""
     rule: str | None = None  # "ns/name jwtRules[i]" that decided, for logs
     remove_headers: tuple[str, ...] = ()  # lower-cased names, removed before `set_headers`
-    remove_params: tuple[str, ...] = ()  # query parameters to drop (`forwarded_path`)
     set_headers: tuple[tuple[str, str], ...] = ()
-
-    def forwarded_path(self, path: str) -> str:
-        """`path` without the query parameters in `remove_params`."""
-        return strip_params(path, self.remove_params) if self.remove_params else path
 
     def www_authenticate(self, realm: str) -> str:
         """Envoy's challenge for a rejected token; `realm` is the request's URI."""
         return f'Bearer realm="{realm}", error="invalid_token"'
-
-
-def strip_params(path: str, names: Sequence[str]) -> str:
-    """`path` with every `name=...` of its query string removed; the rest kept byte for byte."""
-    base, sep, query = path.partition("?")
-    if not sep:
-        return path
-    drop = set(names)
-    kept = [p for p in query.split("&") if p and unquote_plus(p.split("=", 1)[0]) not in drop]
-    return f"{base}?{'&'.join(kept)}" if kept else base
 
 
 # ---------------------------------------------------------------------------
@@ -245,7 +230,10 @@ def _b64(segment: str) -> bytes:
 
 
 def _json_object(segment: str) -> dict[str, Any]:
-    v = json.loads(_b64(segment))
+    try:
+        v = json.loads(_b64(segment))
+    except RecursionError:  # '[[[[...' nested deeper than the parser recurses
+        raise ValueError("nested too deeply") from None
     if not isinstance(v, dict):
         raise ValueError("not an object")
     return v
@@ -431,6 +419,15 @@ def _normalized(claims: Mapping[str, Any], rule: JwtRule) -> dict[str, Any]:
     return out
 
 
+def output_headers(rules: Sequence[JwtRule]) -> tuple[str, ...]:
+    """The headers only a verified token may set (`outputPayloadToHeader`,
+    `outputClaimToHeaders`): removed from every request the rules apply to, so a
+    client never gets to forge them, even on a request that is not checked."""
+    return tuple(dict.fromkeys(
+        h for r in rules for h in (r.output_payload_to_header, *(c.header for c in r.output_claim_to_headers)) if h
+    ))
+
+
 def authenticate(
     rules: Sequence[JwtRule],
     headers: Mapping[str, str],
@@ -454,10 +451,7 @@ def authenticate(
     for k, v in parse_qsl(query, keep_blank_values=True):
         params.setdefault(k, v)
     cookies = _cookies(low.get("cookie"))
-    # Headers only a verified token may set: a client never gets to forge them.
-    sanitize = tuple(dict.fromkeys(
-        h for r in rules for h in (r.output_payload_to_header, *(c.header for c in r.output_claim_to_headers)) if h
-    ))
+    sanitize = output_headers(rules)
     ordered = sorted(rules, key=lambda r: (r.issuer, r.policy, r.index))
     found = [(r, _tokens(r, low, params, cookies)) for r in ordered]
     if not any(ts for _, ts in found):
@@ -493,14 +487,11 @@ def _accepted(rule: JwtRule, tokens: Sequence[_Found], parsed: _Parsed, sanitize
         if v is not None:
             set_headers.append((ch.header, v))
     remove_headers = list(sanitize)
-    remove_params: list[str] = []
     if not rule.forward_original_token:
-        # As Envoy: the token's header goes, and its query parameter; a cookie stays.
+        # As Envoy: the token's header goes; a query parameter or a cookie stays.
         for t in tokens:
             if t.where == "header" and t.name not in remove_headers:
                 remove_headers.append(t.name)
-            elif t.where == "param" and t.name not in remove_params:
-                remove_params.append(t.name)
     azp = c.get("azp")
     auth = RequestAuth(
         principal=f"{c.get('iss', '')}/{c.get('sub', '')}",
@@ -510,4 +501,4 @@ def _accepted(rule: JwtRule, tokens: Sequence[_Found], parsed: _Parsed, sanitize
         rule=rule.where,
     )
     return AuthnResult(ok=True, auth=auth, rule=rule.where, remove_headers=tuple(remove_headers),
-                       remove_params=tuple(remove_params), set_headers=tuple(set_headers))
+                       set_headers=tuple(set_headers))

@@ -33,7 +33,23 @@ from ztunnel.config import Listen, Timeouts
 ISSUER = "https://issuer.example"
 
 
-def cluster_yaml(prefix: str, jwks: str) -> str:
+CHARGES_L7 = f"""
+  rules:
+  - from: [{{source: {{principals: [cluster.local/ns/pay/sa/orders]}}}}]
+    to: [{{operation: {{methods: [POST], paths: [/api/v1/charges*]}}}}]
+  - to: [{{operation: {{methods: [GET], paths: [/health]}}}}]
+    when: [{{key: "request.headers[x-probe]", values: ["yes"]}}]
+  - from: [{{source: {{requestPrincipals: ["{ISSUER}/*"]}}}}]
+    to: [{{operation: {{paths: [/jwt/*]}}}}]
+"""
+# an L4-only policy: only the RequestAuthentication needs HTTP
+CHARGES_L4 = """
+  rules:
+  - from: [{source: {namespaces: [pay]}}]
+"""
+
+
+def cluster_yaml(prefix: str, jwks: str, charges: str = CHARGES_L7) -> str:
     return f"""
 ---
 apiVersion: v1
@@ -50,15 +66,7 @@ kind: AuthorizationPolicy
 metadata: {{name: charges, namespace: pay}}
 spec:
   selector: {{matchLabels: {{app: charges}}}}
-  action: ALLOW
-  rules:
-  - from: [{{source: {{principals: [cluster.local/ns/pay/sa/orders]}}}}]
-    to: [{{operation: {{methods: [POST], paths: [/api/v1/charges*]}}}}]
-  - to: [{{operation: {{methods: [GET], paths: [/health]}}}}]
-    when: [{{key: "request.headers[x-probe]", values: ["yes"]}}]
-  - from: [{{source: {{requestPrincipals: ["{ISSUER}/*"]}}}}]
-    to: [{{operation: {{paths: [/jwt/*]}}}}]
----
+  action: ALLOW{charges}---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
 metadata: {{name: jwt, namespace: pay}}
@@ -67,6 +75,7 @@ spec:
   jwtRules:
   - issuer: "{ISSUER}"
     jwks: '{jwks}'
+    outputPayloadToHeader: x-jwt-payload
 """ + pod_yaml("pay", "orders", "node-a", "orders", f"{prefix}.61") \
         + pod_yaml("pay", "wp-waypoint", "node-a", "wp", f"{prefix}.50",
                    {"gateway.networking.k8s.io/gateway-name": "wp", "ambit.dev/dataplane-mode": "none"}) \
@@ -92,6 +101,7 @@ class Rig:
     mesh: Mesh
     wp: Waypoint
     key: RSAKey
+    jwks: str
     traces: TraceReceiver
     tmp: Path
 
@@ -155,7 +165,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
                 await mesh.wait_ready("node-a")
                 await mesh.wait_ready("node-b")
                 async with http_app(f"{mesh.prefix}.60", 8080):
-                    yield Rig(mesh, wp, key, receiver, tmp_path)
+                    yield Rig(mesh, wp, key, jwks, receiver, tmp_path)
             finally:
                 await wp.stop()
     finally:
@@ -278,3 +288,68 @@ async def test_traffic_that_is_not_http_is_denied_where_http_rules_apply(rig: Ri
     w.close()
     entry = [e for e in rig.access_log() if e["protocol"] == "tcp"][-1]
     assert entry["decision"] == "deny" and "rules that need HTTP apply" in entry["reason"], entry
+
+
+async def test_a_repeated_header_is_judged_by_all_its_values(rig: Rig) -> None:
+    # the app may read the first x-probe ("no"); the policy must not judge only the last
+    other = await rig.mesh.socks5_connect("node-a", rig.mesh.pods["shop/client"], rig.vip, 80)
+    c = H1Client(*other, "charges.pay.svc.cluster.local")
+    try:
+        probes = [("x-probe", "no"), ("x-probe", "yes")]
+        assert (await c.request("GET", "/health", headers=probes)).status == 403
+    finally:
+        c.close()
+
+
+async def test_x_forwarded_for_ends_with_the_client_the_mesh_verified(rig: Rig) -> None:
+    c = await rig.h1(f"{rig.mesh.prefix}.61")
+    try:
+        seen = (await c.request("POST", "/api/v1/charges", headers=[("x-forwarded-for", "6.6.6.6")])).json()
+        # the waypoint appends the address it vouches for: the last hop is the real client
+        assert seen["x-forwarded-for"] == f"6.6.6.6, {rig.mesh.prefix}.61", seen
+    finally:
+        c.close()
+
+
+async def _raw(rig: Rig, *parts: bytes, pause: float = 0.0) -> bytes:
+    r, w = await rig.mesh.socks5_connect("node-a", f"{rig.mesh.prefix}.61", rig.vip, 80)
+    try:
+        for n, part in enumerate(parts):
+            if n:
+                await asyncio.sleep(pause)
+            w.write(part)
+            await w.drain()
+        return await asyncio.wait_for(r.read(65536), 10)
+    finally:
+        w.close()
+
+
+async def test_http_sent_slowly_or_oddly_does_not_skip_the_jwt_checks(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    import waypoint.server
+
+    monkeypatch.setattr(waypoint.server, "SNIFF_TIMEOUT", 0.2)
+    rig.mesh.write("pay", cluster_yaml(rig.mesh.prefix, rig.jwks, CHARGES_L4))
+    charges = rig.wp.store.current.workload("pay/charges")
+    assert charges is not None
+    for _ in range(200):  # the waypoint has the L4-only policy
+        pols = rig.wp.store.current.policies.applicable(charges, at_waypoint=True)
+        if all(not r.l7_fields for p in pols for r in p.rules):
+            break
+        await asyncio.sleep(0.05)
+    forged = (b"Host: charges\r\nx-jwt-payload: eyJzdWIiOiJhZG1pbiJ9\r\n"
+              b"authorization: Bearer not.a.jwt\r\n\r\n")
+    # sent at once, the request is HTTP: the bad token is refused
+    assert (await _raw(rig, b"GET / HTTP/1.1\r\n" + forged)).startswith(b"HTTP/1.1 401")
+    # sent too slowly to be recognized, it is opaque, and opaque is refused where a
+    # RequestAuthentication applies (it would pass around the token check and header cleaning)
+    assert await _raw(rig, b"GET / HT", b"TP/1.1\r\n" + forged, pause=0.5) == b""
+    entry = [e for e in rig.access_log() if e["protocol"] == "tcp"][-1]
+    assert entry["decision"] == "deny" and "pay/jwt jwtRules[0]" in entry["reason"], entry
+    # empty lines before the request line are HTTP/1 (answered 400), not opaque
+    assert (await _raw(rig, b"\r\nGET / HTTP/1.1\r\n" + forged)).startswith(b"HTTP/1.1 400")
+    # a CORS preflight is not checked for a token, but its forged claim headers are removed
+    reply = await _raw(rig, b"OPTIONS / HTTP/1.1\r\norigin: https://a.example\r\n"
+                            b"access-control-request-method: GET\r\nHost: charges\r\n"
+                            b"x-jwt-payload: eyJzdWIiOiJhZG1pbiJ9\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert json.loads(reply.partition(b"\r\n\r\n")[2])["x-jwt-payload"] is None

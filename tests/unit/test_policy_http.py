@@ -87,7 +87,7 @@ CASES: list[tuple[str, str, str, str, str, dict[str, str], bool, str]] = [
     ("header-not-values", when("request.headers[x-user]", "notValues", "[mallory]"), "GET", "/", "web", {"x-user": "mallory"}, False, "none matched"),
     ("request-principals-never", src("requestPrincipals", '["*"]'), "GET", "/", "web", {}, False, "none matched"),
     ("not-request-principals-always", src("notRequestPrincipals", '["*"]'), "GET", "/", "web", {}, True, "no request principal"),
-    ("remote-ip-xff", src("remoteIpBlocks", '["203.0.113.0/24"]'), "GET", "/", "web", {"X-Forwarded-For": "203.0.113.9, 10.1.0.1"}, True, "remote IP 203.0.113.9"),
+    ("remote-ip-not-xff", src("remoteIpBlocks", '["203.0.113.0/24"]'), "GET", "/", "web", {"X-Forwarded-For": "203.0.113.9, 10.1.0.1"}, False, "none matched"),
     ("remote-ip-peer", src("remoteIpBlocks", '["10.9.0.0/16"]'), "GET", "/", "web", {}, True, "remote IP 10.9.0.1"),
     ("deny-is-precise-at-l7", op("methods", "[DELETE]", action="DENY"), "GET", "/", "web", {}, True, "no DENY policy matched"),
     ("deny-matches-at-l7", op("methods", "[DELETE]", action="DENY"), "DELETE", "/", "web", {}, False, "denied by DENY policy shop/p rule 0"),

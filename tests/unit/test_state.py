@@ -109,6 +109,39 @@ def test_workloads_by_ip_with_identity_node_and_waypoint() -> None:
     assert snap.version == 1 and snap.trust_domain == "example.org" and snap.node == "node-a"
 
 
+SHOP_WAYPOINT = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: shop-wp, namespace: shop}
+spec: {gatewayClassName: ambit-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+"""
+
+IMPOSTOR = """
+apiVersion: v1
+kind: Pod
+metadata: {name: evil, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: shop-wp}}
+spec: {nodeName: node-a, serviceAccountName: aaa-evil}
+status: {podIP: 10.101.0.66, phase: Running}
+"""
+
+
+def test_the_waypoint_identity_is_its_gateways_service_account() -> None:
+    snap = build_snapshot(state(SHOP_WAYPOINT), "node-a")
+    wp = snap.waypoints["shop/shop-wp"]
+    assert wp.identity == SpiffeId("cluster.local", "shop", "shop-wp") and wp.addresses == ("10.102.0.9",)
+    assert not snap.errors
+
+
+def test_a_pod_with_the_gateway_label_and_another_account_is_not_the_waypoint() -> None:
+    # it would otherwise take the waypoint's identity (sorted first) and skip its own waypoint
+    snap = build_snapshot(state(SHOP_WAYPOINT + "---\n" + IMPOSTOR), "node-a")
+    wp = snap.waypoints["shop/shop-wp"]
+    assert wp.identity == SpiffeId("cluster.local", "shop", "shop-wp") and wp.addresses == ("10.102.0.9",)
+    assert any("shop/evil" in e and "aaa-evil" in e for e in snap.errors), snap.errors
+    evil = snap.workload("shop/evil")
+    assert evil is not None and evil.waypoint == "shop-wp"  # its traffic goes through the waypoint
+
+
 def test_service_vip_resolves_to_endpoints_and_target_ports() -> None:
     snap = build_snapshot(state(), "node-a")
     svc = snap.service_by_vip("10.96.0.10")
