@@ -2,9 +2,12 @@
 
 `inspect_csr` turns a PEM CSR into the one SPIFFE ID it requests or refuses it
 (INVALID_ARGUMENT: unparsable, bad signature, zero or several URI SANs,
-non-SPIFFE URI, foreign trust domain). `authorize` decides, against one
-cluster snapshot, whether the calling node hosts that identity
-(PERMISSION_DENIED otherwise, saying which pod/node is missing).
+non-SPIFFE URI, foreign trust domain). `authorize_caller` decides whether the
+caller may have that identity: a node (its ztunnel) only while it hosts a pod
+with that namespace and service account, against one cluster snapshot
+(`authorize`); a workload (a pod that showed its own ServiceAccount token, e.g.
+a waypoint) only its own identity, Istio's rule for istiod's CSRs.
+PERMISSION_DENIED otherwise, saying what is missing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,33 @@ class Verdict:
     @property
     def allowed(self) -> bool:
         return self.code == OK
+
+
+@dataclass(frozen=True)
+class NodeCaller:
+    """A node's ztunnel: it may obtain the identities of the pods scheduled on the node."""
+
+    node: str
+
+    def describe(self) -> str:
+        return f"node {self.node}"
+
+
+@dataclass(frozen=True)
+class WorkloadCaller:
+    """A pod that proved its own ServiceAccount (a token bound to it, the pod running): it
+    may obtain exactly `spiffe://<td>/ns/<namespace>/sa/<service_account>`."""
+
+    namespace: str
+    service_account: str
+    pod: str  # the name of the pod the token is bound to
+    node: str | None = None  # where that pod runs (for the audit line)
+
+    def describe(self) -> str:
+        return f"pod {self.namespace}/{self.pod} (service account {self.namespace}/{self.service_account})"
+
+
+Caller = NodeCaller | WorkloadCaller
 
 
 @dataclass(frozen=True)
@@ -106,5 +136,21 @@ def authorize(node: str, identity: SpiffeId, cluster: ClusterState) -> Verdict:
     return Verdict(
         PERMISSION_DENIED,
         f"node {node} may not obtain {identity}: no pod with service account {ns}/{sa} is scheduled on it; {where}{known}",
+        identity,
+    )
+
+
+def authorize_caller(caller: Caller, identity: SpiffeId, cluster: ClusterState) -> Verdict:
+    """May `caller` obtain `identity`? A node: `authorize`. A workload: its own identity only."""
+    if isinstance(caller, NodeCaller):
+        return authorize(caller.node, identity, cluster)
+    ns, sa = caller.namespace, caller.service_account
+    if (identity.namespace, identity.service_account) == (ns, sa):
+        return Verdict(OK, f"{caller.describe()} asks for its own identity", identity)
+    own = SpiffeId(identity.trust_domain, ns, sa)
+    return Verdict(
+        PERMISSION_DENIED,
+        f"{caller.describe()} may obtain only its own identity {own}, not {identity}: a ServiceAccount "
+        "token speaks for that ServiceAccount alone",
         identity,
     )

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from ambit.args import CliError, duration
 from ambit.cluster import ClusterError
-from ambit.sources import open_source
+from ambit.sources import ClusterSource, open_source
 from controlplane import ControlPlaneError
 from controlplane.pki import NODE_TTL, CaMaterial, write_node_credential
 from controlplane.server import (
@@ -75,7 +75,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "namespace and service account is scheduled on it. The calling node is known from its node "
         "credential (--node-auth credential: mutual TLS) or from its pod's ServiceAccount token "
         "(--node-auth tokenreview: 'authorization: Bearer', checked by a Kubernetes TokenReview). "
-        "One JSON audit line per issuance/refusal.",
+        "With tokenreview, any other Running pod's bound token obtains exactly its own identity "
+        "(waypoints). One JSON audit line per issuance/refusal.",
     )
     p.add_argument("--dir", required=True, type=Path, help="the CA directory")
     p.add_argument("--cluster", required=True, help="cluster state source: local:PATH or kubernetes")
@@ -95,6 +96,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "(repeatable; default ambit-system/ambit, the DaemonSet's)")
     p.add_argument("--token-audience", action="append", default=None, metavar="AUD",
                    help="tokenreview: audience the token must carry (repeatable; default ambit-ca)")
+    p.add_argument("--no-workload-tokens", action="store_true",
+                   help="tokenreview: refuse tokens of other ServiceAccounts (by default a Running pod's "
+                   "bound token obtains its own identity, as waypoints on Kubernetes need)")
     p.set_defaults(func=cmd_run)
 
 
@@ -161,7 +165,8 @@ def token_authenticator(args: argparse.Namespace) -> TokenAuthenticator | None:
     """The TokenReview authenticator `--node-auth tokenreview` asks for (None in credential mode)."""
     token_flags = [f for f, v in (("--token-review-api", args.token_review_api),
                                   ("--token-service-account", args.token_service_account),
-                                  ("--token-audience", args.token_audience)) if v]
+                                  ("--token-audience", args.token_audience),
+                                  ("--no-workload-tokens", args.no_workload_tokens)) if v]
     if args.node_auth != NODE_AUTH_TOKENREVIEW:
         if token_flags:
             raise CliError(f"{', '.join(token_flags)} only apply with --node-auth tokenreview")
@@ -184,9 +189,23 @@ def token_authenticator(args: argparse.Namespace) -> TokenAuthenticator | None:
             spec,
             service_accounts=args.token_service_account or DEFAULT_SERVICE_ACCOUNTS,
             audiences=args.token_audience or DEFAULT_AUDIENCES,
+            workloads=not args.no_workload_tokens,
         )
     except ValueError as e:  # a bad --token-service-account
         raise CliError(f"--token-service-account: {e}") from e
+
+
+# What the CA reads of the cluster: which pods (namespace, service account) run on which
+# node. On Kubernetes it lists and watches pods alone, so its RBAC needs nothing else.
+CA_KUBE_RESOURCES = ("pods",)
+
+
+def cluster_source(spec: str) -> ClusterSource:
+    if spec == "kubernetes" or spec.startswith("kubernetes:"):
+        from ambit.sources.kube import KubernetesSource, api_client_from_spec
+
+        return KubernetesSource(api_client_from_spec(spec), description=spec, resources=CA_KUBE_RESOURCES)
+    return open_source(spec)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -194,7 +213,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         material = CaMaterial.load(args.dir, args.trust_domain)
         token_auth = token_authenticator(args)
-        source = open_source(args.cluster)
+        source = cluster_source(args.cluster)
     except (ControlPlaneError, ClusterError) as e:
         raise CliError(str(e)) from e
     stream: TextIO = sys.stderr

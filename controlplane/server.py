@@ -1,13 +1,14 @@
 """The CA server: `IstioCertificateService/CreateCertificate` over gRPC/TLS, and who the caller's node is.
 
-Per request: authenticate the calling node, in one of two modes (`node_auth`):
+Per request: authenticate the caller, in one of two modes (`node_auth`):
 `credential` (mutual TLS with a node credential this CA issued) or
 `tokenreview` (TLS without a client certificate; the `authorization: Bearer`
-metadata carries the ztunnel pod's ServiceAccount token, which a
-`TokenAuthenticator` maps to a node). Then read what the CSR asks for
-(`authz.inspect_csr`), decide against the current cluster state
-(`authz.authorize`), sign, and write one JSON audit line for every issuance
-and refusal, naming the auth mode and the node. Usable in-process
+metadata carries a pod's ServiceAccount token, which a `TokenAuthenticator`
+maps to a node, for a ztunnel, or to the workload itself, e.g. a waypoint).
+Then read what the CSR asks for (`authz.inspect_csr`), decide against the
+current cluster state (`authz.authorize_caller`), sign, and write one JSON
+audit line for every issuance and refusal, naming the auth mode and the node
+(and the workload, for a workload's token). Usable in-process
 (`CaServer.start()/stop()`, `.port`) by tests and the local cluster, and by
 `ambit ca run`.
 """
@@ -70,15 +71,16 @@ class AuditLog:
 
 
 class TokenAuthenticator(Protocol):
-    """Maps a bearer token to the node it speaks for (`controlplane.tokenreview.TokenReviewAuthenticator`).
+    """Maps a bearer token to whom it speaks for (`controlplane.tokenreview.TokenReviewAuthenticator`).
 
-    `authenticate` returns the node name, or None for a token that names no node
-    (invalid, expired, wrong audience, another ServiceAccount, not pod-bound);
-    it raises `ControlPlaneError` when it cannot answer at all (API server down).
-    It blocks (HTTP), so the server calls it off the event loop.
+    `identify` returns a node (`authz.NodeCaller`) or a workload
+    (`authz.WorkloadCaller`), or None for a token that speaks for no one
+    (invalid, expired, wrong audience, not pod-bound, its pod gone); it raises
+    `ControlPlaneError` when it cannot answer at all (API server down). It
+    blocks (HTTP), so the server calls it off the event loop.
     """
 
-    def authenticate(self, token: str) -> str | None: ...
+    def identify(self, token: str) -> authz.Caller | None: ...
 
 
 class _Refused(Exception):
@@ -180,31 +182,34 @@ class CaServer:
 
     # -- the RPC ----------------------------------------------------------------
 
-    async def authenticate_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
-        """The calling node's name by the configured mode, else _Refused (UNAUTHENTICATED / UNAVAILABLE)."""
+    async def authenticate_call(self, context: grpc.aio.ServicerContext[Any, Any]) -> authz.Caller:
+        """Who calls, by the configured mode, else _Refused (UNAUTHENTICATED / UNAVAILABLE)."""
         if self.token_auth is None:
-            return self.authenticate(context)
+            return authz.NodeCaller(self.authenticate(context))
         token = bearer_token(context.invocation_metadata() or ())
         try:
             # TokenReview is a blocking HTTP call (and maybe a pod read): off the loop.
-            node = await asyncio.to_thread(self.token_auth.authenticate, token)
+            caller = await asyncio.to_thread(self.token_auth.identify, token)
         except ControlPlaneError as e:
             raise _Refused(
                 grpc.StatusCode.UNAVAILABLE, f"cannot check the node token now: {e}; retry later"
             ) from e
-        if node is None:
+        if caller is None:
             raise _Refused(grpc.StatusCode.UNAUTHENTICATED, self._token_rejected())
-        return node
+        return caller
 
     def _token_rejected(self) -> str:
         sas = sorted(getattr(self.token_auth, "service_accounts", ()) or ())
         auds = list(getattr(self.token_auth, "audiences", ()) or ())
         want = "a projected ServiceAccount token bound to a pod"
-        if sas:
-            want += f" of {' or '.join(sas)}"
         if auds:
-            want += f" with audience {' or '.join(auds)}"
-        return f"bearer token rejected: the CA accepts only {want} (expired, wrong audience, or another ServiceAccount?)"
+            want += f", with audience {' or '.join(auds)},"
+        if sas:
+            want += f" of {' or '.join(sas)} (a node's ztunnel)"
+        if getattr(self.token_auth, "workloads", False):
+            want += " or of a Running pod's own ServiceAccount (its own identity only)"
+        return (f"bearer token rejected: the CA accepts only {want} "
+                "(expired, wrong audience, not bound to a pod, or its pod gone?)")
 
     def authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The node name of the caller's verified node credential, else _Refused(UNAUTHENTICATED)."""
@@ -232,10 +237,12 @@ class CaServer:
 
     async def _create_certificate(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> list[str]:
         node: str | None = None
+        caller: authz.Caller | None = None
         ident = None
         peer = context.peer()
         try:
-            node = await self.authenticate_call(context)
+            caller = await self.authenticate_call(context)
+            node = caller.node
             try:
                 csr, ttl, meta = caproto.decode_request(request)
             except Exception as e:  # protobuf raises DecodeError and friends
@@ -244,25 +251,32 @@ class CaServer:
             if isinstance(facts, authz.Verdict):
                 raise _Refused(_CODES[facts.code], facts.reason, node)
             ident = facts.identity
-            verdict = authz.authorize(node, ident, self.source.current())
+            verdict = authz.authorize_caller(caller, ident, self.source.current())
             if not verdict.allowed:
                 raise _Refused(_CODES[verdict.code], verdict.reason, node)
             granted = min(ttl, self.max_ttl) if ttl > 0 else self.max_ttl
             chain = self.material.sign_leaf(facts.public_key, ident, dt.timedelta(seconds=granted))
         except _Refused as r:
             self.audit.write(
-                event="refused", auth=self.node_auth, node=r.node or node, identity=str(ident) if ident else None,
-                code=r.code.name, reason=r.reason, peer=peer,
+                event="refused", auth=self.node_auth, node=r.node or node, **_workload_fields(caller),
+                identity=str(ident) if ident else None, code=r.code.name, reason=r.reason, peer=peer,
             )
             await context.abort(r.code, r.reason)
             raise AssertionError("unreachable") from None  # abort() raises
         leaf = chain[0]
         self.audit.write(
-            event="issued", auth=self.node_auth, node=node, identity=str(ident), serial=f"{leaf.serial_number:x}",
+            event="issued", auth=self.node_auth, node=node, **_workload_fields(caller), identity=str(ident), serial=f"{leaf.serial_number:x}",
             not_before=leaf.not_valid_before_utc.isoformat(), not_after=leaf.not_valid_after_utc.isoformat(),
             requested_ttl=ttl, granted_ttl=granted, peer=peer, metadata=meta or None,
         )
         return [cert_pem(c).decode() for c in chain]
+
+
+def _workload_fields(caller: authz.Caller | None) -> dict[str, str]:
+    """The audit line's `workload` and `pod` for a workload's own token (none for a node)."""
+    if isinstance(caller, authz.WorkloadCaller):
+        return {"workload": f"{caller.namespace}/{caller.service_account}", "pod": f"{caller.namespace}/{caller.pod}"}
+    return {}
 
 
 def bearer_token(metadata: Any) -> str:

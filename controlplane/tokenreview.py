@@ -1,14 +1,22 @@
 """Node authentication for the CA in a Kubernetes cluster, by TokenReview.
 
-Owns one question: which node does this bearer token speak for? A ztunnel
-sends the projected ServiceAccount token of its DaemonSet pod; the API server
-(TokenReview) says whether it is valid and for whom. Only the tokens of the
-configured ServiceAccounts (the ambit DaemonSet's) count, and only when the
-token is bound to a pod: the node is the token's
-`authentication.kubernetes.io/node-name` extra field (Kubernetes >= 1.30), or
-else the `spec.nodeName` of the pod named in `.../pod-name` whose uid matches
-`.../pod-uid`. A token of any other workload names no node, even though the
-API server accepts it.
+Owns one question: whom does this bearer token speak for? The API server
+(TokenReview) says whether it is valid and for which ServiceAccount; then:
+
+- a node (`NodeCaller`): a ztunnel sends the projected token of its DaemonSet
+  pod. Only the configured ServiceAccounts (the ambit DaemonSet's) speak for a
+  node, and only when the token is bound to a pod: the node is the token's
+  `authentication.kubernetes.io/node-name` extra field (Kubernetes >= 1.30), or
+  else the `spec.nodeName` of the pod named in `.../pod-name` whose uid matches
+  `.../pod-uid`.
+- a workload (`WorkloadCaller`): any other ServiceAccount's token speaks for
+  that ServiceAccount alone (a waypoint's pod asking for its own identity),
+  when it is bound to a pod (`.../pod-name` and `.../pod-uid`) that still
+  exists with that uid, runs as that ServiceAccount and is Running. What it may
+  obtain is decided by `authz.authorize_caller`: its own identity, nothing else.
+
+A token that is not bound to a pod speaks for no one, even though the API
+server accepts it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from controlplane import ControlPlaneError
+from controlplane.authz import Caller, NodeCaller, WorkloadCaller
 
 log = logging.getLogger("ambit.ca.tokenreview")
 
@@ -42,12 +51,14 @@ class TokenReviewError(ControlPlaneError):
 
 
 class TokenReviewAuthenticator:
-    """`authenticate(token) -> node name | None`; raises TokenReviewError when the API cannot answer.
+    """`identify(token) -> Caller | None`; raises TokenReviewError when the API cannot answer.
 
     `service_accounts` are `namespace/name` pairs whose tokens may speak for a
     node; `audiences` the audiences the token must carry (the DaemonSet projects
-    its token with audience `ambit-ca`; empty means the API server's default).
-    Positive answers are cached for `cache_ttl` seconds by a hash of the token.
+    its token with audience `ambit-ca`; empty means the API server's default);
+    `workloads`: whether other ServiceAccounts' pod-bound tokens speak for
+    themselves (waypoints need it). Positive answers are cached for `cache_ttl`
+    seconds by a hash of the token.
     """
 
     def __init__(
@@ -59,6 +70,7 @@ class TokenReviewAuthenticator:
         request_timeout: float = 5.0,
         cache_ttl: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        workloads: bool = True,
     ) -> None:
         self._auth = client.AuthenticationV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
@@ -68,10 +80,11 @@ class TokenReviewAuthenticator:
             if not ns or not name or "/" in name:
                 raise ValueError(f"service account {sa!r}: expected NAMESPACE/NAME, e.g. ambit-system/ambit")
         self.audiences = list(audiences)
+        self.workloads = workloads
         self._timeout = request_timeout
         self._ttl = cache_ttl
         self._clock = clock
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._cache: dict[str, tuple[Caller, float]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -82,6 +95,11 @@ class TokenReviewAuthenticator:
         return cls(api_client_from_spec(spec), **kw)
 
     def authenticate(self, token: str) -> str | None:
+        """The node a token speaks for, or None (a workload's token speaks for no node)."""
+        caller = self.identify(token)
+        return caller.node if isinstance(caller, NodeCaller) else None
+
+    def identify(self, token: str) -> Caller | None:
         token = token.strip()
         if token.lower().startswith("bearer "):
             token = token[7:].strip()
@@ -93,14 +111,14 @@ class TokenReviewAuthenticator:
             hit = self._cache.get(digest)
             if hit and hit[1] > now:
                 return hit[0]
-        node = self._review(token)
-        if node is not None and self._ttl > 0:
+        caller = self._review(token)
+        if caller is not None and self._ttl > 0:
             with self._lock:
                 self._cache = {k: v for k, v in self._cache.items() if v[1] > now}
-                self._cache[digest] = (node, now + self._ttl)
-        return node
+                self._cache[digest] = (caller, now + self._ttl)
+        return caller
 
-    def _review(self, token: str) -> str | None:
+    def _review(self, token: str) -> Caller | None:
         body = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -130,16 +148,18 @@ class TokenReviewAuthenticator:
             log.warning("node token rejected: %s is not a ServiceAccount", username)
             return None
         sa_ns, _, sa_name = username.removeprefix(SA_PREFIX).partition(":")
+        extra = user.get("extra") or {}
         if f"{sa_ns}/{sa_name}" not in self.service_accounts:
+            if self.workloads:
+                return self._workload(sa_ns, sa_name, extra)
             log.warning(
                 "node token rejected: ServiceAccount %s/%s is not one of %s",
                 sa_ns, sa_name, ", ".join(sorted(self.service_accounts)),
             )
             return None
-        extra = user.get("extra") or {}
         node = _first(extra.get(EXTRA_NODE_NAME))
         if node:
-            return node
+            return NodeCaller(node)
         pod_name, pod_uid = _first(extra.get(EXTRA_POD_NAME)), _first(extra.get(EXTRA_POD_UID))
         if not pod_name:
             log.warning(
@@ -147,9 +167,34 @@ class TokenReviewAuthenticator:
                 sa_ns, sa_name,
             )
             return None
-        return self._node_of_pod(sa_ns, pod_name, pod_uid)
+        pod = self._pod(sa_ns, pod_name, pod_uid)
+        node = (pod.get("spec") or {}).get("nodeName") if pod is not None else None
+        return NodeCaller(str(node)) if node else None
 
-    def _node_of_pod(self, namespace: str, name: str, uid: str | None) -> str | None:
+    def _workload(self, namespace: str, sa: str, extra: dict[str, Any]) -> WorkloadCaller | None:
+        """A workload's token: it speaks for its ServiceAccount while its pod runs as it."""
+        pod_name, pod_uid = _first(extra.get(EXTRA_POD_NAME)), _first(extra.get(EXTRA_POD_UID))
+        if not pod_name or not pod_uid:
+            log.warning("token of %s/%s rejected: not bound to a pod (use a projected ServiceAccount "
+                        "token with audience %s)", namespace, sa, " or ".join(self.audiences) or "the default")
+            return None
+        pod = self._pod(namespace, pod_name, pod_uid)
+        if pod is None:
+            return None
+        spec, status = pod.get("spec") or {}, pod.get("status") or {}
+        runs_as = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        if runs_as != sa:
+            log.warning("token of %s/%s rejected: its pod %s/%s runs as %s", namespace, sa, namespace, pod_name, runs_as)
+            return None
+        if status.get("phase") != "Running":
+            log.warning("token of %s/%s rejected: its pod %s/%s is %s, not Running",
+                        namespace, sa, namespace, pod_name, status.get("phase") or "without a phase")
+            return None
+        node = spec.get("nodeName")
+        return WorkloadCaller(namespace, sa, pod_name, str(node) if node else None)
+
+    def _pod(self, namespace: str, name: str, uid: str | None) -> dict[str, Any] | None:
+        """The token's pod, if it still exists with the token's uid."""
         try:
             resp: Any = self._core.read_namespaced_pod(
                 name, namespace, _preload_content=False, _request_timeout=self._timeout
@@ -158,7 +203,7 @@ class TokenReviewAuthenticator:
             resp.release_conn()
         except ApiException as e:
             if e.status == 404:
-                log.warning("node token rejected: its pod %s/%s no longer exists", namespace, name)
+                log.warning("token rejected: its pod %s/%s no longer exists", namespace, name)
                 return None
             raise TokenReviewError(f"reading pod {namespace}/{name} failed: HTTP {e.status} {e.reason or ''}") from e
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
@@ -166,11 +211,10 @@ class TokenReviewAuthenticator:
         md = pod.get("metadata") or {}
         if uid and md.get("uid") != uid:
             # A new pod with the same name: the token belonged to its predecessor.
-            log.warning("node token rejected: pod %s/%s has uid %s, the token names %s",
+            log.warning("token rejected: pod %s/%s has uid %s, the token names %s",
                         namespace, name, md.get("uid"), uid)
             return None
-        node = (pod.get("spec") or {}).get("nodeName")
-        return str(node) if node else None
+        return dict(pod)
 
 
 def _first(values: Any) -> str | None:

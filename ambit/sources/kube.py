@@ -23,7 +23,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,7 +321,10 @@ class KubernetesSource:
         rediscover_interval: float = 60.0,
         debounce: float = 0.05,
         rng: random.Random | None = None,
+        resources: Collection[str] | None = None,
     ) -> None:
+        """`resources`: the reflector names to list and watch (e.g. only `pods` for the CA,
+        which then needs RBAC for nothing else); None: all of them."""
         self.description = description
         self.api_client = api_client
         self.watch_timeout = watch_timeout
@@ -376,6 +379,11 @@ class KubernetesSource:
             _Reflector(self, "requestauthentications", istio("RequestAuthentication", "requestauthentications")),
             _Reflector(self, "gateways", crd(GATEWAY_GROUP, GATEWAY_VERSIONS, "Gateway", "gateways")),
         ]
+        if resources is not None:
+            unknown = set(resources) - {r.name for r in self._reflectors}
+            if unknown:
+                raise ValueError(f"unknown resources {sorted(unknown)}; known: {[r.name for r in self._reflectors]}")
+            self._reflectors = [r for r in self._reflectors if r.name in resources]
         self._builder = threading.Thread(target=self._build_loop, name="ambit-kube-build", daemon=True)
         for r in self._reflectors:
             r.thread.start()
@@ -498,14 +506,14 @@ class KubernetesSource:
 
     def _build(self) -> None:
         raw = self._snapshot()
-        slices = raw.pop("endpointslices")
-        pods = raw["pods"]
+        slices = raw.pop("endpointslices", [])  # a source of `resources` lacks the others
+        pods = raw.get("pods", [])
         objects: list[dict[str, Any]] = []
         errors: dict[tuple[str, str, str], str] = {}
         last_good: dict[tuple[str, str, str], dict[str, Any]] = {}
         for group in ("namespaces", "nodes", "pods", "services", "authorizationpolicies", "peerauthentications",
                       "requestauthentications", "gateways"):
-            for obj in raw[group]:
+            for obj in raw.get(group, []):
                 md = obj.get("metadata") or {}
                 key = (str(obj.get("kind")), str(md.get("namespace") or ""), str(md.get("name") or ""))
                 if obj.get("kind") == "Service":
