@@ -7,7 +7,8 @@ force (`PolicySet`), `jwt` the request authentication a waypoint runs first
 (`authenticate` a request's JWTs against `PolicySet.jwt_rules`), and `decide`
 the decisions: `authorize` an L4 connection at the ztunnel, `authorize_http` an
 HTTP request at a waypoint (with the `RequestAuth` that `authenticate` found),
-`mtls_mode` the effective PeerAuthentication mode per port. Their vocabulary is
+`mtls_mode` the effective PeerAuthentication mode per port, and `status` what ambit
+enforces of each accepted policy, and where (`PolicySet.statuses`). Their vocabulary is
 typed here too (`Action`, `MtlsMode`, `DecisionAction`), with the `Verdict`
 every process records for a connection.
 """
@@ -17,8 +18,10 @@ from __future__ import annotations
 from ambit.policy.compile import compile_policy
 from ambit.policy.decide import (
     ConnectionFacts,
+    CustomCheck,
     Decision,
     DecisionAction,
+    DryRun,
     EffectiveMtlsMode,
     HttpFacts,
     Verdict,
@@ -51,9 +54,11 @@ from ambit.policy.match import (
     MtlsMode,
     PolicyError,
 )
+from ambit.policy.status import NOT_FULLY_ENFORCED, FieldStatus, PolicyStatus, policy_status
 
 __all__ = [
     "DEFAULT_ROOT_NAMESPACE",
+    "NOT_FULLY_ENFORCED",
     "Action",
     "AuthnResult",
     "CompiledAuthz",
@@ -61,9 +66,12 @@ __all__ = [
     "CompiledPolicy",
     "CompiledRequestAuthn",
     "ConnectionFacts",
+    "CustomCheck",
     "Decision",
     "DecisionAction",
+    "DryRun",
     "EffectiveMtlsMode",
+    "FieldStatus",
     "HttpFacts",
     "Jwks",
     "JwksError",
@@ -72,6 +80,7 @@ __all__ = [
     "MtlsMode",
     "PolicyError",
     "PolicySet",
+    "PolicyStatus",
     "RequestAuth",
     "Verdict",
     "authenticate",
@@ -84,4 +93,5 @@ __all__ = [
     "mtls_port_modes",
     "output_headers",
     "parse_jwks",
+    "policy_status",
 ]

@@ -9,6 +9,7 @@ the matchers of `ambit.policy.match`.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
@@ -17,13 +18,19 @@ from ambit.cluster import PolicyObject
 from ambit.policy.jwt import JwksError, parse_jwks
 from ambit.policy.match import (
     _CLAIM_KEY,
+    _ENVOY_FILTER_KEY,
     _HEADER_KEY,
     ACTIONS,
+    ALWAYS_REJECT_ANNOTATION,
     API_VERSIONS,
+    DRY_RUN_ANNOTATION,
     GATEWAY_GROUP,
+    ISTIO_NETWORKING_GROUP,
     L4_WHEN_KEYS,
     L7_WHEN_KEYS,
     MTLS_MODES,
+    UNSUPPORTED_WHEN_KEYS,
+    Action,
     ClaimToHeader,
     CompiledAuthz,
     CompiledPeerAuthn,
@@ -116,23 +123,25 @@ def _str_list(w: _Where, path: str, v: object) -> list[str]:
     return out
 
 
-def _port(w: _Where, path: str, v: object) -> int:
+def _port(w: _Where, path: str, v: object, *, lowest: int = 1) -> int:
     # The CRD types ports as strings ("8080"); plain YAML integers are accepted too.
     if isinstance(v, bool) or not isinstance(v, int | str):
         raise w.error(path, f"{v!r} is not a port number")
     s = str(v).strip()
-    if not s.isdigit():
-        raise w.error(path, f"{v!r} is not a port number (expected 1-65535)")
+    if not s.isascii() or not s.isdigit():
+        raise w.error(path, f"{v!r} is not a port number (expected {lowest}-65535)")
     n = int(s)
-    if not 1 <= n <= 65535:
-        raise w.error(path, f"port {n} is out of range 1-65535")
+    if not lowest <= n <= 65535:
+        raise w.error(path, f"port {n} is out of range {lowest}-65535")
     return n
 
 
 def _ports(w: _Where, path: str, v: object) -> tuple[PortMatch, ...]:
+    # Istio accepts 0 in AuthorizationPolicy ports (no connection has it: `ports: ["0"]`
+    # matches nothing, `notPorts: ["0"]` excludes nothing).
     if not isinstance(v, list):
         raise w.error(path, f"expected a list of ports, got {_type_name(v)}")
-    return tuple(PortMatch(str(p), _port(w, f"{path}[{i}]", p)) for i, p in enumerate(v))
+    return tuple(PortMatch(str(p), _port(w, f"{path}[{i}]", p, lowest=0)) for i, p in enumerate(v))
 
 
 def _net(w: _Where, path: str, raw: str) -> NetMatch:
@@ -159,6 +168,10 @@ def _labels(w: _Where, path: str, v: object) -> Mapping[str, str] | None:
     for k, val in ml.items():
         if not isinstance(val, str | int | float) or isinstance(val, bool):
             raise w.error(f"{path}.matchLabels.{k}", f"expected a string, got {_type_name(val)}")
+        if not str(k):
+            raise w.error(f"{path}.matchLabels", "a label key must not be empty")
+        if "*" in str(k) or "*" in str(val):
+            raise w.error(f"{path}.matchLabels.{k}", "wildcards (*) are not supported in a selector")
         out[str(k)] = str(val)
     return out or None
 
@@ -199,17 +212,55 @@ def _values(w: _Where, path: str, v: object, kind: str, policy_ns: str) -> tuple
     if kind == "host":
         return tuple(HostMatch(StringMatch.parse(s, ignore_case=True)) for s in items)
     if kind == "path":
+        for i, s in enumerate(items):
+            _check_path_template(w, f"{path}[{i}]", s)
         return tuple(PathMatch.parse(s) for s in items)
     if kind == "sa":
+        # Istio's limits: at most 16, no wildcards, at most 320 characters each.
+        if len(items) > 16:
+            raise w.error(path, f"at most 16 service accounts (got {len(items)})")
         out: list[Matcher] = []
         for i, s in enumerate(items):
             parts = s.split("/")
             if len(parts) > 2 or not all(parts):
                 raise w.error(f"{path}[{i}]", f"{s!r} is not <namespace>/<service-account> or <service-account>")
+            if "*" in s:
+                raise w.error(f"{path}[{i}]", f"{s!r}: wildcards are not allowed in service accounts")
+            if len(s) > 320:
+                raise w.error(f"{path}[{i}]", "longer than 320 characters")
             ns, sa = (parts[0], parts[1]) if len(parts) == 2 else (policy_ns, parts[0])
             out.append(ServiceAccountMatch(s, ns, sa))
         return tuple(out)
     return tuple(StringMatch.parse(s) for s in items)
+
+
+# RFC 3986's pchar without "/": what a literal segment of a path template may hold.
+_PATH_LITERAL = re.compile(r"^[a-zA-Z0-9\-._~%!$&'()+,;:@=]+$")
+
+
+def _check_path_template(w: _Where, path: str, value: str) -> None:
+    """Istio's rules for `paths`: `{*}` matches one segment and `{**}` the rest; `{**}` is the
+    last operator; no other braces anywhere; in a template, every other segment is a literal."""
+    template = "{*}" in value or "{**}" in value
+    seen_rest = False
+    for seg in value.strip("/").split("/"):
+        if seg in ("{*}", "{**}"):
+            if seen_rest:
+                raise w.error(path, f"{value!r}: {{**}} must be the last operator of a path template")
+            seen_rest = seg == "{**}"
+            continue
+        if "{" in seg or "}" in seg:
+            raise w.error(path, f"{value!r}: braces are only allowed as whole segments {{*}} or {{**}}")
+        if template and not _PATH_LITERAL.match(seg):
+            raise w.error(path, f"{value!r}: segment {seg!r} of a path template is not a literal "
+                                "(letters, digits and -._~%!$&'()+,;:@=)")
+
+
+# source fields Istio does not take in a CUSTOM policy's rules (the external authorizer is
+# asked before the peer's identity is matched)
+_NOT_WITH_CUSTOM = ("principals", "notPrincipals", "namespaces", "notNamespaces", "serviceAccounts",
+                    "notServiceAccounts", "requestPrincipals", "notRequestPrincipals")
+_NOT_WITH_CUSTOM_KEYS = ("source.namespace", "source.serviceAccount", "source.principal")
 
 
 def _entry(
@@ -219,6 +270,7 @@ def _entry(
     wrapper: str,
     table: Mapping[str, tuple[str, bool, bool, str]],
     policy_ns: str,
+    action: str = "ALLOW",
 ) -> Entry:
     outer = _mapping(w, path, raw)
     _known(w, path, outer, (wrapper,))
@@ -227,6 +279,17 @@ def _entry(
     inner_path = f"{path}.{wrapper}"
     inner = _mapping(w, inner_path, outer[wrapper])
     _known(w, inner_path, inner, tuple(table))
+    if wrapper == "source":
+        present = {k for k, v in inner.items() if v}
+        if present & {"serviceAccounts", "notServiceAccounts"} and present & {
+            "principals", "notPrincipals", "namespaces", "notNamespaces"
+        }:
+            raise w.error(inner_path, "set serviceAccounts (or notServiceAccounts) without principals or "
+                                      "namespaces (or their not-forms) in the same source, as Istio requires")
+        if action == "CUSTOM":
+            for name in _NOT_WITH_CUSTOM:
+                if inner.get(name) is not None:
+                    raise w.error(f"{inner_path}.{name}", "not supported in a CUSTOM policy's rules (as in Istio)")
     fields = []
     for name, (attr, negate, l7, kind) in table.items():
         if name not in inner or inner[name] is None:
@@ -239,41 +302,52 @@ def _entry(
     return Entry(inner_path, tuple(fields))
 
 
-def _condition(w: _Where, path: str, raw: object) -> Entry:
+def _condition(w: _Where, path: str, raw: object, policy_ns: str, action: str = "ALLOW") -> Entry:
     c = _mapping(w, path, raw)
     _known(w, path, c, ("key", "values", "notValues"))
     key = c.get("key")
     if not isinstance(key, str) or not key:
         raise w.error(f"{path}.key", "`key` is required (e.g. source.ip, request.headers[x-user])")
     header = _HEADER_KEY.match(key)
+    unsupported = False
     if key in L4_WHEN_KEYS:
         l7 = False
     elif key in L7_WHEN_KEYS or header or _CLAIM_KEY.match(key):
         l7 = True
+    elif key in UNSUPPORTED_WHEN_KEYS or _ENVOY_FILTER_KEY.match(key):
+        l7 = unsupported = True
     else:
         raise w.error(
             f"{path}.key",
-            f"unknown condition key {key!r}; supported: {', '.join(sorted(L4_WHEN_KEYS | L7_WHEN_KEYS))}, "
-            "request.headers[<name>], request.auth.claims[<name>]",
+            f"unknown condition key {key!r}; supported: "
+            f"{', '.join(sorted(L4_WHEN_KEYS | L7_WHEN_KEYS | UNSUPPORTED_WHEN_KEYS))}, request.headers[<name>], "
+            "request.experimental.inline.headers[<name>], request.auth.claims[<name>], "
+            "experimental.envoy.filters.<filter>[<key>]",
         )
-    attr = f"request.headers[{header.group(1).lower()}]" if header else key
-    kind = {"source.ip": "ip", "remote.ip": "ip", "destination.ip": "ip", "destination.port": "port"}.get(
-        key, "str"
-    )
+    if action == "CUSTOM" and (key in _NOT_WITH_CUSTOM_KEYS or key.startswith("request.auth.")):
+        raise w.error(f"{path}.key", f"{key} is not supported in a CUSTOM policy's rules (as in Istio)")
+    attr = key
+    if header:
+        attr = f"request.headers[{header.group(1).lower()}]"
+    elif key == "source.serviceAccount":
+        attr = "source.service_account"
+    kind = {"source.ip": "ip", "remote.ip": "ip", "destination.ip": "ip", "destination.port": "port",
+            "source.serviceAccount": "sa"}.get(key, "str")
     fields = []
     for name, negate in (("values", False), ("notValues", True)):
         if c.get(name) is None:
             continue
-        vals = _values(w, f"{path}.{name}", c[name], kind, "")
+        vals = _values(w, f"{path}.{name}", c[name], kind, policy_ns)
         if vals:
-            fields.append(FieldMatch(name, attr, negate, l7, vals))
+            fields.append(FieldMatch(name, attr, negate, l7, vals, unsupported))
     if not fields:
         raise w.error(path, f"condition on {key!r} needs `values` or `notValues`")
     return Entry(path, tuple(fields))
 
 
 def _entries(
-    w: _Where, path: str, raw: object, wrapper: str, table: Mapping[str, tuple[str, bool, bool, str]], ns: str
+    w: _Where, path: str, raw: object, wrapper: str, table: Mapping[str, tuple[str, bool, bool, str]], ns: str,
+    action: str,
 ) -> tuple[Entry, ...] | None:
     if raw is None:
         return None
@@ -281,10 +355,10 @@ def _entries(
         raise w.error(path, f"expected a list, got {_type_name(raw)}")
     if not raw:
         raise w.error(path, f"`{path.rsplit('.', 1)[-1]}` must not be an empty list; remove it to match any")
-    return tuple(_entry(w, f"{path}[{i}]", e, wrapper, table, ns) for i, e in enumerate(raw))
+    return tuple(_entry(w, f"{path}[{i}]", e, wrapper, table, ns, action) for i, e in enumerate(raw))
 
 
-def _rule(w: _Where, path: str, index: int, raw: object, ns: str) -> CompiledRule:
+def _rule(w: _Where, path: str, index: int, raw: object, ns: str, action: str) -> CompiledRule:
     if raw is None:
         raise w.error(path, "empty list item; write `- {}` for a rule that matches everything")
     r = _mapping(w, path, raw)
@@ -294,13 +368,25 @@ def _rule(w: _Where, path: str, index: int, raw: object, ns: str) -> CompiledRul
     if when_raw is not None:
         if not isinstance(when_raw, list):
             raise w.error(f"{path}.when", f"expected a list, got {_type_name(when_raw)}")
-        conditions = tuple(_condition(w, f"{path}.when[{i}]", c) for i, c in enumerate(when_raw))
+        conditions = tuple(_condition(w, f"{path}.when[{i}]", c, ns, action) for i, c in enumerate(when_raw))
     return CompiledRule(
         index=index,
-        sources=_entries(w, f"{path}.from", r.get("from"), "source", _SOURCE_FIELDS, ns),
-        operations=_entries(w, f"{path}.to", r.get("to"), "operation", _OPERATION_FIELDS, ns),
+        sources=_entries(w, f"{path}.from", r.get("from"), "source", _SOURCE_FIELDS, ns, action),
+        operations=_entries(w, f"{path}.to", r.get("to"), "operation", _OPERATION_FIELDS, ns, action),
         conditions=conditions,
     )
+
+
+# (kind, group) a targetRef may name, as Istio's validation takes them ("core" is group "").
+# A Service applies to its endpoints; a Gateway to traffic through that waypoint; a GatewayClass
+# (from the root namespace) to every waypoint of that class; a ServiceEntry to traffic to its
+# hosts, which ambit does not model (the policy is accepted and shown as having no effect).
+_TARGET_KINDS = (("Service", "core"), ("ServiceEntry", ISTIO_NETWORKING_GROUP), ("Gateway", GATEWAY_GROUP),
+                 ("GatewayClass", GATEWAY_GROUP))
+
+
+def _group_words(group: str) -> str:
+    return '""' if group == "core" else group
 
 
 def _target_refs(w: _Where, spec: Mapping[str, Any], ns: str) -> tuple[TargetRef, ...]:
@@ -321,14 +407,11 @@ def _target_refs(w: _Where, spec: Mapping[str, Any], ns: str) -> tuple[TargetRef
         kind, group, name = ref.get("kind"), ref.get("group") or "", ref.get("name")
         if not isinstance(name, str) or not name:
             raise w.error(f"{path}.name", "`name` is required")
-        supported = (kind == "Service" and group in ("", "core")) or (
-            kind == "Gateway" and group == GATEWAY_GROUP
-        )
-        if not supported:
+        if (kind, group or "core") not in _TARGET_KINDS:
             raise w.error(
                 f"{path}.kind",
-                f"target {group or 'core'}/{kind} is not supported; ambit supports kind Service "
-                f"(group \"\") and kind Gateway (group {GATEWAY_GROUP}, a waypoint)",
+                f"target {group or 'core'}/{kind} is not one Istio takes: "
+                + ", ".join(f"kind {k} (group {_group_words(g)})" for k, g in _TARGET_KINDS),
             )
         ref_ns = ref.get("namespace")
         if ref_ns not in (None, "", ns):
@@ -347,6 +430,13 @@ def compile_policy(obj: PolicyObject) -> CompiledPolicy:
         raise w.error("apiVersion", f"{obj.api_version!r} is not one of {', '.join(API_VERSIONS)}")
     ns = obj.meta.namespace
     spec = _mapping(w, "spec", obj.spec if obj.spec is not None else {})
+    annotations = obj.meta.annotations
+    if ALWAYS_REJECT_ANNOTATION in annotations:
+        raise w.error(f"metadata.annotations.{ALWAYS_REJECT_ANNOTATION}",
+                      "this annotation asks for the object to be rejected (as Istio does)")
+    if DRY_RUN_ANNOTATION in annotations and obj.kind != "AuthorizationPolicy":
+        raise w.error(f"metadata.annotations.{DRY_RUN_ANNOTATION}",
+                      "only an AuthorizationPolicy can be dry-run (as in Istio); remove the annotation")
     if obj.kind == "AuthorizationPolicy":
         return _compile_authz(w, obj, ns, spec)
     if obj.kind == "PeerAuthentication":
@@ -365,15 +455,14 @@ def _compile_authz(w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any
         action = "ALLOW"
     if action not in ACTIONS:
         raise w.error("spec.action", _enum_error(action, ACTIONS))
-    if action == "CUSTOM":
-        # Istio's ztunnel also refuses CUSTOM; ambit has no external authorizer,
-        # and silently skipping the policy would leave traffic unguarded.
-        raise w.error(
-            "spec.action",
-            "CUSTOM (external authorization) is not supported by ambit; use ALLOW or DENY",
-        )
+    provider = ""
     if spec.get("provider") is not None:
-        raise w.error("spec.provider", "`provider` is only valid with action CUSTOM")
+        if action != "CUSTOM":
+            raise w.error("spec.provider", "`provider` is only valid with action CUSTOM")
+        pm = _mapping(w, "spec.provider", spec["provider"])
+        _known(w, "spec.provider", pm, ("name",))
+        provider = _string(w, "spec.provider.name", pm.get("name"))
+    dry_run = _dry_run(w, obj.meta.annotations, action)
     labels = _labels(w, "spec.selector", spec["selector"]) if spec.get("selector") is not None else None
     refs = _target_refs(w, spec, ns)
     if refs and spec.get("selector") is not None:
@@ -383,17 +472,42 @@ def _compile_authz(w: _Where, obj: PolicyObject, ns: str, spec: Mapping[str, Any
     if rules_raw is not None:
         if not isinstance(rules_raw, list):
             raise w.error("spec.rules", f"expected a list, got {_type_name(rules_raw)}")
-        rules = tuple(_rule(w, f"spec.rules[{i}]", i, r, ns) for i, r in enumerate(rules_raw))
+        rules = tuple(_rule(w, f"spec.rules[{i}]", i, r, ns, action) for i, r in enumerate(rules_raw))
+    if action in ("DENY", "CUSTOM") and not rules:
+        # Istio refuses these: they could never match. (An ALLOW without rules allows nothing.)
+        raise w.error("spec.rules", f"a {action} policy without rules never applies; add a rule "
+                                    "(`rules: [{}]` matches every request)")
+    if action == "CUSTOM" and not provider:
+        raise w.error("spec.provider.name", "a CUSTOM policy names its extension provider (provider: {name: ...})")
     return CompiledAuthz(
         namespace=ns,
         name=obj.meta.name,
         api_version=obj.api_version,
-        action="DENY" if action == "DENY" else "AUDIT" if action == "AUDIT" else "ALLOW",
+        action=cast(Action, action),
         match_labels=labels,
         target_refs=refs,
         rules=rules,
         resource_version=obj.meta.resource_version,
+        provider=provider,
+        dry_run=dry_run,
     )
+
+
+# Go's strconv.ParseBool, which Istio reads the dry-run annotation with
+_BOOLS = {"1": True, "t": True, "T": True, "TRUE": True, "true": True, "True": True,
+          "0": False, "f": False, "F": False, "FALSE": False, "false": False, "False": False}
+
+
+def _dry_run(w: _Where, annotations: Mapping[str, str], action: str) -> bool:
+    if DRY_RUN_ANNOTATION not in annotations:
+        return False
+    path = f"metadata.annotations.{DRY_RUN_ANNOTATION}"
+    if action not in ("ALLOW", "DENY"):
+        raise w.error(path, f"dry-run works with ALLOW and DENY policies only (as in Istio), not {action}")
+    value = annotations[DRY_RUN_ANNOTATION]
+    if value not in _BOOLS:
+        raise w.error(path, f"{value!r} is not a boolean (write \"true\" or \"false\")")
+    return _BOOLS[value]
 
 
 def _mode(w: _Where, path: str, raw: object) -> MtlsMode:
@@ -419,7 +533,9 @@ def _compile_peer_authn(
     plm = spec.get("portLevelMtls")
     if plm is not None:
         plm = _mapping(w, "spec.portLevelMtls", plm)
-        if plm and labels is None:
+        if not plm:
+            raise w.error("spec.portLevelMtls", "must not be empty when present (as in Istio); remove it")
+        if labels is None:
             raise w.error(
                 "spec.portLevelMtls",
                 "portLevelMtls needs a workload selector (Istio ignores it on namespace and mesh policies)",
@@ -443,8 +559,9 @@ def _compile_peer_authn(
 
 _JWT_RULE_FIELDS = (
     "issuer", "audiences", "jwks", "jwksUri", "fromHeaders", "fromParams", "fromCookies",
-    "forwardOriginalToken", "outputPayloadToHeader", "outputClaimToHeaders", "spaceDelimitedClaims",
+    "forwardOriginalToken", "outputPayloadToHeader", "outputClaimToHeaders", "spaceDelimitedClaims", "timeout",
 )
+_DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
 # RFC 9110's token: what a header name may be.
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -483,57 +600,71 @@ def _strings(w: _Where, path: str, v: object) -> tuple[str, ...]:
 
 
 def _jwks_path(w: _Where, path: str, uri: str) -> str:
+    """The file a jwksUri names; "" for an http(s) URL, which ambit does not fetch (Istio takes
+    only those; a file path is ambit's own addition). A rule without keys refuses every token
+    it checks (401, "Jwks remote fetch is failed", as Envoy when the fetch fails)."""
     if uri.startswith("file://"):
         file = uri[len("file://"):]
     elif uri.startswith("/"):
         file = uri
     elif uri.split("://", 1)[0] in ("http", "https"):
-        raise w.error(
-            path,
-            f"{uri!r}: ambit does not fetch keys over HTTP(S); it reads jwksUri from a file on the "
-            "waypoint's node (an absolute path or a file:// URL). Put the keys inline in `jwks`, "
-            "or mount them as a file",
-        )
+        return ""
     else:
         file = ""
     if not file.startswith("/") or "\0" in file:
-        raise w.error(path, f"{uri!r} is not an absolute file path or a file:///... URL")
+        raise w.error(path, f"{uri!r} is not an http(s) URL, an absolute file path or a file:///... URL")
     return file
+
+
+def _check_jwks(w: _Where, path: str, text: str) -> None:
+    """Refuse what Istio refuses (not a JWK Set); accept, unused, the keys ambit will not use
+    (shared secrets and private keys: tokens they would verify are refused)."""
+    try:
+        parse_jwks(text)
+        return
+    except JwksError as e:
+        error = e
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list):
+        raise w.error(path, str(error)) from None
+    usable = [k for k in keys if not (isinstance(k, dict) and (k.get("kty") == "oct" or "d" in k))]
+    if len(usable) == len(keys):
+        raise w.error(path, str(error)) from None
+    if usable:
+        try:
+            parse_jwks(json.dumps({"keys": usable}))
+        except JwksError as e:
+            raise w.error(path, str(e)) from None
 
 
 def _jwt_rule(w: _Where, path: str, index: int, raw: object, policy: str) -> JwtRule:
     r = _mapping(w, path, raw)
-    if "timeout" in r:
-        raise w.error(
-            f"{path}.timeout",
-            "timeout applies to fetching jwksUri over HTTP; ambit reads jwksUri from a file, so "
-            "there is nothing to time out: remove it",
-        )
     _known(w, path, r, _JWT_RULE_FIELDS)
-    issuer = _string(w, f"{path}.issuer", r.get("issuer"), required=True)
+    timeout = r.get("timeout")
+    if timeout is not None and not (isinstance(timeout, str) and _DURATION.match(timeout)):
+        # Accepted and unused: ambit fetches no keys over the network.
+        raise w.error(f"{path}.timeout", f"{timeout!r} is not a duration in seconds (e.g. 5s or 1.5s)")
+    issuer = _string(w, f"{path}.issuer", r.get("issuer"))
     audiences = _strings(w, f"{path}.audiences", r.get("audiences"))
     jwks = _string(w, f"{path}.jwks", r.get("jwks"))
     jwks_uri = _string(w, f"{path}.jwksUri", r.get("jwksUri"))
-    if jwks and jwks_uri:
-        raise w.error(f"{path}.jwksUri", "set either jwks (the keys inline) or jwksUri (a file), not both")
-    if not jwks and not jwks_uri:
-        raise w.error(
-            path,
-            "`jwks` (a JWK Set, inline) or `jwksUri` (a file with one) is required; ambit does not "
-            "discover keys from the issuer's OpenID configuration",
-        )
+    if not issuer and not jwks_uri:
+        raise w.error(f"{path}.issuer", "`issuer` is required (or at least a `jwksUri`, as Istio takes it)")
     if jwks:
-        try:
-            parse_jwks(jwks)
-        except JwksError as e:
-            raise w.error(f"{path}.jwks", str(e)) from None
-    jwks_path = _jwks_path(w, f"{path}.jwksUri", jwks_uri) if jwks_uri else ""
+        _check_jwks(w, f"{path}.jwks", jwks)
+    # Inline keys win over a jwksUri (Istio says to set only one).
+    jwks_path = _jwks_path(w, f"{path}.jwksUri", jwks_uri) if jwks_uri and not jwks else ""
     headers: list[HeaderLocation] = []
     for i, h in enumerate(_list(w, f"{path}.fromHeaders", r.get("fromHeaders"))):
         hp = f"{path}.fromHeaders[{i}]"
         hm = _mapping(w, hp, h)
         _known(w, hp, hm, ("name", "prefix"))
-        headers.append(HeaderLocation(_header_name(w, f"{hp}.name", hm.get("name")),
+        # Istio only asks for a non-empty name (one that is no header name never finds a token).
+        headers.append(HeaderLocation(_string(w, f"{hp}.name", hm.get("name"), required=True).lower(),
                                       _string(w, f"{hp}.prefix", hm.get("prefix"))))
     forward = r.get("forwardOriginalToken")
     if forward is not None and not isinstance(forward, bool):

@@ -1,15 +1,20 @@
 """Decisions: an L4 connection at the ztunnel, an HTTP request at a waypoint, the mTLS mode.
 
 Pure functions of their arguments (facts about the connection or request and a
-`PolicySet`), so they are tested by tables. Order: STRICT mTLS, the waypoint,
+`PolicySet`), so they are tested by tables. Order: STRICT mTLS, the waypoint, CUSTOM,
 DENY, then ALLOW (default deny once one applies), else allow.
+
+A CUSTOM rule that matches asks its provider (an external authorizer) where the deciding
+proxy can: a waypoint configured with it gets `Decision.custom` to ask before it lets
+the request through; anywhere else the rule denies. Dry-run policies never decide:
+what each would have decided is in `Decision.dry_run`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ambit.policy.index import PolicySet, _selects
@@ -68,6 +73,36 @@ class HttpFacts:
     auth: RequestAuth | None = field(default=None, hash=False)
 
 
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry-run policy would have decided had it been enforced (with the enforced ones)."""
+
+    policy: str  # "ns/name"
+    rule: int | None  # its rule that decided, None when another policy or the default did
+    decision: Literal["allow", "deny"]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "rule": self.rule, "decision": self.decision, "reason": self.reason}
+
+    def words(self) -> str:
+        """`would deny by ns/name rule 0`: how flows and logs show it."""
+        return f"would {self.decision} by {self.policy}" + (f" rule {self.rule}" if self.rule is not None else "")
+
+
+@dataclass(frozen=True)
+class CustomCheck:
+    """A CUSTOM policy's rule matched: its provider must allow the request too."""
+
+    provider: str
+    policy: str  # "ns/name"
+    rule: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"provider": self.provider, "policy": self.policy, "rule": self.rule, "reason": self.reason}
+
+
 class AnyOf(tuple[str, ...]):
     """A list-valued attribute (a JWT's `aud`, a list claim): a value matches when one element does."""
 
@@ -86,6 +121,11 @@ class Decision:
     # Things an operator should know that did not decide the outcome, e.g. rules
     # skipped because they need HTTP attributes and no waypoint enforces them.
     notes: tuple[str, ...] = ()
+    # Allowed so far, but CUSTOM policies matched: each provider must allow it too (only at a
+    # waypoint configured with them; anywhere else a matching CUSTOM rule denies).
+    custom: tuple[CustomCheck, ...] = ()
+    # What each dry-run policy in scope would have decided (never enforced).
+    dry_run: tuple[DryRun, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +135,8 @@ class Decision:
             "rule": self.rule,
             "reason": self.reason,
             "notes": list(self.notes),
+            "custom": [c.to_dict() for c in self.custom],
+            "dry_run": [d.to_dict() for d in self.dry_run],
         }
 
 
@@ -151,6 +193,10 @@ class _Attrs:
 
     def header(self, name: str) -> str | None:
         low = name.lower()
+        if low.startswith(":") and self.http is not None:
+            # request.experimental.inline.headers[:authority] and friends: HTTP/2 pseudo-headers
+            return {":authority": self.http.host or self.header("host"), ":method": self.http.method,
+                    ":path": self.http.path}.get(low) or None
         for k, v in self.http.headers.items() if self.http else ():
             if k.lower() == low:
                 return v
@@ -232,16 +278,19 @@ def _match_field(fm: FieldMatch, attrs: _Attrs) -> str | None:
 
 
 def _match_entry(e: Entry, attrs: _Attrs, l4_only: bool) -> str | None:
+    """Explanation when the entry matches; fields this proxy cannot evaluate are skipped (a
+    caller that must not match more than written checks `CompiledRule.blind_fields` first)."""
     parts = []
     for fm in e.fields:
-        if fm.l7 and l4_only:
+        if (fm.l7 and l4_only) or fm.unsupported:
             continue
         why = _match_field(fm, attrs)
         if why is None:
             return None
         parts.append(why)
     if not parts:
-        return f"{e.path} has only HTTP fields, ignored at L4"
+        return (f"{e.path} has only HTTP fields, ignored at L4" if l4_only
+                else f"{e.path} has only fields ambit cannot evaluate, ignored")
     return " and ".join(parts)
 
 
@@ -269,22 +318,65 @@ def _refs(ps: Sequence[CompiledAuthz]) -> str:
     return ", ".join(p.ref for p in ps)
 
 
+def _blind_words(r: CompiledRule, l4: bool) -> str:
+    """Why fields of `r` are not evaluated here."""
+    blind = r.blind_fields(l4)
+    if l4:
+        return f"HTTP fields ({', '.join(blind)}) that the ztunnel cannot see"
+    return f"fields no ambit proxy evaluates ({', '.join(blind)})"
+
+
 def _evaluate(
-    applicable: Sequence[CompiledAuthz], attrs: _Attrs, l4: bool, subject: str
+    applicable: Sequence[CompiledAuthz], attrs: _Attrs, l4: bool, subject: str,
+    providers: Collection[str] = (),
 ) -> Decision:
     notes: list[str] = []
-    # 1. DENY: any matching rule denies. At L4 a rule's HTTP parts are ignored,
-    # so a DENY written for HTTP denies more, never less (as Istio's ztunnel).
+    custom: list[CustomCheck] = []
+    # 0. CUSTOM (Istio asks it first): a matching rule asks the policy's provider where this
+    # proxy can (a waypoint configured with it); anywhere else the rule denies, as Istio's
+    # waypoints deny for a provider they do not know. Unevaluated fields are ignored, so a
+    # CUSTOM rule matches more, never less.
+    for p in applicable:
+        if p.action != "CUSTOM":
+            continue
+        for r in p.rules:
+            why = _match_rule(r, attrs, l4_only=l4)
+            if why is None:
+                continue
+            if r.blind_fields(l4):
+                notes.append(f"{p.ref} rule {r.index} uses {_blind_words(r, l4)}; they were ignored, "
+                             "so it matches more than written")
+            if not l4 and p.provider in providers:
+                custom.append(CustomCheck(p.provider, p.ref, r.index, why))
+                break
+            where = ("the ztunnel cannot ask an external authorizer" if l4
+                     else f"its provider {p.provider!r} is not configured at this waypoint")
+            return Decision(
+                False, "DENY", p.ref, r.index,
+                f"denied by CUSTOM policy {p.ref} rule {r.index}: {why}; {where}, so its rules deny",
+                tuple(notes),
+            )
+    d = _evaluate_deny_allow(applicable, attrs, l4, subject, notes)
+    if custom and d.allowed:
+        return replace(d, custom=tuple(custom))
+    return d
+
+
+def _evaluate_deny_allow(
+    applicable: Sequence[CompiledAuthz], attrs: _Attrs, l4: bool, subject: str, notes: list[str]
+) -> Decision:
+    # 1. DENY: any matching rule denies. Fields this proxy cannot evaluate (at L4 the HTTP
+    # ones) are ignored, so a DENY written for HTTP denies more, never less (as Istio's ztunnel).
     for p in applicable:
         if p.action != "DENY":
             continue
         for r in p.rules:
             why = _match_rule(r, attrs, l4_only=l4)
             if why is not None:
-                if l4 and r.l7_fields:
+                if r.blind_fields(l4):
                     notes.append(
-                        f"{p.ref} rule {r.index} uses HTTP fields ({', '.join(r.l7_fields)}) "
-                        "that the ztunnel cannot see; they were ignored, so it denies more than written"
+                        f"{p.ref} rule {r.index} uses {_blind_words(r, l4)}; they were ignored, "
+                        "so it denies more than written"
                     )
                 return Decision(
                     False, "DENY", p.ref, r.index,
@@ -310,6 +402,12 @@ def _evaluate(
                 notes.append(
                     f"{p.ref} rule {r.index} needs HTTP fields ({', '.join(r.l7_fields)}) and no "
                     "waypoint enforces it, so it cannot allow"
+                )
+                continue
+            if r.unsupported_fields:
+                notes.append(
+                    f"{p.ref} rule {r.index} needs fields no ambit proxy evaluates "
+                    f"({', '.join(r.unsupported_fields)}), so it cannot allow"
                 )
                 continue
             why = _match_rule(r, attrs, l4_only=l4)
@@ -355,7 +453,8 @@ def authorize(facts: ConnectionFacts, policies: PolicySet, *, via_waypoint: bool
                 f"plaintext connection refused: {src} requires STRICT mTLS on {dst.uid} port {facts.dst_port}",
             )
     if via_waypoint:
-        # the peer is a waypoint that serves dst (its own, or one of a Service it backs)
+        # the peer is a waypoint that serves dst (its own, or one of a Service it backs); it
+        # evaluated the dry-run policies too
         return Decision(
             True, "ALLOW", None, None,
             f"allowed: arrived through {f'waypoint {dst.waypoint}' if dst.waypoint else 'its service waypoint'}, "
@@ -367,19 +466,44 @@ def authorize(facts: ConnectionFacts, policies: PolicySet, *, via_waypoint: bool
             f"denied: {dst.uid} uses waypoint {dst.waypoint}; connections must come through it",
         )
     attrs = _Attrs(facts, None)
-    return _evaluate(policies.applicable(dst), attrs, l4=True, subject=dst.uid)
+    d = _evaluate(policies.applicable(dst), attrs, l4=True, subject=dst.uid)
+    return _with_dry_run(d, policies, attrs, l4=True, providers=())
 
 
-def authorize_http(facts: ConnectionFacts, http: HttpFacts, policies: PolicySet) -> Decision:
+def authorize_http(
+    facts: ConnectionFacts, http: HttpFacts, policies: PolicySet, *, providers: Collection[str] = ()
+) -> Decision:
     """Decide one HTTP request at a waypoint, with the original client's identity in `facts`.
 
     Every policy that selects the destination (mesh, namespace, selector,
     targetRefs to its Service or to the waypoint) applies with all its fields.
+    `providers`: the extension providers this waypoint can ask; a matching CUSTOM rule of
+    one of them is returned in `Decision.custom` (the caller asks it), of any other denies.
     """
     attrs = _Attrs(facts, http)
-    return _evaluate(
-        policies.applicable(facts.dst, at_waypoint=True), attrs, l4=False, subject=facts.dst.uid
+    d = _evaluate(
+        policies.applicable(facts.dst, at_waypoint=True), attrs, l4=False, subject=facts.dst.uid,
+        providers=providers,
     )
+    return _with_dry_run(d, policies, attrs, l4=False, providers=providers)
+
+
+def _with_dry_run(
+    d: Decision, policies: PolicySet, attrs: _Attrs, *, l4: bool, providers: Collection[str]
+) -> Decision:
+    """`d` with what each dry-run policy in scope would have decided: the decision had it been
+    enforced alongside the enforced ones (its providers are not asked)."""
+    dst = attrs.facts.dst
+    dry = policies.applicable_dry_run(dst, at_waypoint=not l4)
+    if not dry:
+        return d
+    every = policies.applicable_all(dst, at_waypoint=not l4)
+    out = []
+    for p in dry:
+        w = _evaluate([q for q in every if not q.dry_run or q is p], attrs, l4, dst.uid, providers)
+        out.append(DryRun(p.ref, w.rule if w.policy == p.ref else None, "allow" if w.allowed else "deny",
+                          w.reason))
+    return replace(d, dry_run=tuple(out))
 
 
 def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[EffectiveMtlsMode, str | None]:
@@ -445,6 +569,7 @@ def check(
     *,
     http: HttpFacts | None = None,
     via_waypoint: bool = False,
+    providers: Collection[str] = (),
 ) -> Decision:
     """`ambit policy check`: decide where the mesh would. A destination with a waypoint is
     judged as its waypoint judges (with `http`, all fields; without, as an empty request, so
@@ -455,12 +580,12 @@ def check(
         mtls = authorize(facts, policies, via_waypoint=True)
         if not mtls.allowed:
             return mtls  # refused before any waypoint logic (STRICT mTLS)
-        d = authorize_http(facts, http or HttpFacts("", "", ""), policies)
+        d = authorize_http(facts, http or HttpFacts("", "", ""), policies, providers=providers)
         note = f"judged at waypoint {dst.waypoint}, which enforces {dst.uid}'s policies"
-        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (note, *d.notes))
+        return replace(d, notes=(note, *d.notes))
     d = authorize(facts, policies, via_waypoint=via_waypoint)
     if http is not None and (http.method or http.path or http.host):
         note = f"{dst.uid} has no waypoint: the method/path/host were not evaluated (L4 only)"
-        return Decision(d.allowed, d.action, d.policy, d.rule, d.reason, (*d.notes, note))
+        return replace(d, notes=(*d.notes, note))
     return d
 

@@ -1,8 +1,10 @@
 """The set of policies in force, indexed for per-connection lookups (`PolicySet`).
 
 Pure. Which policies apply to a workload (mesh, namespace, selector, targetRefs:
-AuthorizationPolicies and RequestAuthentications alike), and one summary row per
-policy for `ambit policies` and the admin endpoint.
+AuthorizationPolicies and RequestAuthentications alike; dry-run AuthorizationPolicies
+apart, since they are evaluated but never enforced), and one summary row per policy,
+with what ambit enforces of it and where (`ambit.policy.status`), for `ambit policies`
+and the admin endpoint.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from ambit.cluster import PolicyObject
 from ambit.policy.compile import compile_policy
 from ambit.policy.match import (
     DEFAULT_ROOT_NAMESPACE,
+    WAYPOINT_CLASSES,
     CompiledAuthz,
     CompiledPeerAuthn,
     CompiledPolicy,
     CompiledRequestAuthn,
     JwtRule,
 )
+from ambit.policy.status import PolicyStatus, policy_status
 
 if TYPE_CHECKING:
     from ambit.snapshot import Workload
@@ -51,16 +55,22 @@ def _applicable_to(
     """Istio's scoping, shared by AuthorizationPolicy and RequestAuthentication: mesh-wide (root
     namespace, no selector), the workload's namespace, selector-scoped (a selector in the root
     namespace selects across namespaces), and targetRefs to one of its Services (or, at its
-    waypoint, to that waypoint). Order: mesh, namespace, then by name."""
+    waypoint, to that waypoint, or from the root namespace to the waypoints' GatewayClass; a
+    ServiceEntry target selects no workload). Order: mesh, namespace, then by name."""
     out: list[_Scoped] = []
     candidates = by_ns.get(root, ())
     if dst.namespace != root:
         candidates = candidates + by_ns.get(dst.namespace, ())
     for p in candidates:
         if p.target_refs:
-            if p.namespace != dst.namespace:
-                continue
             for ref in p.target_refs:
+                if ref.kind == "GatewayClass":
+                    if at_waypoint and p.namespace == root and ref.name in WAYPOINT_CLASSES:
+                        out.append(p)
+                        break
+                    continue
+                if p.namespace != dst.namespace:
+                    continue
                 if ref.kind == "Service" and f"{ref.namespace}/{ref.name}" in services:
                     out.append(p)
                     break
@@ -125,20 +135,38 @@ class PolicySet:
         return {p.key: p for p in self.compiled}
 
     def applicable(self, dst: Workload, *, at_waypoint: bool = False) -> list[CompiledAuthz]:
-        """AuthorizationPolicies that apply to `dst`: mesh-wide, its namespace's, selector-scoped
+        """AuthorizationPolicies enforced on `dst`: mesh-wide, its namespace's, selector-scoped
         (a selector in the root namespace selects across namespaces), and targetRefs to one of its
-        Services (or, at its waypoint, to that waypoint). Order: mesh, namespace, then by name."""
+        Services (or, at its waypoint, to that waypoint). Order: mesh, namespace, then by name.
+        Dry-run policies are left out (`applicable_dry_run`)."""
+        return list(self._scoped(dst, at_waypoint)[1])
+
+    def applicable_dry_run(self, dst: Workload, *, at_waypoint: bool = False) -> list[CompiledAuthz]:
+        """The dry-run AuthorizationPolicies (`istio.io/dry-run: "true"`) scoped to `dst`."""
+        return list(self._scoped(dst, at_waypoint)[2])
+
+    def applicable_all(self, dst: Workload, *, at_waypoint: bool = False) -> list[CompiledAuthz]:
+        """Both, in evaluation order: what a dry-run evaluation slots its policy into."""
+        return list(self._scoped(dst, at_waypoint)[0])
+
+    def _scoped(self, dst: Workload, at_waypoint: bool) -> tuple[
+        tuple[CompiledAuthz, ...], tuple[CompiledAuthz, ...], tuple[CompiledAuthz, ...]
+    ]:
+        """(all, enforced, dry-run) AuthorizationPolicies scoped to `dst`."""
         services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
         key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, at_waypoint)
         hit = self._applicable_cache.get(key)
         if hit is None:
-            hit = tuple(self._applicable(dst, services, at_waypoint))
+            every = tuple(self._applicable(dst, services, at_waypoint))
+            hit = (every, tuple(p for p in every if not p.dry_run), tuple(p for p in every if p.dry_run))
             # Bounded by the distinct (namespace, labels, services) shapes in the cluster.
             self._applicable_cache[key] = hit
-        return list(hit)
+        return hit
 
     @cached_property
-    def _applicable_cache(self) -> dict[object, tuple[CompiledAuthz, ...]]:
+    def _applicable_cache(self) -> dict[object, tuple[
+        tuple[CompiledAuthz, ...], tuple[CompiledAuthz, ...], tuple[CompiledAuthz, ...]
+    ]]:
         return {}
 
     def _applicable(
@@ -170,27 +198,37 @@ class PolicySet:
     def _jwt_rules_cache(self) -> dict[object, tuple[JwtRule, ...]]:
         return {}
 
+    @cached_property
+    def statuses(self) -> Mapping[str, PolicyStatus]:
+        """What ambit enforces of each policy, and where, by `PolicyObject.key`."""
+        return {p.key: policy_status(p, self.root_namespace) for p in self.compiled}
+
     def summary(self) -> list[dict[str, Any]]:
-        """One row per policy, for `ambit policies` and the admin endpoint."""
+        """One row per policy, for `ambit policies` and the admin endpoint; `status` says what
+        ambit enforces of it (`enforced`, `waypoint`, `stricter`, `partial`, `no-effect`) and
+        `enforcement` how, per field."""
         rows: list[dict[str, Any]] = []
         for p in self.authz:
             if p.target_refs:
                 scope = "targetRefs: " + ", ".join(f"{r.kind}/{r.name}" for r in p.target_refs)
             else:
                 scope = self._scope(p)
-            rows.append(
-                {
-                    "kind": p.kind,
-                    "namespace": p.namespace,
-                    "name": p.name,
-                    "action": p.action,
-                    "scope": scope,
-                    "rules": len(p.rules),
-                    "http_rules": [r.index for r in p.rules if r.l7_fields],
-                }
-            )
+            row: dict[str, Any] = {
+                "kind": p.kind,
+                "namespace": p.namespace,
+                "name": p.name,
+                "action": p.action,
+                "scope": scope,
+                "rules": len(p.rules),
+                "http_rules": [r.index for r in p.rules if r.l7_fields],
+            }
+            if p.provider:
+                row["provider"] = p.provider
+            if p.dry_run:
+                row["dry_run"] = True
+            rows.append(self._with_status(row, p))
         for q in self.peer_authn:
-            rows.append(
+            rows.append(self._with_status(
                 {
                     "kind": q.kind,
                     "namespace": q.namespace,
@@ -198,14 +236,13 @@ class PolicySet:
                     "mode": q.mode,
                     "scope": self._scope(q),
                     "port_modes": {str(k): v for k, v in sorted(q.port_modes.items())},
-                }
-            )
+                }, q))
         for ra in self.request_authn:
             if ra.target_refs:
                 scope = "targetRefs: " + ", ".join(f"{r.kind}/{r.name}" for r in ra.target_refs)
             else:
                 scope = self._scope(ra)
-            rows.append(
+            rows.append(self._with_status(
                 {
                     "kind": ra.kind,
                     "namespace": ra.namespace,
@@ -213,9 +250,15 @@ class PolicySet:
                     "scope": scope,
                     "rules": len(ra.rules),
                     "issuers": [r.issuer for r in ra.rules],
-                }
-            )
+                }, ra))
         return rows
+
+    def _with_status(self, row: dict[str, Any], p: CompiledPolicy) -> dict[str, Any]:
+        st = self.statuses[p.key]
+        row["status"] = st.status
+        row["status_summary"] = st.summary
+        row["enforcement"] = [f.to_dict() for f in st.fields]
+        return row
 
     def _scope(self, p: CompiledPolicy) -> str:
         if p.match_labels is not None:

@@ -17,22 +17,30 @@ from typing import Literal, get_args
 
 from ambit import AmbitError
 
-# What a compiled AuthorizationPolicy does (CUSTOM is accepted by Istio and refused by
-# `compile_policy` with its own message, so it is written but never compiled).
-Action = Literal["ALLOW", "DENY", "AUDIT"]
+# What a compiled AuthorizationPolicy does. CUSTOM asks its `provider` (an external
+# authorizer) at a waypoint that has it configured; anywhere else its rules deny.
+Action = Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"]
 # PeerAuthentication's mTLS modes, as written; UNSET inherits from the level above.
 MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
 
 API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
-ACTIONS: tuple[str, ...] = (*get_args(Action), "CUSTOM")
+ACTIONS: tuple[str, ...] = get_args(Action)
 MTLS_MODES: tuple[MtlsMode, ...] = get_args(MtlsMode)
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 GATEWAY_GROUP = "gateway.networking.k8s.io"
+ISTIO_NETWORKING_GROUP = "networking.istio.io"
+# The GatewayClasses whose gateways are waypoints: ambit's own, and Istio's name for it, so a
+# mesh-wide `targetRefs: [{kind: GatewayClass, name: istio-waypoint}]` works unchanged.
+WAYPOINT_CLASSES = ("ambit-waypoint", "istio-waypoint")
+# `metadata.annotations` Istio reads on policies
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
+ALWAYS_REJECT_ANNOTATION = "istio.io/always-reject"
 
 # `when` keys a ztunnel can evaluate without parsing HTTP (same set as istiod
 # sends to ztunnel); every other key is an HTTP attribute.
 L4_WHEN_KEYS = frozenset(
-    {"source.ip", "source.namespace", "source.principal", "destination.ip", "destination.port"}
+    {"source.ip", "source.namespace", "source.principal", "source.serviceAccount", "destination.ip",
+     "destination.port"}
 )
 # Every other key Istio accepts. `request.auth.*` are the facts of the request's JWT,
 # verified at the waypoint against the RequestAuthentications in force
@@ -41,13 +49,18 @@ L4_WHEN_KEYS = frozenset(
 L7_WHEN_KEYS = frozenset(
     {
         "remote.ip",
-        "connection.sni",
         "request.auth.principal",
         "request.auth.audiences",
         "request.auth.presenter",
     }
 )
-_HEADER_KEY = re.compile(r"^request\.headers\[([^\[\]]+)\]$")
+# Keys Istio accepts that no ambit proxy can evaluate: the TLS SNI of the client's own
+# connection (a waypoint sees the client's traffic inside HBONE, and Istio's ztunnel does
+# not read it either), and Envoy filters' dynamic metadata (ambit runs no Envoy filters).
+# A rule that uses one is handled stricter than written (see FieldMatch.unsupported).
+UNSUPPORTED_WHEN_KEYS = frozenset({"connection.sni"})
+_HEADER_KEY = re.compile(r"^request\.(?:experimental\.inline\.)?headers\[([^\[\]]+)\]$")
+_ENVOY_FILTER_KEY = re.compile(r"^experimental\.envoy\.filters\.[^\[]*\[.+\]$")
 _CLAIM_KEY = re.compile(r"^request\.auth\.claims\[[^\]]+\](\[[^\]]+\])*$")
 _CLAIM_PART = re.compile(r"\[([^\]]+)\]")
 
@@ -229,6 +242,10 @@ class FieldMatch:
     negate: bool
     l7: bool  # needs HTTP parsing (a waypoint) to be evaluated
     values: tuple[Matcher, ...]
+    # Accepted (Istio accepts it) but evaluated by no ambit proxy: a rule that uses it is
+    # handled as an HTTP field is at L4, everywhere (ALLOW: the rule never matches; DENY and
+    # CUSTOM: the field is ignored, so the rule matches more). Always also `l7`.
+    unsupported: bool = False
 
     @cached_property
     def exact(self) -> Mapping[object, int] | None:
@@ -258,6 +275,10 @@ class Entry:
     def l7_fields(self) -> tuple[str, ...]:
         return tuple(f"{self.path}.{f.name}" for f in self.fields if f.l7)
 
+    @property
+    def unsupported_fields(self) -> tuple[str, ...]:
+        return tuple(f"{self.path}.{f.name}" for f in self.fields if f.unsupported)
+
 
 @dataclass(frozen=True)
 class CompiledRule:
@@ -270,16 +291,31 @@ class CompiledRule:
 
     @cached_property
     def l7_fields(self) -> tuple[str, ...]:
+        """Fields a ztunnel cannot evaluate (HTTP attributes, and the unsupported ones)."""
         out: list[str] = []
         for group in (self.sources or (), self.operations or (), self.conditions):
             for e in group:
                 out.extend(e.l7_fields)
         return tuple(out)
 
+    @cached_property
+    def unsupported_fields(self) -> tuple[str, ...]:
+        """Fields no ambit proxy evaluates (a subset of `l7_fields`)."""
+        out: list[str] = []
+        for group in (self.sources or (), self.operations or (), self.conditions):
+            for e in group:
+                out.extend(e.unsupported_fields)
+        return tuple(out)
+
+    def blind_fields(self, l4: bool) -> tuple[str, ...]:
+        """The fields the proxy deciding cannot evaluate: at L4 `l7_fields`, at a waypoint
+        `unsupported_fields`."""
+        return self.l7_fields if l4 else self.unsupported_fields
+
 
 @dataclass(frozen=True)
 class TargetRef:
-    kind: str  # "Service" | "Gateway"
+    kind: str  # "Service" | "Gateway" | "GatewayClass" | "ServiceEntry"
     namespace: str
     name: str
 
@@ -314,6 +350,9 @@ class CompiledAuthz(_Named):
     target_refs: tuple[TargetRef, ...]
     rules: tuple[CompiledRule, ...]
     resource_version: str = ""
+    provider: str = ""  # CUSTOM: the extension provider's name
+    # `istio.io/dry-run: "true"`: evaluated and reported (access logs, flows, metrics), never enforced
+    dry_run: bool = False
 
     kind = "AuthorizationPolicy"
 

@@ -156,7 +156,6 @@ CASES: list[tuple[str, str, str | None, dict[str, object], bool, str | None, str
     ("deny-precedence", ALLOW_FRONTEND + deny_from("principals", "[cluster.local/ns/shop/sa/frontend]"), "shop/frontend", {}, False, "shop/deny#0", "DENY"),
     ("allow-nothing", ap("allow-nothing", "  {}"), "shop/x", {}, False, None, "1 ALLOW policy applies (shop/allow-nothing)"),
     ("allow-empty-rule", ap("allow-all", "  rules:\n  - {}"), None, {}, True, "shop/allow-all#0", "matches every connection"),
-    ("deny-no-rules", ap("deny-none", "  action: DENY"), "shop/x", {}, True, None, "no DENY policy matched"),
     ("deny-empty-rule", ap("deny-all", "  action: DENY\n  rules:\n  - {}"), "shop/x", {}, False, "shop/deny-all#0", "matches every connection"),
     ("selector-not-selecting", ap("db-only", "  selector: {matchLabels: {app: db}}"), "shop/x", {}, True, None, "no ALLOW or DENY"),
     ("selector-selecting", ap("web-only", "  selector: {matchLabels: {app: web, tier: front}}"), "shop/x", {}, False, None, "shop/web-only"),
