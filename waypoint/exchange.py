@@ -34,6 +34,8 @@ DENIED_BODY = b"RBAC: access denied"
 
 _BAD_VALUE = frozenset("\r\n\x00")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VISIBLE = re.compile(r"[\x21-\x7e]+")
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")
 
 
 class Failure(enum.StrEnum):
@@ -105,7 +107,9 @@ class Verdict:
 
     Allowed: the request is forwarded with the fields named in `remove_headers`
     removed, then `add_headers` appended (to replace a field, name it in both);
-    to `upstream` (None: the connection's default). Its response is relayed with
+    to `upstream` (None: the connection's default), with `target` (an origin-form
+    path and query) and `authority` instead of the request's when set (a URL
+    rewrite). Its response is relayed with
     `remove_response_headers` removed and `add_response_headers` appended; a request
     body over `max_request_body` bytes gets 413, no response head within `timeout`
     seconds 504, and `retry` says when to send it again.
@@ -129,6 +133,8 @@ class Verdict:
     timeout: float | None = None
     retry: Retry | None = None
     local: bool = False
+    target: str | None = None
+    authority: str | None = None
 
     @classmethod
     def allow(
@@ -143,11 +149,13 @@ class Verdict:
         max_request_body: int | None = None,
         timeout: float | None = None,
         retry: Retry | None = None,
+        target: str | None = None,
+        authority: str | None = None,
     ) -> Verdict:
         return cls(True, 200, b"", (), tuple(add_headers),
                    frozenset(n.lower() for n in remove_headers), context, upstream,
                    tuple(add_response_headers), frozenset(n.lower() for n in remove_response_headers),
-                   max_request_body, timeout, retry)
+                   max_request_body, timeout, retry, target=target, authority=authority)
 
     @classmethod
     def respond(
@@ -180,6 +188,10 @@ class Verdict:
             raise WaypointError(f"Verdict.max_request_body={self.max_request_body}: must be >= 0")
         if self.timeout is not None and self.timeout <= 0:
             raise WaypointError(f"Verdict.timeout={self.timeout}: must be > 0")
+        if self.target is not None and not (self.target.startswith("/") and _VISIBLE.fullmatch(self.target)):
+            raise WaypointError(f"Verdict.target {self.target!r}: must be origin-form, visible ASCII")
+        if self.authority is not None and not _AUTHORITY.fullmatch(self.authority):
+            raise WaypointError(f"Verdict.authority {self.authority!r}: must be host[:port]")
         if self.retry is not None and (self.retry.attempts < 0 or self.retry.backoff < 0):
             raise WaypointError(f"Verdict.retry={self.retry}: attempts and backoff must be >= 0")
         for where, headers, refused in (

@@ -247,13 +247,15 @@ class Http1Proxy:
         record, target, verdict = x.record, admitted.target, admitted.verdict
         x.verdict = verdict
         headers = rewrite_request(x.raw, verdict, drop=(b"expect",))
-        if target.authority is not None or header_value(headers, b"host") is None:
+        if verdict.authority is not None or target.authority is not None or header_value(headers, b"host") is None:
             headers = [(n, v) for n, v in headers if n.lower() != b"host"]
-            headers.insert(0, (b"Host", record.authority.encode("ascii", "surrogateescape")))
+            host = verdict.authority or record.authority
+            headers.insert(0, (b"Host", host.encode("ascii", "surrogateescape")))
         chunked = header_value(x.raw, b"transfer-encoding") is not None
         if chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
-        request = h11.Request(method=x.method, target=target.forward.encode("ascii"), headers=headers)
+        forward = verdict.target or target.forward
+        request = h11.Request(method=x.method, target=forward.encode("ascii"), headers=headers)
         bodiless = self._declared_length(x) == 0
         retry = x.method in _IDEMPOTENT and bodiless
         x.retries_left = verdict.retry.attempts if verdict.retry is not None and bodiless else 0

@@ -250,13 +250,14 @@ class Http2Proxy:
         if isinstance(outcome, Refused):
             x.local(outcome.status, outcome.body, outcome.headers)
             return
+        v = outcome.verdict
         x.forward([
             (b":method", x.method.encode("ascii", "surrogateescape")),
             (b":scheme", scheme.encode("ascii", "surrogateescape")),
-            (b":authority", record.authority.encode("ascii", "surrogateescape")),
-            (b":path", outcome.target.forward.encode("ascii")),
-            *rewrite_request(regular, outcome.verdict, keep_te_trailers=True),
-        ], outcome.verdict, self.upstreams(outcome.verdict.upstream))
+            (b":authority", (v.authority or record.authority).encode("ascii", "surrogateescape")),
+            (b":path", (v.target or outcome.target.forward).encode("ascii")),
+            *rewrite_request(regular, v, drop=(b"host",) if v.authority else (), keep_te_trailers=True),
+        ], v, self.upstreams(v.upstream))
 
     # ----------------------------------------------------------------- upstream
 

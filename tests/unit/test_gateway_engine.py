@@ -242,3 +242,21 @@ async def test_too_many_header_fields_are_431() -> None:
         await c2.close()
     assert (r.status, ok.status) == (431, 200)
 
+
+
+async def test_a_verdict_rewrites_the_target_and_the_authority() -> None:
+    decide = lambda r: Verdict.allow(target="/v2" + r.target, authority="backend.internal")  # noqa: E731
+    glue = Glue(decide=decide)
+    async with waypoint(glue) as (client, _, _task):
+        assert (await H1Client(client).request("GET", "/orders?id=7", [("Host", "shop.example")])).status == 200
+    assert glue.seen[0].target == "/v2/orders?id=7" and glue.seen[0].header("host") == "backend.internal"
+    glue = Glue(decide=decide, upstream="http2")
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        assert (await c.request("GET", "/orders")).status == 200
+        await c.close()
+    assert glue.seen[0].target == "/v2/orders" and glue.seen[0].header(":authority") == "backend.internal"
+    with pytest.raises(Exception, match="origin-form"):
+        Verdict.allow(target="http://x/").check()
+    with pytest.raises(Exception, match="host"):
+        Verdict.allow(authority="a b").check()
