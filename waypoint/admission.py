@@ -10,13 +10,20 @@ gave one); then `Hooks.decide`, whose exception or malformed verdict is a 500
 (fail closed), and whose denial (or local answer) is answered as it says; last,
 a declared Content-Length over the verdict's `max_request_body` (413).
 
+A glue that must wait for its decision (an external authorizer) returns an
+awaitable from `decide`: `admit` then returns `Deciding`, which the protocol
+awaits with `settle` (HTTP/2 in a task of its own, holding the request's body
+unacknowledged meanwhile), with the same checks on the verdict it yields.
+
 `admit` fills the request's record as it goes (authority, path, request,
 verdict, failure), so a refused request is reported as far as it was read.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -58,7 +65,17 @@ class Refused:
     headers: tuple[tuple[str, str], ...] = ()
 
 
-def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Admitted | Refused:
+@dataclass(frozen=True)
+class Deciding:
+    """The glue is still deciding (`Hooks.decide` returned an awaitable): `settle` it."""
+
+    head: Head
+    request: Request
+    target: Target
+    verdict: Awaitable[Verdict]
+
+
+def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Admitted | Refused | Deciding:
     """Check a request head and ask the glue; see the module docstring."""
     record.method = head.method
     record.authority = head.authority
@@ -105,13 +122,35 @@ def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Ad
     record.request = request
     try:
         verdict = hooks.decide(request)
+    except Exception as e:
+        return _decide_failed(record, head, target, e)
+    if inspect.isawaitable(verdict):
+        return Deciding(head, request, target, verdict)
+    return _judge(head, request, target, verdict, record)
+
+
+async def settle(deciding: Deciding, record: RequestRecord) -> Admitted | Refused:
+    """Wait for the glue's verdict and judge it as `admit` judges one it is given at once."""
+    try:
+        verdict = await deciding.verdict
+    except Exception as e:
+        return _decide_failed(record, deciding.head, deciding.target, e)
+    return _judge(deciding.head, deciding.request, deciding.target, verdict, record)
+
+
+def _decide_failed(record: RequestRecord, head: Head, target: Target, e: Exception) -> Refused:
+    log.error("decide failed for %s %s", head.method, target.path, exc_info=e)
+    record.fail(Failure.DECIDE_ERROR, f"decide failed: {e}")
+    return Refused(500, local_body(500))
+
+
+def _judge(head: Head, request: Request, target: Target, verdict: object, record: RequestRecord) -> Admitted | Refused:
+    try:
         if not isinstance(verdict, Verdict):
             raise TypeError(f"decide returned {type(verdict).__name__}, not a Verdict")
         verdict.check()
     except Exception as e:
-        log.exception("decide failed for %s %s", head.method, target.path)
-        record.fail(Failure.DECIDE_ERROR, f"decide failed: {e}")
-        return Refused(500, local_body(500))
+        return _decide_failed(record, head, target, e)
     record.verdict = verdict
     if not verdict.allowed:
         return Refused(verdict.status, verdict.body, verdict.response_headers)

@@ -1,7 +1,7 @@
 """What the HTTP engine and its glue exchange. Pure.
 
 The engine hands the glue a `Request` and takes back a `Verdict` (`Hooks.decide`,
-synchronous); it asks for the destination's byte stream with
+synchronous, or an awaitable of one when the glue must wait); it asks for the destination's byte stream with
 `Hooks.open_upstream` on the first allowed request (or, for a verdict that names
 its own `Upstream`, with that upstream's opener: a gateway routes each request on
 its own); it reports every request, allowed or not, once, as a `RequestRecord`
@@ -297,7 +297,8 @@ class Hooks:
     that names none (HTTP/1.0 without Host); empty: such a request gets 400.
     """
 
-    decide: Callable[[Request], Verdict]
+    # a Verdict, or an awaitable of one when the glue must wait (e.g. an external authorizer)
+    decide: Callable[[Request], Verdict | Awaitable[Verdict]]
     open_upstream: Callable[[], Awaitable[ByteStream]]
     on_request: Callable[[RequestRecord], None]
     clock: Callable[[], float] = time.monotonic

@@ -49,6 +49,7 @@ class Exchange:
         self.record = record
         self.method = ""
         self.forwarding = False  # allowed: the request goes upstream
+        self.deciding = False  # the glue's verdict is awaited: the request's parts wait in `early`
         self.verdict: Verdict | None = None
         self.ups: Upstreams[Exchange] | None = None  # the upstream connections it goes to
         self.timer: asyncio.TimerHandle | None = None  # the verdict's timeout
@@ -94,7 +95,7 @@ class Exchange:
     def request_data(self, data: bytes, n: int) -> None:
         if not self.finished:  # a reported record stays as reported
             self.record.request_bytes += len(data)
-        if not self.forwarding or self.request_end_queued or self.reset:
+        if not (self.forwarding or self.deciding) or self.request_end_queued or self.reset:
             self.down.ack(self.sid, n)  # nobody takes it: consumed here
             return
         limit = self.verdict.max_request_body if self.verdict is not None else None
@@ -111,14 +112,14 @@ class Exchange:
         self._to_upstream(Out(data, ack=(self.down, self.sid, n)))
 
     def request_trailers(self, headers: RawHeaders) -> None:
-        if self.forwarding and not self.request_end_queued and not self.reset:
+        if (self.forwarding or self.deciding) and not self.request_end_queued and not self.reset:
             trailers = forwardable_trailers(headers)
             self.request_end_queued = True
             self._to_upstream(Out(trailers=trailers) if trailers else Out(end=True))
 
     def request_end(self) -> None:
         self.request_ended = True
-        if self.forwarding and not self.request_end_queued and not self.reset:
+        if (self.forwarding or self.deciding) and not self.request_end_queued and not self.reset:
             self.request_end_queued = True
             self._to_upstream(Out(end=True))
         self._forget_if_done()

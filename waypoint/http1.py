@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import h11
 
-from waypoint.admission import Admitted, Head, Refused, admit, local_body, reason
+from waypoint.admission import Admitted, Deciding, Head, Refused, admit, local_body, reason, settle
 from waypoint.exchange import Failure, Hooks, HttpVersion, Limits, RequestRecord, Verdict
 from waypoint.h1peer import ClientFailed, H1Peer, UpstreamFailed
 from waypoint.headers import (
@@ -165,7 +165,8 @@ class Http1Proxy:
             size=len(event.method) + len(event.target) + 12 + sum(len(n) + len(v) + 4 for n, v in raw),
         )
         try:
-            outcome = admit(head, self.hooks, self.limits, record)
+            decided = admit(head, self.hooks, self.limits, record)
+            outcome = await settle(decided, record) if isinstance(decided, Deciding) else decided
             if isinstance(outcome, Refused):
                 if record.failure in _CLOSING:
                     await self._answer_error(x, outcome.status, "", body=outcome.body)

@@ -43,7 +43,7 @@ from h2.errors import ErrorCodes
 
 from ambit.tasks import TaskSet
 from waypoint import WaypointError
-from waypoint.admission import Head, Refused, admit, local_body
+from waypoint.admission import Admitted, Deciding, Head, Refused, admit, local_body, settle
 from waypoint.exchange import Failure, Hooks, Limits, RequestRecord, Upstream
 from waypoint.h2exchange import HEADER_OVERHEAD, Exchange
 from waypoint.h2side import H2Side, new_side
@@ -247,6 +247,23 @@ class Http2Proxy:
                     protocol="HTTP/2", stream_id=sid,
                     size=sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in headers))
         outcome = admit(head, self.hooks, self.limits, record)
+        if isinstance(outcome, Deciding):
+            # the body waits, unacknowledged (the client's window bounds it), for the verdict
+            x.deciding = True
+            self.tasks.spawn(f"decide-{sid}", self._settle(x, outcome, regular, scheme))
+            return
+        self._answer(x, outcome, regular, scheme)
+
+    async def _settle(self, x: Exchange, deciding: Deciding, regular: RawHeaders, scheme: str) -> None:
+        outcome = await settle(deciding, x.record)
+        x.deciding = False
+        if x.alive:  # else the client reset the stream meanwhile
+            self._answer(x, outcome, regular, scheme)
+            self.side_received(self.down)
+
+    def _answer(self, x: Exchange, outcome: Admitted | Refused, regular: RawHeaders, scheme: str) -> None:
+        """Answer the request here, or forward it, as admission decided."""
+        record = x.record
         if isinstance(outcome, Refused):
             x.local(outcome.status, outcome.body, outcome.headers)
             return
