@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 lint: setup
-	@$(VENV)/bin/ruff check ambit agent ztunnel waypoint controlplane tests bench
+	@$(VENV)/bin/ruff check ambit agent ztunnel waypoint gateway controlplane tests bench
 	@out=$$($(VENV)/bin/lint-imports --no-cache 2>&1) || { echo "$$out"; exit 1; }; echo "$$out" | tail -n 1
 
 typecheck: setup

@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--ztunnel-addresses", help="comma-separated addresses the ztunnel talks to pods from")
     p.add_argument("--ztunnel-cgroup", type=Path, help="the ztunnel's cgroup v2 dir (SO_ORIGINAL_DST answers)")
     p.add_argument("--admin", default="127.0.0.1:15010", help="admin HTTP listen address, '' to disable")
+    p.add_argument("--metrics", default="", metavar="IP:PORT",
+                   help="also serve /metrics alone here, for Prometheus (default off; the admin serves it too)")
     p.add_argument("--state-feed", type=Path, metavar="SOCKET",
                    help="serve the node's ztunnel its compiled snapshot on this unix socket")
     p.add_argument("--state-dir", type=Path, metavar="DIR",
@@ -89,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             addrs = list(runtime.ztunnel_addresses()) if hasattr(runtime, "ztunnel_addresses") else [outbound[0]]
         zcg = args.ztunnel_cgroup or (runtime.ztunnel_cgroup() if hasattr(runtime, "ztunnel_cgroup") else None)
         admin = hostport(args.admin, "--admin") if args.admin else None
+        metrics = hostport(args.metrics, "--metrics") if args.metrics else None
         bpf_dir = args.bpf_dir or Path("/sys/fs/bpf/ambit") / args.node
         source = open_source(args.cluster)
         datapath = Datapath(bpf_dir)
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from e
     config = AgentConfig(
         node=args.node, ztunnel_outbound=outbound, ztunnel_inbound=inbound, ztunnel_addresses=addrs,
-        ztunnel_cgroup=zcg, admin=admin, trust_domain=args.trust_domain, root_namespace=args.root_namespace,
+        ztunnel_cgroup=zcg, admin=admin, metrics=metrics, trust_domain=args.trust_domain, root_namespace=args.root_namespace,
         feed_socket=args.state_feed,
         state_dir=None if str(args.state_dir) == "none" else (args.state_dir or Path("/var/lib/ambit") / args.node),
     )

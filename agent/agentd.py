@@ -45,6 +45,8 @@ from agent.enroll import (
 from agent.feed import FeedServer
 from agent.flowjoin import join_flows
 from agent.flows import FlowTable
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agent.metrics import AgentMetrics, NodeView, pod_drops
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 from ambit.cluster import REDIRECTION, ClusterState, Pod
 from ambit.http import HttpServer, Response, Routes, get_json
@@ -67,6 +69,9 @@ class AgentConfig:
     ztunnel_addresses: list[str]
     ztunnel_cgroup: Path | None
     admin: tuple[str, int] | None = None
+    # A listener that serves only /metrics, for Prometheus on other hosts (None: off; the
+    # admin listener, on the node's loopback, serves /metrics too).
+    metrics: tuple[str, int] | None = None
     trust_domain: str = "cluster.local"
     root_namespace: str = "istio-system"
     node_netns: Path | None = None  # None: the agent already runs in the node's netns
@@ -306,6 +311,10 @@ class Agent:
         if self.config.admin:
             admin = HttpServer("agent admin", self.admin_routes())
             await admin.start(*self.config.admin)
+        metrics: HttpServer | None = None
+        if self.config.metrics:
+            metrics = HttpServer("agent metrics", {"/metrics": self.admin_routes()["/metrics"]})
+            await metrics.start(*self.config.metrics)
         try:
             await asyncio.gather(
                 self._tasks.spawn("follow", self._follow()),
@@ -315,6 +324,8 @@ class Agent:
         finally:
             if admin is not None:
                 await admin.close()
+            if metrics is not None:
+                await metrics.close()
             await self.close()
 
     async def _follow(self) -> None:
@@ -452,7 +463,16 @@ class Agent:
             "/flows": (("GET",), view(lambda: {"items": self.joined_flows()})),
             "/flows/kernel": (("GET",), view(lambda: {"items": self.flows.snapshot()})),
             "/bypass": (("GET",), view(self._bypass_view)),
+            "/metrics": (("GET",), lambda method, query: Response(
+                200, AgentMetrics(self.metrics_view).render(), METRICS_CONTENT_TYPE)),
         }
+
+    def metrics_view(self) -> NodeView:
+        """What /metrics reports: the kernel's bypass drops per pod, and the node's redirection."""
+        rows = [(b["pod"], b["egress"], b["ingress"], b["inbound_strict"]) for b in self._bypass_view()]
+        return NodeView(node=self.config.node, drops=pod_drops(rows),
+                        redirected=sum(1 for a in self.actual.values() if a.attached),
+                        retrying=len(self.retries), ztunnel_ready=self.ztunnel_ready[0])
 
     def _bypass_view(self) -> list[dict[str, Any]]:
         counts = self.datapath.drop_counts()

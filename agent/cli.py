@@ -20,6 +20,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "ca": ("controlplane.cli", "the cluster CA: init, node-credential, run"),
     "ztunnel": ("ztunnel.cli", "the per-node ztunnel"),
     "waypoint": ("waypoint.cli", "a waypoint: L7 policy for the workloads that use it"),
+    "gateway": ("gateway.cli", "an ingress gateway: HTTP/HTTPS from outside into the mesh"),
     "agent": ("agent.agentcli", "the node agent"),
     "local": ("agent.local.cli", "a local cluster of network namespaces and cgroups"),
 }

@@ -6,6 +6,8 @@ Policies are kept as raw objects here; `ambit.policy` validates and compiles the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,10 +29,14 @@ REDIRECTION = "ambit.dev/redirection"
 # The Gateway API label a Gateway's own pods carry (a waypoint is never routed through itself).
 GATEWAY_NAME_LABEL = "gateway.networking.k8s.io/gateway-name"
 WAYPOINT_CLASS = "ambit-waypoint"
+INGRESS_CLASS = "ambit-ingress"
 WAYPOINT_FOR_VALUES = ("service", "workload", "all")
 GATEWAY_API_VERSIONS = ("gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1")
 POLICY_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "RequestAuthentication")
-KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", "Gateway", *POLICY_KINDS)
+# Kept as written, like policies; the ingress gateway compiles them (gateway/).
+ROUTE_KINDS = {"HTTPRoute": GATEWAY_API_VERSIONS, "RateLimitPolicy": ("ambit.dev/v1alpha1",)}
+TLS_SECRET_TYPE = "kubernetes.io/tls"
+KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", "Gateway", *POLICY_KINDS, *ROUTE_KINDS, "Secret")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,11 @@ class Listener:
     name: str
     port: int
     protocol: str
+    # an ingress Gateway's listeners: the hostname they serve (None: any), the TLS Secrets of
+    # an HTTPS listener as (namespace, name), and from which namespaces routes may attach
+    hostname: str | None = None
+    certificate_refs: tuple[tuple[str, str], ...] = ()
+    allowed_routes: str = "Same"  # Same | All
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,10 @@ class Gateway:
         return self.class_name == WAYPOINT_CLASS
 
     @property
+    def is_ingress(self) -> bool:
+        return self.class_name == INGRESS_CLASS
+
+    @property
     def waypoint_for(self) -> str:
         return self.meta.labels.get(WAYPOINT_FOR, "service")
 
@@ -158,6 +173,34 @@ class PolicyObject:
 
 
 @dataclass(frozen=True)
+class RouteObject:
+    """An `HTTPRoute` or a `RateLimitPolicy`, kept as written (the ingress gateway compiles it)."""
+
+    kind: str
+    api_version: str
+    meta: Meta
+    spec: Mapping[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}/{self.meta.namespace}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
+class TlsSecret:
+    """A `kubernetes.io/tls` Secret: a certificate chain and its key, PEM. Never printed: the
+    key is left out of repr, and the raw object is kept out of `ClusterState.objects`."""
+
+    meta: Meta
+    cert_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.meta.namespace}/{self.meta.name}"
+
+
+@dataclass(frozen=True)
 class ClusterState:
     """One consistent view of the cluster. Build it with `build_state`."""
 
@@ -170,6 +213,8 @@ class ClusterState:
     # The objects as written, keyed by (kind, namespace, name): what the agent's
     # live feed sends to ztunnels, which rebuild the same state from them.
     objects: Mapping[tuple[str, str, str], Mapping[str, Any]] = field(default_factory=dict)
+    routes: tuple[RouteObject, ...] = ()  # HTTPRoutes and RateLimitPolicies
+    secrets: Mapping[tuple[str, str], TlsSecret] = field(default_factory=dict, repr=False)
 
     def pods_on_node(self, node: str) -> list[Pod]:
         return [p for p in self.pods.values() if p.node_name == node]
@@ -313,7 +358,10 @@ def _port(value: Any, where: str) -> int:
     return n
 
 
-def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | Gateway | PolicyObject:
+Parsed = Namespace | Node | Pod | Service | Gateway | PolicyObject | RouteObject | TlsSecret
+
+
+def parse_object(obj: Mapping[str, Any]) -> Parsed:
     """Turn one Kubernetes-shaped mapping into its model type, naming the field that is wrong."""
     kind = obj.get("kind")
     if kind not in KNOWN_KINDS:
@@ -384,6 +432,12 @@ def parse_object(obj: Mapping[str, Any]) -> Namespace | Node | Pod | Service | G
     api = str(obj.get("apiVersion") or "")
     if kind == "Gateway":
         return _gateway(meta, api, spec, where)
+    if kind == "Secret":
+        return _tls_secret(meta, obj, where)
+    if kind in ROUTE_KINDS:
+        if api not in ROUTE_KINDS[kind]:
+            raise ClusterError(f"{where}: apiVersion {api!r} is not one of {', '.join(ROUTE_KINDS[kind])}")
+        return RouteObject(str(kind), api, meta, spec)
     if api not in ("security.istio.io/v1", "security.istio.io/v1beta1"):
         raise ClusterError(
             f"{where}: apiVersion {api!r} is not security.istio.io/v1 or security.istio.io/v1beta1"
@@ -405,8 +459,7 @@ def _gateway(meta: Meta, api: str, spec: Mapping[str, Any], where: str) -> Gatew
         lw = f"{where}: spec.listeners[{i}]"
         if not isinstance(lst, dict):
             raise ClusterError(f"{lw} is not a mapping")
-        listeners.append(Listener(str(lst.get("name") or ""), _port(lst.get("port"), f"{lw}.port"),
-                                  str(lst.get("protocol") or "")))
+        listeners.append(_listener(meta, lst, lw))
     gw = Gateway(meta, class_name, tuple(listeners))
     if gw.is_waypoint:
         if not any(x.port == 15008 and x.protocol == "HBONE" for x in listeners):
@@ -418,6 +471,44 @@ def _gateway(meta: Meta, api: str, spec: Mapping[str, Any], where: str) -> Gatew
     return gw
 
 
+def _listener(meta: Meta, lst: Mapping[str, Any], lw: str) -> Listener:
+    hostname = lst.get("hostname")
+    if hostname is not None and (not isinstance(hostname, str) or not hostname):
+        raise ClusterError(f"{lw}.hostname: {hostname!r} is not a hostname")
+    refs = []
+    tls = lst.get("tls") or {}
+    if not isinstance(tls, dict):
+        raise ClusterError(f"{lw}.tls is not a mapping")
+    for i, ref in enumerate(tls.get("certificateRefs") or []):
+        if not isinstance(ref, dict) or not ref.get("name"):
+            raise ClusterError(f"{lw}.tls.certificateRefs[{i}]: a name is required")
+        if ref.get("kind", "Secret") != "Secret" or ref.get("group", "") not in ("", "core"):
+            raise ClusterError(f"{lw}.tls.certificateRefs[{i}]: only Secrets (group \"\") are supported")
+        refs.append((str(ref.get("namespace") or meta.namespace), str(ref["name"])))
+    allowed = ((lst.get("allowedRoutes") or {}).get("namespaces") or {}).get("from", "Same")
+    if allowed not in ("Same", "All"):
+        raise ClusterError(f"{lw}.allowedRoutes.namespaces.from: {allowed!r} is not supported (Same or All)")
+    return Listener(str(lst.get("name") or ""), _port(lst.get("port"), f"{lw}.port"), str(lst.get("protocol") or ""),
+                    hostname, tuple(refs), str(allowed))
+
+
+def _tls_secret(meta: Meta, obj: Mapping[str, Any], where: str) -> TlsSecret:
+    """Only `kubernetes.io/tls` Secrets, and never their contents in a message."""
+    if obj.get("type") != TLS_SECRET_TYPE:
+        raise ClusterError(f"{where}: type {obj.get('type')!r}: only {TLS_SECRET_TYPE} Secrets are read")
+    pems = {}
+    for name in ("tls.crt", "tls.key"):
+        data, text = (obj.get("data") or {}).get(name), (obj.get("stringData") or {}).get(name)
+        try:
+            pem = base64.b64decode(data, validate=True) if data is not None else str(text or "").encode()
+        except (binascii.Error, TypeError, ValueError):
+            raise ClusterError(f"{where}: data.{name} is not base64") from None
+        if b"-----BEGIN " not in pem:
+            raise ClusterError(f"{where}: data.{name} is missing or not PEM")
+        pems[name] = pem
+    return TlsSecret(meta, pems["tls.crt"], pems["tls.key"])
+
+
 def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
     """Build a snapshot; later objects with the same kind/namespace/name replace earlier ones."""
     namespaces: dict[str, Namespace] = {}
@@ -426,12 +517,19 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
     services: dict[tuple[str, str], Service] = {}
     policies: dict[str, PolicyObject] = {}
     gateways: dict[tuple[str, str], Gateway] = {}
+    routes: dict[str, RouteObject] = {}
+    secrets: dict[tuple[str, str], TlsSecret] = {}
     raw_objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for raw in objects:
         o = parse_object(raw)
         ns = o.meta.namespace if not isinstance(o, Namespace | Node) else ""
+        if isinstance(o, TlsSecret):
+            secrets[(ns, o.meta.name)] = o  # parsed, and kept out of raw_objects
+            continue
         raw_objects[(str(raw.get("kind")), ns, o.meta.name)] = raw
-        if isinstance(o, Namespace):
+        if isinstance(o, RouteObject):
+            routes[o.key] = o
+        elif isinstance(o, Namespace):
             namespaces[o.name] = o
         elif isinstance(o, Node):
             nodes[o.name] = o
@@ -443,4 +541,5 @@ def build_state(objects: Iterable[Mapping[str, Any]]) -> ClusterState:
             gateways[(o.meta.namespace, o.meta.name)] = o
         else:
             policies[o.key] = o
-    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()), gateways, raw_objects)
+    return ClusterState(namespaces, nodes, pods, services, tuple(policies.values()), gateways, raw_objects,
+                        tuple(routes.values()), secrets)

@@ -57,7 +57,7 @@ class ProxyContext:
         `reason` is the sentence for the record and the log; `refusal` gives its flag and label."""
         rec.reason = reason
         rec.response_flags = refusal.spec.flag
-        self.metrics.refuse(refusal)
+        self.metrics.refuse(refusal, rec)
         log.info("refused %s %s:%d -> %s:%d: %s", rec.direction, rec.src_ip, rec.src_port,
                  rec.dst_ip, rec.dst_port, reason)
         self.conns.close(rec, None if rec.decision == "deny" else reason)

@@ -1,7 +1,12 @@
 """Prometheus metrics with Istio's names and labels, plus ambit's own, in a private registry.
 
 Byte counters are updated in batches (on close and by `flush()`, which the
-server calls periodically), never per chunk on the copy path.
+server calls periodically), never per chunk on the copy path. A connection
+addressed to a Service carries it (`destination_service*`): the source knows
+the VIP it was dialed by; the destination, which sees only a pod address,
+takes the Service of that pod that targets the port, as Istio's ztunnel does.
+Denials and refusals carry the source workload, so an alert can tell which
+workload is probing.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ztunnel.conntrack import OUTBOUND, ConnRecord
+from ambit.snapshot import Snapshot
+from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord
 from ztunnel.refusal import Refusal
 
 TCP_LABELS = (
@@ -24,11 +30,17 @@ TCP_LABELS = (
     "destination_workload_namespace",
     "destination_principal",
     "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
     "response_flags",
     "connection_security_policy",
 )
 
+# Who a denial or refusal came from (the workload an alert on probing groups by).
+SOURCE_LABELS = ("source_workload", "source_workload_namespace", "source_principal")
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+SERVICE_DOMAIN = "svc.cluster.local"
 
 
 def _split(uid: str | None) -> tuple[str, str]:
@@ -38,10 +50,52 @@ def _split(uid: str | None) -> tuple[str, str]:
     return name, ns
 
 
+def service_host(namespace: str, name: str) -> str:
+    return f"{name}.{namespace}.{SERVICE_DOMAIN}"
+
+
+def split_service_host(host: str | None) -> tuple[str, str]:
+    """`name.ns.svc.cluster.local` -> (name, namespace); ("unknown", "unknown") otherwise."""
+    parts = (host or "").split(".")
+    if len(parts) < 3 or parts[2] != "svc" or not parts[0] or not parts[1]:
+        return "unknown", "unknown"
+    return parts[0], parts[1]
+
+
+def inbound_service(snap: Snapshot, workload_uid: str | None, port: int) -> str | None:
+    """The Service a connection to `workload_uid`:`port` was most likely addressed to: the
+    first (by name) of the pod's Services with a port that targets `port` (Istio's ztunnel
+    guesses the same way). None when no Service of the pod targets that port."""
+    w = snap.workload(workload_uid) if workload_uid else None
+    if w is None or not w.services:
+        return None
+    mine = set(w.services)
+    for svc in sorted((s for s in snap.services.values() if s.uid in mine), key=lambda s: s.uid):
+        if port in svc.ports.values():
+            return service_host(svc.namespace, svc.name)
+    return None
+
+
+def source_labels(rec: ConnRecord, snap: Snapshot | None = None) -> dict[str, str]:
+    """Who a connection came from; a record refused before its source was looked up (an
+    unknown name, a plaintext connection) is looked up by its source address in `snap`."""
+    uid, principal = rec.src_workload, rec.src_identity
+    if uid is None and snap is not None:
+        w = snap.workload_by_ip(rec.src_ip)
+        if w is not None:
+            # the principal only where the ztunnel would lend it (a local pod going out); an
+            # address is no proof of identity on the way in
+            lend = w.enrolled and rec.direction == OUTBOUND
+            uid, principal = w.uid, principal or (str(w.identity) if lend else None)
+    name, ns = _split(uid)
+    return {"source_workload": name, "source_workload_namespace": ns, "source_principal": principal or "unknown"}
+
+
 def tcp_labels(rec: ConnRecord) -> dict[str, str]:
     """Istio's TCP metric labels for one connection record."""
     src_name, src_ns = _split(rec.src_workload)
     dst_name, dst_ns = _split(rec.dst_workload)
+    svc_name, svc_ns = split_service_host(rec.dst_service)
     return {
         "reporter": "source" if rec.direction == OUTBOUND else "destination",
         "source_workload": src_name,
@@ -51,6 +105,8 @@ def tcp_labels(rec: ConnRecord) -> dict[str, str]:
         "destination_workload_namespace": dst_ns,
         "destination_principal": rec.dst_identity or "unknown",
         "destination_service": rec.dst_service or "unknown",
+        "destination_service_name": svc_name,
+        "destination_service_namespace": svc_ns,
         "response_flags": rec.response_flags,
         "connection_security_policy": "mutual_tls" if rec.mtls else "none",
     }
@@ -76,11 +132,12 @@ class Metrics:
         self.denials = Counter(
             "ambit_policy_denials",
             "Connections denied by L4 authorization policy",
-            ("direction", "destination_workload", "destination_workload_namespace", "policy"),
+            ("direction", *SOURCE_LABELS, "destination_workload", "destination_workload_namespace", "policy"),
             registry=r,
         )
         self.refused = Counter(
-            "ambit_connections_refused", "Connections the ztunnel refused, by reason", ("reason",), registry=r
+            "ambit_connections_refused", "Connections the ztunnel refused, by reason and source workload",
+            ("reason", "direction", *SOURCE_LABELS), registry=r
         )
         self.cert_expiry = Gauge(
             "ambit_cert_expiry_seconds", "Seconds until a workload certificate expires", ("identity",), registry=r
@@ -89,16 +146,33 @@ class Metrics:
             "ambit_hbone_pool_connections", "HBONE client connections in the pool", registry=r
         )
         self._cert_source: Callable[[], Iterable[tuple[str, float]]] | None = None
+        self._snapshot: Callable[[], Snapshot] | None = None
+
+    def set_snapshot_source(self, snapshot: Callable[[], Snapshot]) -> None:
+        """The ztunnel's current snapshot: the destination's Service of an inbound connection."""
+        self._snapshot = snapshot
+
+    def _current(self) -> Snapshot | None:
+        return self._snapshot() if self._snapshot is not None else None
 
     def connection_opened(self, rec: ConnRecord) -> None:
         if rec.decision == "allow":
+            self._name_service(rec)
             self.opened.labels(**tcp_labels(rec)).inc()
+
+    def _name_service(self, rec: ConnRecord) -> None:
+        # Once, when the connection opens, so that its open, bytes and close series (and its
+        # access-log line) name the same Service even if the snapshot changes meanwhile.
+        if rec.dst_service is None and rec.direction == INBOUND and self._snapshot is not None:
+            rec.dst_service = inbound_service(self._snapshot(), rec.dst_workload, rec.dst_port)
 
     def connection_closed(self, rec: ConnRecord) -> None:
         labels = tcp_labels(rec)
         if rec.decision == "deny":
             name, ns = _split(rec.dst_workload)
-            self.denials.labels(rec.direction, name, ns, rec.policy or "-").inc()
+            self.denials.labels(direction=rec.direction, **source_labels(rec, self._current()),
+                                destination_workload=name,
+                                destination_workload_namespace=ns, policy=rec.policy or "-").inc()
             return
         if rec.decision != "allow":
             return
@@ -124,8 +198,11 @@ class Metrics:
             if rec.decision == "allow":
                 self._flush_bytes(rec)
 
-    def refuse(self, refusal: Refusal) -> None:
-        self.refused.labels(refusal.spec.label).inc()
+    def refuse(self, refusal: Refusal, rec: ConnRecord | None = None) -> None:
+        """Count a refusal; with its record, by the source workload too (else "unknown")."""
+        src = source_labels(rec, self._current()) if rec is not None else dict.fromkeys(SOURCE_LABELS, "unknown")
+        direction = rec.direction if rec is not None else "unknown"
+        self.refused.labels(reason=refusal.spec.label, direction=direction, **src).inc()
 
     def set_cert_source(self, source: Callable[[], Iterable[tuple[str, float]]]) -> None:
         """`source()` yields (identity, expiry unix time) for the certificate gauge."""

@@ -99,6 +99,7 @@ class Ztunnel:
         ctx.conns.on_close.append(access_log.write)
         ctx.conns.on_close.append(self.metrics.connection_closed)
         self.metrics.set_cert_source(self._cert_expiries)
+        self.metrics.set_snapshot_source(lambda: self.store.current)
         self.metrics.pool_connections.set_function(lambda: len(self.pool) if self.pool else 0)
         self.pool = Pool(ctx)
         self.inbound = Inbound(ctx)

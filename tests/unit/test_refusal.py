@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ambit.http import Response
 from ambit.policy import Verdict
@@ -22,7 +23,7 @@ from ztunnel import conntrack, socks5
 from ztunnel.accesslog import AccessLog
 from ztunnel.conntrack import INBOUND, INBOUND_PLAINTEXT, OUTBOUND, ConnRecord, Route
 from ztunnel.context import ProxyContext
-from ztunnel.metrics import Metrics
+from ztunnel.metrics import Metrics, source_labels
 from ztunnel.pool import PoolError
 from ztunnel.refusal import REFUSALS, Refusal, ResponseFlag
 
@@ -203,7 +204,7 @@ def _render(
         else:  # what `ProxyContext.refuse(rec, key, reason, flags=...)` did
             rec.reason = reason
             rec.response_flags = cast(Any, old_flag)
-            metrics.refused.labels(old_label).inc()
+            metrics.refused.labels(reason=old_label, direction=rec.direction, **source_labels(rec)).inc()
             ctx.conns.close(rec, None if rec.decision == "deny" else reason)
     access.close()
     connections = Response.json({"items": ctx.conns.snapshot()}).body
@@ -236,6 +237,11 @@ def test_records_render_the_same_bytes_as_before(tmp_path: Path, monkeypatch: py
         ("same-node", "-", "closed"), ("same-node", "-", "closed"),
     ]
     text = exposition.decode()
-    assert 'ambit_connections_refused_total{reason="policy_denied"} 2.0' in text
-    assert 'ambit_connections_refused_total{reason="strict_mtls"} 1.0' in text
+    refused: dict[str, float] = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == "ambit_connections_refused_total":
+                assert s.labels["source_workload"] == "client"  # refusals say who they came from
+                refused[s.labels["reason"]] = refused.get(s.labels["reason"], 0) + s.value
+    assert refused["policy_denied"] == 2 and refused["strict_mtls"] == 1
     assert 'response_flags="-"' in text and "same-node" not in text
