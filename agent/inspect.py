@@ -120,6 +120,28 @@ def waypoint_admins(args: argparse.Namespace, admin: NodeAdmin, waypoint: str | 
     return out
 
 
+def gateway_admins(args: argparse.Namespace, admin: NodeAdmin, node: str | None = None) -> list[NodeAdmin]:
+    """The admin endpoints of ingress gateway pods (pods of a Gateway that are no waypoint's; on
+    `node` only), reachable from here: inside their pods' network namespaces in the local cluster."""
+    if not getattr(args, "node", None):
+        return []
+    from agent.local.runtime import pod_connector
+
+    dump = admin.ztunnel("/config_dump")
+    waypoint_ips = {ip for wp in dump.get("waypoints", []) for ip in wp.get("addresses") or []}
+    out = []
+    for w in dump.get("workloads", []):
+        gw = (w.get("labels") or {}).get("gateway.networking.k8s.io/gateway-name")
+        if not gw or w.get("ip") in waypoint_ips or (node is not None and w.get("node") != node):
+            continue
+        try:
+            connect = pod_connector(Path(args.state_dir), w["namespace"], w["name"])
+        except Exception:  # a pod that is going away: skip it
+            continue
+        out.append(NodeAdmin(label=f"gateway {w['namespace']}/{gw} ({w['uid']})", connect=connect))
+    return out
+
+
 # ---------------------------------------------------------------------------
 # output
 
@@ -263,7 +285,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
         render(args, rows, FLOW_COLUMNS, title)
         if requests:
             console().print(make_table(request_rows(requests), REQUEST_COLUMNS,
-                                       f"requests decided by waypoints on {admin.label}"))
+                                       f"requests decided by waypoints and gateways on {admin.label}"))
         return 0
     if args.output == "json":
         raise CliError("--watch shows a live table; use it without -o json (or poll with -o json)")
@@ -288,9 +310,11 @@ REQUEST_COLUMNS = [
 
 
 def waypoint_requests(args: argparse.Namespace, admin: NodeAdmin) -> list[dict[str, Any]]:
-    """The recent requests of the waypoints that run on this node (the L7 hop of its flows)."""
+    """The recent requests of the waypoints and ingress gateways that run on this node (the L7 hop
+    of its flows, and the edge hop into the mesh)."""
     out: list[dict[str, Any]] = []
-    for wp in waypoint_admins(args, admin, node=getattr(args, "node", None)):
+    node = getattr(args, "node", None)
+    for wp in [*waypoint_admins(args, admin, node=node), *gateway_admins(args, admin, node=node)]:
         try:
             items = wp.waypoint("/requests").get("items", [])
         except CliError:
@@ -308,7 +332,7 @@ def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     now = time.time()
     return [{
         "source": r.get("src_workload") or r.get("client_ip"),
-        "via": r.get("waypoint"),
+        "via": r.get("waypoint") or (f"gateway {r['gateway']}" if r.get("gateway") else None),
         "destination": r.get("dst_service") or r.get("dst_workload"),
         "request": f"{r.get('method')} {r.get('path')}",
         "status": r.get("status"),

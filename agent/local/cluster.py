@@ -31,6 +31,7 @@ from agent.local.store import Obj, Store, describe, object_key
 from ambit.cluster import (
     DATAPLANE_MODE,
     GATEWAY_NAME_LABEL,
+    INGRESS_CLASS,
     KNOWN_KINDS,
     POLICY_KINDS,
     WAYPOINT_CLASS,
@@ -43,8 +44,8 @@ from ambit.policy import PolicyError, compile_policy
 
 log = logging.getLogger("ambit.local")
 
-APPLY_ORDER = {"Namespace": 0, "Service": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2,
-               "RequestAuthentication": 2, "Gateway": 2, "Pod": 3}
+APPLY_ORDER = {"Namespace": 0, "Service": 1, "Secret": 1, "AuthorizationPolicy": 2, "PeerAuthentication": 2,
+               "RequestAuthentication": 2, "Gateway": 2, "HTTPRoute": 2, "RateLimitPolicy": 2, "Pod": 3}
 # The annotation on a pod the local cluster made for a Gateway (its waypoint), naming it.
 OWNER = "ambit.dev/owner"
 # On a waypoint Gateway of the local cluster: the node its pod runs on.
@@ -273,7 +274,8 @@ def down(state_dir: Path) -> list[str]:
     # the last good policies belong to this cluster: a new one in the same dir starts clean
     # (logs stay for a post-mortem)
     for kept in (*state_dir.glob("nodes/*/last-good-policies.json"),
-                 *state_dir.glob("waypoints/*/last-good-policies.json")):
+                 *state_dir.glob("waypoints/*/last-good-policies.json"),
+                 *state_dir.glob("gateways/*/last-good-policies.json")):
         kept.unlink(missing_ok=True)
     return done
 
@@ -413,24 +415,28 @@ def waypoint_pod(layout: Layout, gw: Obj) -> Obj | None:
     on the node named by the Gateway's `ambit.dev/node` annotation (else the first), is not
     enrolled itself (it speaks HBONE), and asks the CA with its node's credential, which the
     CA accepts because a pod with that service account runs on that node.
+    An ingress Gateway (class ambit-ingress) gets the same, running `ambit gateway run`: its
+    pod's address is the gateway's, which clients outside the mesh reach.
     """
-    if gw.get("kind") != "Gateway" or (gw.get("spec") or {}).get("gatewayClassName") != WAYPOINT_CLASS:
+    cls = (gw.get("spec") or {}).get("gatewayClassName")
+    if gw.get("kind") != "Gateway" or cls not in (WAYPOINT_CLASS, INGRESS_CLASS):
         return None
+    role = "waypoint" if cls == WAYPOINT_CLASS else "gateway"
     md = gw.get("metadata") or {}
     ns, name = str(md.get("namespace") or "default"), str(md.get("name"))
     node = str((md.get("annotations") or {}).get(NODE_ANNOTATION) or layout.nodes[0].name)
-    state = layout.state / "waypoints" / f"{ns}.{name}"
-    argv = [*sup.AMBIT, "waypoint", "run", "--gateway", f"{ns}/{name}", "--node", node,
+    state = layout.state / f"{role}s" / f"{ns}.{name}"
+    argv = [*sup.AMBIT, role, "run", "--gateway", f"{ns}/{name}", "--node", node,
             "--cluster", f"local:{layout.cluster_dir}", "--ca", layout.ca_address,
             "--credential-dir", str(layout.node_credential_dir(node)), "--state-dir", str(state),
             "--access-log", str(state / "access.log")]
     return {
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{name}-waypoint", "namespace": ns,
+        "metadata": {"name": f"{name}-{role}", "namespace": ns,
                      "labels": {GATEWAY_NAME_LABEL: name, DATAPLANE_MODE: "none"},
                      "annotations": {OWNER: f"Gateway/{name}"}},
         "spec": {"nodeName": node, "serviceAccountName": name,
-                 "containers": [{"name": "waypoint", "command": argv}]},
+                 "containers": [{"name": role, "command": argv}]},
     }
 
 
