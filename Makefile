@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit demo bench proto clean
+.PHONY: setup test lint typecheck unit demo bench proto clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,11 @@ demo: setup
 	@$(PY) -m agent.demo
 
 # as root: namespaces, eBPF, HAProxy (apt) and ambit on the real path; QUICK=1 for a short smoke run
+# The container image, tagged with the package version (ghcr.io/ambit-mesh/ambit:VERSION), built
+# here with no registry: a Debian base by mmdebstrap, wheels by pip, podman (scripts/image.sh).
+image: setup
+	@bash scripts/image.sh
+
 bench: setup
 	@command -v haproxy >/dev/null && command -v iptables >/dev/null || { apt-get update -qq >/dev/null; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy iptables >/dev/null; }

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from agent.flowjoin import dry_run_words
 from ambit.args import CliError
 from ambit.http import request_on
 
@@ -257,7 +258,7 @@ def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
                 "security": f.get("security"),
                 "via": f"waypoint {f['waypoint']}" if f.get("waypoint") else None,
                 "verdict": f.get("verdict"),
-                "policy": f.get("policy"),
+                "policy": with_dry_run(f.get("policy"), f.get("dry_run")),
                 "sent": human_bytes(f.get("bytes_sent")),
                 "received": human_bytes(f.get("bytes_received")),
                 "rtt": f"{rtt / 1000:.2f}ms" if isinstance(rtt, int | float) and rtt else "-",
@@ -337,10 +338,18 @@ def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "request": f"{r.get('method')} {r.get('path')}",
         "status": r.get("status"),
         "verdict": r.get("decision"),
-        "policy": (f"{r['policy']} rule {r['rule']}" if r.get("policy") and r.get("rule") is not None
-                   else r.get("policy") or r.get("reason")),
+        "policy": with_dry_run(f"{r['policy']} rule {r['rule']}" if r.get("policy") and r.get("rule") is not None
+                               else r.get("policy") or r.get("reason"), r.get("dry_run")),
         "age": human_age(now - float(r.get("time") or now)),
     } for r in requests]
+
+def with_dry_run(policy: str | None, dry_run: Any) -> str | None:
+    """The POLICY cell, marked with what dry-run policies would have decided:
+    `shop/allow rule 0 [dry-run: would deny by shop/strict rule 1]`."""
+    words = dry_run_words(dry_run if isinstance(dry_run, list) else None)
+    if words is None:
+        return policy
+    return f"{policy or '-'} [dry-run: {words}]"
 
 
 def cmd_waypoints(args: argparse.Namespace) -> int:
@@ -436,21 +445,42 @@ def cmd_policies(args: argparse.Namespace) -> int:
             "policy": p.get("key") or p.get("name"),
             "kind": p.get("kind"),
             "scope": p.get("scope"),
-            "action": p.get("action") or p.get("mode"),
+            "action": (p.get("action") or p.get("mode") or "") + (f" {p['provider']}" if p.get("provider") else ""),
             "rules": p.get("rules") if isinstance(p.get("rules"), int) else len(p.get("rules") or []),
+            "status": ("dry-run, " if p.get("dry_run") else "") + str(p.get("status") or "-"),
+            "enforced": p.get("status_summary"),
         }
         for p in policies
     ]
     cols = [("policy", "POLICY"), ("kind", "KIND"), ("scope", "SCOPE"), ("action", "ACTION/MODE"),
-            ("rules", "RULES")]
+            ("rules", "RULES"), ("status", "STATUS"), ("enforced", "WHAT AMBIT ENFORCES")]
     errors = dump.get("errors") or []
     status = render(args, rows, cols, f"policies in force on {admin.label}",
                     raw={"items": policies, "errors": errors})
+    notes = policy_field_notes(policies)
+    if notes and args.output != "json":
+        con = console()
+        con.print("[bold]fields not enforced as written everywhere:[/]")
+        for line in notes:
+            con.print(f"  {line}", markup=False)
     if errors and args.output != "json":
         Console(stderr=True).print("[bold red]rejected (the last good version stays in force):[/]")
         for e in errors:
             Console(stderr=True).print(f"  {e}")
     return status
+
+
+def policy_field_notes(policies: Iterable[dict[str, Any]]) -> list[str]:
+    """One line per policy field that is not enforced as written at L4 and at waypoints alike
+    (from the summary's `enforcement`, ambit.policy.status): `shop/p: spec.rules[0]... (how): detail`."""
+    out = []
+    for p in policies:
+        for f in p.get("enforcement") or []:
+            if f.get("how") == "enforced":
+                continue
+            how = f" ({f['how']})" if f.get("how") else ""
+            out.append(f"{p.get('key') or p.get('name')}: {f.get('field')}{how}: {f.get('detail')}")
+    return out
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
@@ -501,6 +531,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         con.print(f"  why: {data.get('reason')}")
         for note in data.get("notes") or []:
             con.print(f"  note: {note}")
+        for c in data.get("custom") or []:
+            con.print(f"  and then: provider {c.get('provider')} is asked (CUSTOM policy {c.get('policy')} "
+                      f"rule {c.get('rule')}); it may still deny", markup=False)
+        for d in data.get("dry_run") or []:
+            con.print(f"  dry-run: {dry_run_words([d])}: {d.get('reason')}", markup=False)
         if data.get("mtls_mode"):
             con.print(f"  mTLS mode of the destination port: {data['mtls_mode']}")
     return 0 if data.get("allowed") else 3
