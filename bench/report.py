@@ -16,6 +16,7 @@ COLUMNS = (
     ("latency_p50_us_64B_fixed", "p50 64 B @1k/s", "{:.0f}"),
     ("connect_us", "connect+1st byte (µs)", "{:.0f}"),
     ("conns_per_s", "new conns/s", "{:.0f}"),
+    ("connect_growth", "connect, 2000 open / 10 open", "{:.2f}"),
     ("cpu_s_per_GB", "CPU s/GB", "{:.2f}"),
     ("pss_idle_MiB", "PSS idle (MiB)", "{:.1f}"),
     ("pss_KiB_per_conn", "KiB/idle conn", "{:.1f}"),
@@ -33,6 +34,8 @@ TARGETS = (
     ("cpu_s_per_GB", "CPU per GB ≤ 0.8x HAProxy's", "ratio_max", 0.8),
     ("throughput_1conn_MBps", "throughput, 1 connection ≥ HAProxy's", "ratio_min", 1.0),
     ("throughput_8conn_MBps", "throughput, 8 connections ≥ HAProxy's", "ratio_min", 1.0),
+    ("connect_growth", "connection setup flat: with 2000 open ≤ 1.2x with 10 open", "abs", 1.2),
+    ("pss_idle_MiB", "idle footprint ≤ 40 MiB PSS per ztunnel (both together ≤ 80)", "abs", 80.0),
 )
 
 
@@ -94,7 +97,7 @@ def targets(variants: dict[str, Any]) -> list[str]:
             continue
         if how == "abs":
             v, ok = a[metric], a[metric] <= bound
-            out.append(f"{text}: {v:.1f} KiB — {'met' if ok else 'not met'}")
+            out.append(f"{text}: {v:.2f} — {'met' if ok else 'not met'}")
         elif how == "added":
             v = a["added_vs_haproxy"].get(metric)
             if v is None:

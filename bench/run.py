@@ -4,9 +4,9 @@ against HAProxy, every variant interleaved in one run.
 Each round runs every measurement for every chosen variant back to back (the
 variants' order rotates by one each round), after one warm-up round that is
 not counted; the JSON keeps every round's value and reports the median with
-its min and max. Memory is measured first, on fresh processes: the proxies'
-PSS with 0, 1000 and 5000 idle tunnelled connections, and the slope between
-the last two. See bench/README.md for what each number means and how to
+its min and max. Memory is measured first, once, on fresh processes: the
+proxies' PSS with 0, 1000 and 5000 idle tunnelled connections, and the slope
+between the last two (rows that share another row's processes have none). See bench/README.md for what each number means and how to
 profile; bench/variants.py for the rows.
 
 Output: bench/results/latest.json, latest.md (the table the README shows),
@@ -54,13 +54,15 @@ class Plan:
     http_count: int = 1000
     concurrency: int = 8
     mem_points: tuple[int, ...] = (0, 1000, 5000)
-    mem_rounds: int = 2
+    setup_points: tuple[int, ...] = (10, 2000)  # connect+first byte with this many already open
+    mem_rounds: int = 1  # more rounds would measure warm pools, not fresh processes
     settle: float = 1.0
 
     @classmethod
     def quick(cls) -> Plan:
         return cls(rounds=3, warmup=1, seconds=0.25, rtt_count=300, fixed_count=100, fixed_rate=1000.0,
-                   connect_count=30, http_count=200, mem_points=(0, 100, 500), mem_rounds=1, settle=0.5)
+                   connect_count=30, http_count=200, mem_points=(0, 100, 500), setup_points=(10, 200),
+                   mem_rounds=1, settle=0.5)
 
 
 # ---------------------------------------------------------------------------
@@ -131,13 +133,17 @@ class Runner:
 
     def rtt(self, v: Variant, size: int, fixed: bool, count: bool) -> None:
         p = self.plan
+        cpu0 = self._cpu(v)
         r = self._run(v, "rtt", size=size, count=p.fixed_count if fixed else p.rtt_count,
                       rate=p.fixed_rate if fixed else 0.0)
+        cpu = self._cpu(v) - cpu0
         if count:
             label = "64B" if size == 64 else "1KiB"
             tail = "_fixed" if fixed else ""
             self._add(v, f"latency_p50_us_{label}{tail}", r["p50"])
             self._add(v, f"latency_p99_us_{label}{tail}", r["p99"])
+            if v.proxies and size == 64 and not fixed:
+                self._add(v, "cpu_us_per_rtt_64B", cpu / (r["n"] + 20) * 1e6)
 
     def connect(self, v: Variant, count: bool) -> None:
         r = self._run(v, "connect", count=self.plan.connect_count)
@@ -160,24 +166,36 @@ class Runner:
             self._add(v, "requests_per_s", q["rate"])
 
     def memory(self, v: Variant) -> None:
-        """PSS of the variant's proxies at each number of idle tunnelled connections."""
+        """PSS of the variant's proxies at each number of idle tunnelled connections, and the
+        cost of opening one more (connect + first byte) with few and with many open."""
+        p = self.plan
         client = self.rig.client(v.client)
         client.run("release")
-        time.sleep(self.plan.settle)
-        points: dict[int, float] = {}
+        time.sleep(p.settle)
+        pss: dict[int, float] = {}
+        setup: dict[int, float] = {}
         held = 0
         try:
-            for n in self.plan.mem_points:
+            for n in sorted(set(p.mem_points) | set(p.setup_points)):
                 if n > held:
                     host, port = self.addr[v.name]
                     client.run("hold", host=host, port=port, n=n - held)
                     held = n
-                time.sleep(self.plan.settle)
-                points[n] = self._pss_kib(v)
+                if n in p.setup_points:
+                    setup[n] = self._run(v, "connect", count=p.connect_count)["p50"]
+                if n in p.mem_points:
+                    time.sleep(p.settle)
+                    pss[n] = self._pss_kib(v)
         finally:
             client.run("release")
-        zero, lo, hi = (points[n] for n in self.plan.mem_points)
-        lo_n, hi_n = self.plan.mem_points[1], self.plan.mem_points[2]
+        zero, lo, hi = (pss[n] for n in p.mem_points)
+        lo_n, hi_n = p.mem_points[1], p.mem_points[2]
+        few, many = (setup[n] for n in p.setup_points)
+        self._add(v, "connect_us_few_open", few)
+        self._add(v, "connect_us_many_open", many)
+        self._add(v, "connect_growth", many / few)
+        if not v.proxies:
+            return
         self._add(v, "pss_idle_MiB", zero / 1024)
         self._add(v, "pss_MiB_1k", lo / 1024)
         self._add(v, "pss_MiB_5k", hi / 1024)
@@ -201,7 +219,9 @@ class Runner:
         p = self.plan
         tcp = [v for v in self.variants if "tcp" in v.kinds]
         http = [v for v in self.variants if "http" in v.kinds]
-        with_memory = [v for v in tcp if v.proxies]
+        # on fresh processes, before any other traffic (what a proxy keeps after load is not
+        # its idle cost); direct too: its connect with many open is the floor
+        with_memory = [v for v in tcp if v.own_processes]
         for r in range(p.mem_rounds):
             for v in _rotated(with_memory, r):
                 self._guard(v, lambda v=v: self.memory(v), f"memory, round {r + 1}")
@@ -312,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS, help="where latest.json/.md and the plots go")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (process logs)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--no-memory", action="store_true", help="skip the idle-connection phase (quicker A/B runs)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, cgroups, eBPF)", file=sys.stderr)
@@ -319,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.quick() if args.quick else Plan()
     if args.rounds is not None:
         plan = Plan(**{**plan.__dict__, "rounds": args.rounds})
+    if args.no_memory:
+        plan = Plan(**{**plan.__dict__, "mem_rounds": 0})
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -347,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: left behind: {left}", file=sys.stderr)
     meta = machine() | {
         "quick": args.quick,
-        "plan": plan.__dict__ | {"mem_points": list(plan.mem_points)},
+        "plan": plan.__dict__ | {"mem_points": list(plan.mem_points), "setup_points": list(plan.setup_points)},
         "load_before": load_before,
         "load_after": loadavg(),
         "seconds": round(time.monotonic() - started, 1),

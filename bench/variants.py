@@ -39,6 +39,8 @@ class Variant:
     proxies: tuple[str, ...] = ()  # cgroups whose CPU and PSS are the path's cost
     baseline: str | None = None  # the HAProxy row it is compared with
     about: str = ""  # one paragraph for the README: what the row is
+    # False when its proxies are another row's processes (memory is measured once, on fresh ones)
+    own_processes: bool = True
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -97,14 +99,14 @@ register(Variant(
 ))
 register(Variant(
     "ambit-iptables", "ambit, iptables REDIRECT instead of eBPF", ("tcp",), "clt",
-    _ambit("srv", iptables=True), proxies=("zta", "ztb"), baseline="haproxy",
+    _ambit("srv", iptables=True), proxies=("zta", "ztb"), baseline="haproxy", own_processes=False,
     about="The same ztunnels, but the client pod's traffic is captured the classic way: a nat "
           "PREROUTING REDIRECT on its node (the ztunnel reads SO_ORIGINAL_DST from conntrack). "
           "The difference to `ambit` is the cost of the redirect alone.",
 ))
 register(Variant(
     "ambit-same-node", "ambit same node (ztunnel A only)", ("tcp",), "cli", _ambit("srva"),
-    proxies=("zta",), baseline="haproxy",
+    proxies=("zta",), baseline="haproxy", own_processes=False,
     about="Client and server on node A: one ztunnel, no TLS inside the process, the "
           "destination's inbound policy still checked.",
 ))
@@ -131,6 +133,9 @@ TCP_METRICS = (
     "latency_p50_us_64B_fixed", "latency_p99_us_64B_fixed",
     "latency_p50_us_1KiB_fixed", "latency_p99_us_1KiB_fixed",
     "connect_us", "conns_per_s", "cpu_s_per_GB", "cpu_s_per_GB_8conn",
+    "cpu_us_per_rtt_64B",  # the proxies' CPU per 64-byte round trip (back to back)
+    # connect + first byte with few (10) and many (2000) idle connections open, and their ratio
+    "connect_us_few_open", "connect_us_many_open", "connect_growth",
     "pss_idle_MiB", "pss_MiB_1k", "pss_MiB_5k", "pss_KiB_per_conn",
 )
 HTTP_METRICS = ("requests_per_s", "request_p50_us", "request_p99_us")
