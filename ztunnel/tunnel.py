@@ -215,6 +215,8 @@ class HboneProtocol(asyncio.Protocol):
         self.lost: asyncio.Future[str | None] = self.loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        # while received bytes are being handled, writes wait for one flush at the end
+        self._batching = False
 
     # -- asyncio
 
@@ -236,7 +238,11 @@ class HboneProtocol(asyncio.Protocol):
             self.flush()
             self._fail(f"protocol error: {e}")
             return
-        self.handle_events(events)
+        self._batching = True
+        try:
+            self.handle_events(events)
+        finally:
+            self._batching = False
         self.flush()
 
     def eof_received(self) -> bool | None:
@@ -301,12 +307,14 @@ class HboneProtocol(asyncio.Protocol):
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         n = int(self.proto.send_data(stream_id, data))
-        self.flush()
+        if not self._batching:
+            self.flush()
         return n
 
     def end_stream(self, stream_id: int) -> None:
         self.proto.end_stream(stream_id)
-        self.flush()
+        if not self._batching:
+            self.flush()
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         if self.closed:
@@ -315,7 +323,8 @@ class HboneProtocol(asyncio.Protocol):
             self.proto.acknowledge_received(stream_id, n)
         except HboneError:
             return
-        self.flush()
+        if not self._batching:
+            self.flush()
 
     def reset(self, stream_id: int) -> None:
         if self.closed:
@@ -324,7 +333,8 @@ class HboneProtocol(asyncio.Protocol):
             self.proto.reset_stream(stream_id, ErrorCode.CANCEL)
         except HboneError:
             pass
-        self.flush()
+        if not self._batching:
+            self.flush()
 
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
@@ -345,9 +355,16 @@ class HboneProtocol(asyncio.Protocol):
 
     def _arm_timer(self) -> None:
         at = self.proto.next_deadline()
-        if at == self._timer_at:
-            return
         if self._timer is not None:
+            if self.closed:
+                self._timer.cancel()
+                self._timer = None
+                return
+            if at is None or (self._timer_at is not None and self._timer_at <= at):
+                # The keepalive deadline moves later with every read: instead of a new timer
+                # per read, the armed one fires early, handle_timeout finds nothing due, and
+                # it is armed again at the deadline then in force.
+                return
             self._timer.cancel()
             self._timer = None
         self._timer_at = at
@@ -362,7 +379,11 @@ class HboneProtocol(asyncio.Protocol):
         except HboneError as e:
             self._fail(f"timer: {e}")
             return
-        self.handle_events(events)
+        self._batching = True
+        try:
+            self.handle_events(events)
+        finally:
+            self._batching = False
         self.flush()
 
     def drain(self) -> None:
