@@ -98,6 +98,8 @@ def join_flows(
                 "verdict": z.get("decision"),
                 "policy": _policy(z),
                 "reason": z.get("reason"),
+                # what dry-run policies would have decided: [{policy, rule, decision, reason}]
+                "dry_run": list(z.get("dry_run") or []),
                 "state": z.get("state"),
                 # request bytes (source -> destination), response bytes back, as Istio counts them
                 "bytes_sent": z.get("bytes_received"),
@@ -162,6 +164,15 @@ def _policy(z: Mapping[str, Any]) -> str | None:
         return "(default deny: no ALLOW policy matched)" if z.get("decision") == DENY else None
     rule = z.get("rule")
     return f"{z['policy']}" + (f" rule {rule}" if rule is not None else "")
+
+
+def dry_run_words(items: Iterable[Mapping[str, Any]] | None) -> str | None:
+    """`would deny by ns/name rule N` for each dry-run result ("; " between), None for none."""
+    words = []
+    for d in items or ():
+        rule = d.get("rule")
+        words.append(f"would {d.get('decision')} by {d.get('policy')}" + (f" rule {rule}" if rule is not None else ""))
+    return "; ".join(words) or None
 
 
 def _wall_age(z: Mapping[str, Any], now_wall: float | None) -> Any:

@@ -1,4 +1,5 @@
-"""The access log: one JSON line per connection when it closes, allowed or denied."""
+"""The access log: one JSON line per connection when it closes, allowed or denied, with what
+each dry-run policy in scope would have decided (`dry_run`: policy, rule, decision, reason)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def entry(rec: ConnRecord) -> dict[str, Any]:
         "policy": rec.policy,
         "rule": rec.rule,
         "reason": rec.reason,
+        "dry_run": rec.dry_run,
         "response_flags": rec.response_flags,
         "bytes_received": rec.counters.received,
         "bytes_sent": rec.counters.sent,

@@ -74,6 +74,9 @@ class ConnRecord:
     policy: str | None = None
     rule: int | None = None
     reason: str = ""
+    # What each dry-run policy in scope would have decided (`Decision.dry_run`, as dicts):
+    # logged and counted, never enforced.
+    dry_run: list[dict[str, Any]] = field(default_factory=list)
     response_flags: ResponseFlag = ResponseFlag.NONE
     state: str = "connecting"  # connecting | open | closed | refused
     error: str | None = None
@@ -111,6 +114,7 @@ class ConnRecord:
             "policy": self.policy,
             "rule": self.rule,
             "reason": self.reason,
+            "dry_run": self.dry_run,
             "response_flags": self.response_flags,
             "state": self.state,
             "error": self.error,

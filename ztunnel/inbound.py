@@ -91,6 +91,7 @@ def apply_check(rec: ConnRecord, chk: InboundCheck) -> None:
         rec.dst_identity = str(chk.workload.identity)
     if chk.decision is not None:
         rec.policy, rec.rule = chk.decision.policy, chk.decision.rule
+        rec.dry_run = [d.to_dict() for d in chk.decision.dry_run]
     rec.reason = chk.reason
     rec.decision = "allow" if chk.status == 200 else "deny" if chk.status == 401 else "pending"
 

@@ -17,6 +17,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ambit.cluster import POLICY_KINDS
+from ambit.policy import NOT_FULLY_ENFORCED, PolicySet
 from ambit.snapshot import Snapshot
 from ztunnel.conntrack import INBOUND, OUTBOUND, ConnRecord
 from ztunnel.refusal import Refusal
@@ -145,6 +147,18 @@ class Metrics:
         self.pool_connections = Gauge(
             "ambit_hbone_pool_connections", "HBONE client connections in the pool", registry=r
         )
+        self.dry_run = Counter(
+            "ambit_policy_dry_run_decisions",
+            "What dry-run AuthorizationPolicies would have decided on inbound connections (never enforced)",
+            ("policy", "decision"), registry=r,
+        )
+        self.not_fully_enforced = Gauge(
+            "ambit_policies_not_fully_enforced",
+            "Policies in force of which ambit enforces some part stricter than written (stricter), some "
+            "target not at all (partial), or nothing (no-effect); `ambit policies` says which field",
+            ("kind", "status"), registry=r,
+        )
+        self._policies_seen: PolicySet | None = None
         self._cert_source: Callable[[], Iterable[tuple[str, float]]] | None = None
         self._snapshot: Callable[[], Snapshot] | None = None
 
@@ -167,6 +181,9 @@ class Metrics:
             rec.dst_service = inbound_service(self._snapshot(), rec.dst_workload, rec.dst_port)
 
     def connection_closed(self, rec: ConnRecord) -> None:
+        if rec.dry_run and rec.direction != OUTBOUND:  # the destination's decision, counted once
+            for d in rec.dry_run:
+                self.dry_run.labels(d.get("policy") or "-", d.get("decision") or "-").inc()
         labels = tcp_labels(rec)
         if rec.decision == "deny":
             name, ns = _split(rec.dst_workload)
@@ -208,8 +225,22 @@ class Metrics:
         """`source()` yields (identity, expiry unix time) for the certificate gauge."""
         self._cert_source = source
 
+    def policies_in_force(self, policies: PolicySet) -> None:
+        """Set `ambit_policies_not_fully_enforced` from the policies in force (once per snapshot)."""
+        if policies is self._policies_seen:
+            return
+        self._policies_seen = policies
+        counts = {(kind, status): 0 for kind in POLICY_KINDS for status in NOT_FULLY_ENFORCED}
+        for key, st in policies.statuses.items():
+            if not st.fully_enforced:
+                counts[(key.split("/", 1)[0], st.status)] += 1
+        for (kind, status), n in counts.items():
+            self.not_fully_enforced.labels(kind, status).set(n)
+
     def render(self, now: float, live: Iterable[ConnRecord] = ()) -> bytes:
         self.flush(live)
+        if self._snapshot is not None:
+            self.policies_in_force(self._snapshot().policies)
         if self._cert_source is not None:
             self.cert_expiry.clear()
             for ident, not_after in self._cert_source():

@@ -226,7 +226,7 @@ def test_records_render_the_same_bytes_as_before(tmp_path: Path, monkeypatch: py
         '"dst_workload":"shop/web-0","dst_service":null,"waypoint":null,'
         '"src_identity":"spiffe://cluster.local/ns/shop/sa/client",'
         '"dst_identity":"spiffe://cluster.local/ns/shop/sa/web","src_cert_serial":null,"mtls":true,'
-        '"route":"hbone","decision":"deny","policy":"shop/deny-all","rule":0,"reason":"case 0",'
+        '"route":"hbone","decision":"deny","policy":"shop/deny-all","rule":0,"reason":"case 0","dry_run":[],'
         '"response_flags":"DENY","bytes_received":0,"bytes_sent":0,"duration_ms":500.0,"error":null}'
     )
     items = json.loads(connections)["items"]
