@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="export a span per request over OTLP/gRPC to this collector")
     p.add_argument("--cert-ttl", type=duration, default=dt.timedelta(days=1), metavar="DURATION",
                    help="validity asked of the CA for the waypoint's certificate (default 24h)")
+    p.add_argument("--extension-provider", action="append", default=[], metavar="NAME=URL",
+                   help="an external authorizer CUSTOM policies may name: NAME=http://HOST:PORT/PATH_PREFIX or "
+                        "NAME=grpc://HOST:PORT (repeatable)")
+    p.add_argument("--mesh-config", type=Path, default=None, metavar="FILE",
+                   help="Istio's mesh config (or the istio ConfigMap holding it): its extensionProviders "
+                        "(envoyExtAuthzHttp, envoyExtAuthzGrpc) are the external authorizers")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
     p.set_defaults(func=cmd_run)
 
@@ -58,6 +64,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     def listen(value: str, flag: str, port: int) -> Listen | None:
         return None if value == "off" else parse_listen(value, flag, port)
 
+    from waypoint.extauthz import ProviderError, parse_mesh_config, parse_provider_flag
+
+    try:
+        providers = parse_mesh_config(args.mesh_config.read_text()) if args.mesh_config else []
+        providers += [parse_provider_flag(v) for v in args.extension_provider]
+    except OSError as e:
+        raise CliError(f"--mesh-config {args.mesh_config}: {e.strerror}") from e
+    except ProviderError as e:
+        raise CliError(str(e)) from e
+
     try:
         cfg = WaypointConfig(
             namespace=ns, gateway=name, node=args.node, cluster=args.cluster, ca_address=args.ca,
@@ -66,7 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics=listen(args.metrics, "--metrics", 15020), readiness=listen(args.readiness, "--readiness", 15021),
             admin=listen(args.admin, "--admin", 15000), access_log=args.access_log, state_dir=args.state_dir,
             otlp_endpoint=args.otlp_endpoint, timeouts=Timeouts(),
-            cert_ttl_seconds=int(args.cert_ttl.total_seconds()),
+            cert_ttl_seconds=int(args.cert_ttl.total_seconds()), extension_providers=tuple(providers),
         )
     except ZtunnelConfigError as e:
         raise CliError(str(e)) from e

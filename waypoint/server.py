@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -54,6 +54,7 @@ from ambit.tasks import TaskSet
 from waypoint import WaypointError
 from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Verdict
+from waypoint.extauthz import CheckRequest, ExtAuthz, Provider
 from waypoint.jwks import JwksFiles
 from waypoint.streams import ByteStream, LegStream
 from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
@@ -104,6 +105,8 @@ class WaypointConfig:
     limits: Limits = field(default_factory=Limits)
     # peers' HBONE ports by node address (a test rig with several "nodes" on one host)
     peer_hbone_ports: dict[str, int] = field(default_factory=dict)
+    # the external authorizers CUSTOM policies may name (--extension-provider, --mesh-config)
+    extension_providers: tuple[Provider, ...] = ()
 
     @property
     def uid(self) -> str:
@@ -185,6 +188,7 @@ class Waypoint:
         self.connections: set[WaypointConnection] = set()
         self.hbone = HboneConfig()
         self.jwks = JwksFiles()
+        self.extauthz = ExtAuthz(config.extension_providers, resolve=self._provider_address)
 
     # ------------------------------------------------------------------ state
 
@@ -284,6 +288,28 @@ class Waypoint:
                 raise ConfigError(f"{name}: cannot listen on {where}: {e.strerror or e}") from e
             self._http.append(http)
 
+    def note_dry_run(self, rf: RequestFacts, d: Decision) -> None:
+        """What dry-run policies would have decided: into the request's log line and the metric."""
+        if d.dry_run:
+            rf.extra["dry_run"] = [x.to_dict() for x in d.dry_run]
+            for x in d.dry_run:
+                self.metrics.dry_run.labels(x.policy, x.decision).inc()
+
+    def _provider_address(self, host: str, port: int) -> tuple[str, int]:
+        """Where to reach an extension provider: `<name>.<namespace>.svc[...]` (or `<name>.<namespace>`)
+        is one of that Service's endpoints, at the port it targets; anything else as given."""
+        parts = host.split(".")
+        snap = self.store.current
+        if len(parts) == 2 or (len(parts) >= 3 and parts[2] == "svc"):
+            svc = next((s for s in snap.services.values() if (s.name, s.namespace) == (parts[0], parts[1])), None)
+            if svc is not None:
+                eps = [(w.ip, target) for w, target in snap.service_endpoints(svc.vip, port) if w.ip]
+                if not eps:
+                    raise WaypointError(f"Service {svc.uid} has no endpoints for port {port}")
+                self._rr += 1
+                return eps[self._rr % len(eps)]
+        return host, port
+
     def _lookup_cert(self, identity: SpiffeId) -> Any:
         if self.certs is None or identity != self.identity:
             return None  # only ever this waypoint's own identity
@@ -306,6 +332,7 @@ class Waypoint:
         if self._own_ca is not None:
             await self._own_ca.close()
         self.store.close()
+        await self.extauthz.close()
         self.tracing.close()
         self.requests_log.close()
         if self.ctx is not None:
@@ -353,6 +380,7 @@ class Waypoint:
             "ready": self.readiness()[0], "version": snap.version, "serves": served,
             "policies": snap.policies.summary(), "errors": list(snap.errors),
             "listeners": {k: f"{h}:{p}" for k, (h, p) in self.addresses.items()},
+            "extension_providers": [p.describe() for p in self.extauthz.providers.values()],
         })
 
     def _authorize(self, method: str, query: dict[str, str]) -> Response:
@@ -381,7 +409,7 @@ class Waypoint:
         facts = ConnectionFacts(query.get("source_ip", "0.0.0.0"), src, dst, port, True)
         http = HttpFacts(query.get("method", "GET").upper(), path.partition("?")[0], query.get("host", ""),
                          headers, auth=authn.auth)
-        d = authorize_http(facts, http, snap.policies)
+        d = authorize_http(facts, http, snap.policies, providers=self.extauthz.names)
         out = d.to_dict()
         out.update({"source": str(src), "destination": dst.uid, "port": port, "waypoint": self.config.uid})
         return Response.json(out)
@@ -442,7 +470,7 @@ class _Session:
     def facts(self) -> ConnectionFacts:
         return ConnectionFacts(self.client.ip or "", self.conn.identity, self.target.workload, self.target.port, True)
 
-    def decide(self, req: Request) -> Verdict:
+    def decide(self, req: Request) -> Verdict | Awaitable[Verdict]:
         snap = self.wp.store.current
         t = self.target
         rf = RequestFacts(
@@ -477,7 +505,8 @@ class _Session:
         if authn.auth is not None:
             rf.request_principal = authn.auth.principal
         http = HttpFacts(req.method, req.path, req.authority, headers, auth=authn.auth)
-        d: Decision = authorize_http(self.facts(), http, snap.policies)
+        d: Decision = authorize_http(self.facts(), http, snap.policies, providers=self.wp.extauthz.names)
+        self.wp.note_dry_run(rf, d)
         rf.decision = "allow" if d.allowed else "deny"
         rf.policy, rf.rule, rf.reason = d.policy, d.rule, d.reason
         if not d.allowed:
@@ -494,7 +523,37 @@ class _Session:
         add += list(authn.set_headers)
         remove = ["x-forwarded-for", "forwarded", "traceparent", *authn.remove_headers,
                   *(n for n, _ in authn.set_headers)]
+        if d.custom:  # CUSTOM policies matched: their providers must allow it too
+            return self._ask_providers(d, req, add, remove, context)
         return Verdict.allow(add_headers=add, remove_headers=remove, context=context)
+
+    async def _ask_providers(self, d: Decision, req: Request, add: list[tuple[str, str]], remove: list[str],
+                             context: _RequestContext) -> Verdict:
+        """Ask each matching CUSTOM policy's provider (Istio asks them before its DENY and ALLOW
+        policies; here they are asked only when those allow): any denial is the answer."""
+        rf, t = context.facts, self.target
+        check = CheckRequest(
+            method=req.method, target=req.target, host=req.authority, scheme=req.scheme, protocol=req.protocol,
+            headers=[(n.lower(), v) for n, v in req.headers], source_ip=rf.client_ip,
+            source_principal=rf.source_principal, destination_ip=t.workload.ip, destination_port=t.port,
+            destination_principal=rf.destination_principal)
+        asked: list[dict[str, Any]] = []
+        rf.extra["ext_authz"] = asked
+        to_client: list[tuple[str, str]] = []
+        for c in d.custom:
+            res = await self.wp.extauthz.check(c.provider, check)
+            self.wp.metrics.ext_authz.labels(c.provider, "allow" if res.allowed else "deny" if res.status else "error").inc()
+            asked.append({"provider": c.provider, "policy": c.policy, "rule": c.rule, "allowed": res.allowed,
+                          "reason": res.reason})
+            if not res.allowed:
+                rf.decision, rf.policy, rf.rule = "deny", c.policy, c.rule
+                rf.reason = f"denied by CUSTOM policy {c.policy} rule {c.rule}: {res.reason}"
+                return Verdict.deny(res.deny_status, res.body, response_headers=res.response_headers, context=context)
+            add += res.upstream_headers
+            remove += [*(n for n, _ in res.upstream_headers), *res.remove_headers]
+            to_client += res.response_headers
+        rf.reason = f"{d.reason}; " + "; ".join(a["reason"] for a in asked)
+        return Verdict.allow(add_headers=add, remove_headers=remove, add_response_headers=to_client, context=context)
 
     async def open_upstream(self) -> ByteStream:
         wp, t = self.wp, self.target
@@ -543,6 +602,7 @@ class _Session:
             "src_identity": rf.source_principal, "dst_workload": rf.destination_workload,
             "dst_service": rf.destination_service, "waypoint": self.wp.config.uid, "trace_id": rf.trace_id,
             "bytes_received": rf.request_bytes, "bytes_sent": rf.response_bytes,
+            "dry_run": rf.extra.get("dry_run", []),
         })
         if span is not None:
             self.wp.tracing.finish(span, rf)
@@ -568,6 +628,7 @@ class _Session:
                                               "the connection is denied")
         else:
             d = authorize_http(self.facts(), HttpFacts("", "", ""), snap.policies)
+            self.wp.note_dry_run(rf, d)
             rf.decision, rf.policy, rf.rule, rf.reason = ("allow" if d.allowed else "deny"), d.policy, d.rule, d.reason
         started = time.monotonic()
         try:

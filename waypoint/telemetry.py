@@ -4,9 +4,12 @@ and a W3C trace span carrying the security facts.
 - Metrics, with Istio's names and labels (`reporter="waypoint"`; an ingress gateway, which
   reuses this module, reports as `gateway`):
   `istio_requests_total`, `istio_request_duration_milliseconds`, `istio_request_bytes`,
-  `istio_response_bytes`; plus `ambit_waypoint_denials_total{source_workload,...,policy}`.
+  `istio_response_bytes`; plus `ambit_waypoint_denials_total{source_workload,...,policy}`,
+  `ambit_policy_dry_run_decisions_total{policy,decision}` and
+  `ambit_waypoint_ext_authz_checks_total{provider,result}`.
 - Access log: one JSON line per request (method, authority, path, status, both identities,
-  client IP, the deciding policy and rule, duration, trace id).
+  client IP, the deciding policy and rule, duration, trace id; `dry_run` and `ext_authz`
+  when dry-run policies or external authorizers had a say).
 - Tracing: the OpenTelemetry SDK. A request's `traceparent` (and `tracestate`) is continued,
   or a trace started; one span per request holds source principal, destination, decision
   and policy; with `--otlp-endpoint` spans are exported over OTLP/gRPC, else only their ids
@@ -112,6 +115,12 @@ class WaypointMetrics:
                                "Requests the waypoint denied, by source workload and deciding policy",
                                ("source_workload", "source_workload_namespace", "destination_workload",
                                 "destination_workload_namespace", "response_code", "policy"), registry=r)
+        self.dry_run = Counter("ambit_policy_dry_run_decisions",
+                               "What dry-run AuthorizationPolicies would have decided on requests (never enforced)",
+                               ("policy", "decision"), registry=r)
+        self.ext_authz = Counter("ambit_waypoint_ext_authz_checks",
+                                 "Requests an external authorizer was asked about (CUSTOM policies), by result",
+                                 ("provider", "result"), registry=r)
 
     def record(self, f: RequestFacts) -> None:
         src_name, src_ns = _split(f.source_workload)

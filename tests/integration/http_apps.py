@@ -17,7 +17,7 @@ import h2.events
 import h11
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-SEEN = ("x-forwarded-for", "forwarded", "traceparent", "authorization", "x-jwt-payload")
+SEEN = ("x-forwarded-for", "forwarded", "traceparent", "authorization", "x-jwt-payload", "x-authz-user")
 
 
 def _answer(method: str, path: str, headers: dict[str, str], body: bytes, peer: str) -> bytes:

@@ -70,15 +70,19 @@ async def test_http1_async_denial_and_failure() -> None:
 async def test_http2_holds_the_body_until_the_verdict_and_serves_other_streams() -> None:
     gate = asyncio.Event()
     glue = slow_glue(lambda r: Verdict.allow(context=r.path), upstream="http2")
-    glue.decide_fn = lambda r: (later(lambda q: Verdict.allow(context=q.path), gate)(r) if r.path == "/slow"  # type: ignore[assignment]
-                                else Verdict.allow(context=r.path))
+    slow = later(lambda q: Verdict.allow(context=q.path), gate)
+
+    def decide(r: Request) -> Verdict | Awaitable[Verdict]:
+        return slow(r) if r.path == "/slow" else Verdict.allow(context=r.path)
+
+    glue.decide_fn = decide  # type: ignore[assignment]
     async with waypoint(glue) as (client, _, _task):
         c = H2Client(client)
-        slow = await c.start("POST", "/slow")
-        await c.send_body(slow, b"x" * 1000, end=True)  # arrives while the verdict is awaited
+        sid = await c.start("POST", "/slow")
+        await c.send_body(sid, b"x" * 1000, end=True)  # arrives while the verdict is awaited
         assert (await c.request("GET", "/fast")).status == 200  # not held up by the slow one
         gate.set()
-        resp = await c.response(slow)
+        resp = await c.response(sid)
         assert resp.status == 200 and resp.body == b"x" * 1000
         await c.close()
     assert sorted(r.context for r in glue.records) == ["/fast", "/slow"]  # type: ignore[type-var]
