@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[2]
 def scripts() -> list[Path]:
     """Every tracked (or new, not ignored) *.sh, and .ci/run."""
     r = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.sh", ".ci/run"],
-                       cwd=REPO, capture_output=True, text=True, check=True, timeout=60)
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:  # not a git checkout (an exported tree): every *.sh outside the venv
+        found = [p for p in REPO.rglob("*.sh") if not {".venv", "build"} & set(p.relative_to(REPO).parts)]
+        return sorted({*found, REPO / ".ci" / "run"})
     return [REPO / p for p in sorted(set(r.stdout.split())) if (REPO / p).is_file()]
 
 
