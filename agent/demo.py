@@ -4,9 +4,11 @@ It runs the commands a user would run and prints them with their output:
 brings up a local cluster (CA, two nodes with an agent and a ztunnel each),
 applies `examples/` (the enrolled `shop` namespace with three services across
 both nodes, the unenrolled `legacy` namespace, an ALLOW-by-principal policy and
-STRICT mTLS, and the `payments` namespace behind a waypoint with an HTTP
-policy), sends allowed and denied traffic and requests, shows `ambit flows` and
-`ambit policy check` explaining denials, and tears everything down. It
+STRICT mTLS, the `payments` namespace behind a waypoint with an HTTP
+policy, and the `orders` service behind an ingress gateway), sends allowed and
+denied traffic and requests, shows `ambit flows` and `ambit policy check`
+explaining denials, calls the gateway from outside the mesh (JWT scopes, a rate
+limit, an IP allowlist), and tears everything down. It
 checks what it claims (exit status 1 if the mesh did not behave) and always
 cleans up, also when interrupted.
 """
@@ -56,6 +58,41 @@ for spec in sys.argv[3:]:
     except OSError as e:
         print(f"{method} {path} -> failed: {e!r}")
 """
+
+
+# HTTP requests to the ingress gateway from a client outside the mesh, on one keep-alive
+# connection; each argument is "METHOD PATH [TOKEN]"
+EDGE_REQUESTS = """
+import http.client, sys
+host, port = sys.argv[1], int(sys.argv[2])
+c = http.client.HTTPConnection(host, port, timeout=5)
+for spec in sys.argv[3:]:
+    method, path, token = (spec.split(" ", 2) + [""])[:3]
+    headers = {"Host": "shop.example.com", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    try:
+        c.request(method, path, body=b"{}" if method == "POST" else None, headers=headers)
+        r = c.getresponse()
+        body = r.read().decode(errors="replace").strip().removeprefix(str(r.status)).strip()
+        more = f" (retry-after {r.headers['retry-after']}s)" if r.status == 429 else ""
+        print(f"{r.status} {body if r.status != 200 else ''}{more}".rstrip())
+    except OSError as e:
+        print(f"0 failed: {e!r}")
+        c = http.client.HTTPConnection(host, port, timeout=5)
+"""
+ISSUER = "https://issuer.demo.ambit.dev"
+
+
+def demo_token(sub: str, scope: str) -> str:
+    """A JWT of the demo issuer (examples/demo-issuer-key.pem), as an OAuth2 server would issue it."""
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    key = ECKey.import_key((EXAMPLES / "demo-issuer-key.pem").read_bytes())
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": sub, "aud": "orders", "scope": scope, "iat": now, "exp": now + 600}
+    return str(jwt.encode({"alg": "ES256", "kid": "demo-1"}, claims, key))
 
 
 class DemoFailed(Exception):
@@ -115,6 +152,24 @@ class Demo:
         got = [int(ln.split(" -> ")[1].split()[0]) if " -> failed" not in ln else 0 for ln in lines]
         if got != expect:
             raise DemoFailed(f"{pod}: expected statuses {expect}, got {got}: {proc.stderr.strip()[-300:]}")
+
+    def edge(self, pod: str, host: str, *specs: str) -> list[str]:
+        """Requests from `pod` (outside the mesh) to the gateway at `host`:80; a line per answer."""
+        proc = self.ambit("local", "exec", pod, "--", "python3", "-c", EDGE_REQUESTS, host, "80", *specs,
+                          check=False, show=False)
+        return proc.stdout.strip().splitlines()
+
+    def show_edge(self, pod: str, host: str, calls: list[tuple[str, str, str]], expect: list[int],
+                  tokens: dict[str, str]) -> None:
+        """`calls`: (method, path, token name or ""); prints each with its answer."""
+        print(f"$ ambit local exec {pod} -- <HTTP to the gateway {host}:80, Host: shop.example.com>", flush=True)
+        lines = self.edge(pod, host, *(f"{m} {p} {tokens.get(t, '')}".rstrip() for m, p, t in calls))
+        got = []
+        for (m, p, t), line in zip(calls, lines, strict=False):
+            print(f"  {m} {p} ({f'token: {t}' if t else 'no token'}) -> {line}", flush=True)
+            got.append(int(line.split()[0]))
+        if got != expect:
+            raise DemoFailed(f"{pod} -> the gateway: expected {expect}, got {got}: {lines}")
 
     def get_json(self, *args: str) -> Any:
         return json.loads(self.ambit(*args, "-o", "json", show=False).stdout)
@@ -226,6 +281,45 @@ def run(demo: Demo) -> None:
         raise DemoFailed(f"the waypoint's policy check should have said DENIED (exit 3), exited {proc.returncode}")
 
 
+def edge_act(demo: Demo) -> None:
+    """The ingress gateway: an external client without a token, with one lacking the scope, with the
+    right one, over its rate limit, and from a network the gateway does not allow."""
+    demo.step("The edge: an ingress gateway (class ambit-ingress) in front of `orders`, called from outside the mesh")
+    gateway = pod_ip(demo, "edge", "ingress-gateway")
+    tokens = {"alice, scope profile": demo_token("alice", "profile"),
+              "alice, scope read:orders": demo_token("alice", "read:orders"),
+              "bob, scope read:orders": demo_token("bob", "read:orders")}
+    wait_for("the gateway to answer for /api/v1/orders",
+             lambda: demo.edge("internet/partner", gateway, "GET /api/v1/orders")[:1] == ["403 RBAC: access denied"], 60)
+    alice = "alice, scope read:orders"
+    demo.show_edge("internet/partner", gateway, [
+        ("GET", "/api/v1/orders", ""),  # no token: the scopes policy needs a principal
+        ("GET", "/api/v1/orders", "alice, scope profile"),  # a token without read:orders
+        ("GET", "/api/v1/orders", alice),  # the right scope
+        ("POST", "/api/v1/orders", alice),  # read:orders does not allow POST
+        *[("GET", "/api/v1/orders/7", alice)] * 4,  # 5 per minute per user
+        ("GET", "/api/v1/orders/8", alice),
+    ], [403, 403, 200, 403, 200, 200, 200, 200, 429], tokens)
+    demo.step("IP restriction: allow only the partner network (node-a's pods); a client elsewhere is refused")
+    nodes = demo.get_json("local", "get", "nodes")["items"]
+    partner_net = next(n["spec"]["podCIDR"] for n in nodes if n["metadata"]["name"] == "node-a")
+    text = (EXAMPLES / "50-ingress.yaml").read_text()
+    policy = next(d for d in text.split("\n---\n") if "name: edge-networks" in d)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(policy.replace('notRemoteIpBlocks: ["10.0.0.0/8"]', f'notRemoteIpBlocks: ["{partner_net}"]'))
+    try:
+        demo.ambit("local", "apply", "-f", f.name)
+    finally:
+        os.unlink(f.name)
+    wait_for("the gateway to refuse the stranger's network",
+             lambda: demo.edge("internet/stranger", gateway, f"GET /api/v1/orders {tokens['bob, scope read:orders']}")
+             [:1] == ["403 RBAC: access denied"], 30)
+    demo.show_edge("internet/partner", gateway, [("GET", "/api/v1/orders", "bob, scope read:orders")], [200], tokens)
+    demo.show_edge("internet/stranger", gateway, [("GET", "/api/v1/orders", "bob, scope read:orders")], [403], tokens)
+    demo.step("The edge hop in the flows of node-a: the requests its gateway (and waypoint) refused, and why")
+    demo.ambit("flows", "--node", "node-a", "--denied")
+
+
 def main() -> int:
     if os.geteuid() != 0:
         print("ambit demo: needs root (network namespaces, cgroups, eBPF); run `sudo make demo`",
@@ -237,6 +331,7 @@ def main() -> int:
         status = 0
         try:
             run(demo)
+            edge_act(demo)
         except (DemoFailed, subprocess.TimeoutExpired) as e:
             print(f"\nambit demo: FAILED: {e}", file=sys.stderr)
             logs = demo.state_dir / "nodes"

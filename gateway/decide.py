@@ -74,8 +74,11 @@ class Judgement:
     listener: str | None = None
     route: str | None = None  # ns/name
     rule: int | None = None
-    policy: str | None = None  # the AuthorizationPolicy (or RequestAuthentication rule) that decided
+    # what decided: the AuthorizationPolicy (or RequestAuthentication rule), or for a request a
+    # later step answered, that step's object (the route, the RateLimitPolicy)
+    policy: str | None = None
     policy_rule: int | None = None
+    allowed_by: str | None = None  # the AuthorizationPolicy rule that let it past step 5
     request_principal: str | None = None
     subject: str | None = None  # the JWT's sub
     limit: str | None = None  # the rate limit that refused
@@ -166,6 +169,9 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
     j.policy, j.policy_rule = d.policy, d.rule
     if not d.allowed:
         return j.answer(403, "denied", d.reason, DENIED_BODY)
+    j.allowed_by = f"{d.policy} rule {d.rule}" if d.policy else None
+    # from here on, the route decides (or the rate limit, step 8)
+    j.policy, j.policy_rule = (sel.route.uid, sel.rule.index) if sel is not None else (None, None)
     # 6. the rule
     if sel is None or rule is None:
         return j.answer(404, "no_route", f"no route of listener {listener.name} matches {req.method} "
@@ -192,6 +198,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
     if not rate.allowed:
         assert rate.denied_by is not None
         j.limit = rate.denied_by.ref
+        j.policy, j.policy_rule = rate.denied_by.policy, None
         return j.answer(429, "rate_limited", f"over {rate.denied_by.ref} ({rate.denied_by.describe()})",
                         b"429 Too Many Requests\n", (("retry-after", str(rate.retry_after)), *rate.headers))
     # 9. the backend and the edits
@@ -205,6 +212,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
     _edits(j, rule, sel, conn, req, authn.remove_headers, authn.set_headers, joined)
     j.add_response_headers += rate.headers
     j.action, j.decision, j.status = "forward", "allow", 0
+    j.policy, j.policy_rule = d.policy, d.rule  # an allowed request: the policy that allowed it
     j.reason = d.reason
     return j
 

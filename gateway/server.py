@@ -462,6 +462,7 @@ class Session:
         rf.extra = {"gateway": gw.config.uid, "listener": j.listener, "route": j.route,
                     "route_rule": j.rule, "client_from": j.client_from, "peer": self.conn.peer,
                     "subject": j.subject, "rejection": j.rejection, "rate_limit": j.limit,
+                    "allowed_by": j.allowed_by,
                     "backend": f"{j.backend.uid}:{j.backend.port}" if j.backend else None}
         span = gw.tracing.start(f"{req.method} {req.path}", dict(req.headers), {
             "ambit.gateway": gw.config.uid, "client.address": j.client_ip, "ambit.route": j.route,

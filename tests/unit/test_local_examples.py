@@ -15,9 +15,14 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def _cluster() -> Any:
+    return build_state(_cluster_objects())
+
+
+def _cluster_objects() -> list[Any]:
     objs = read_manifests([EXAMPLES])
     ips = {"backend": "10.1.1.2", "frontend": "10.1.0.2", "client": "10.1.0.3", "catalog": "10.1.0.4",
-           "payment": "10.1.1.5", "order-service": "10.1.0.6", "reporting": "10.1.0.7"}
+           "payment": "10.1.1.5", "order-service": "10.1.0.6", "reporting": "10.1.0.7", "orders": "10.1.1.8",
+           "partner": "10.1.0.9", "stranger": "10.1.1.10"}
     for i, o in enumerate(objs):
         if o["kind"] == "Pod":
             o["status"] = {"podIP": ips[o["metadata"]["name"]], "phase": "Running"}
@@ -27,12 +32,12 @@ def _cluster() -> Any:
         {"kind": "Node", "metadata": {"name": n}, "status": {"addresses": [{"type": "InternalIP", "address": a}]}}
         for n, a in (("node-a", "10.200.1.10"), ("node-b", "10.200.1.11"))
     ]
-    return build_state([*objs, *nodes])
+    return [*objs, *nodes]
 
 
 def test_examples_describe_the_demo() -> None:
     state = _cluster()
-    assert set(state.namespaces) == {"shop", "legacy", "payments"}
+    assert set(state.namespaces) == {"shop", "legacy", "payments", "edge", "orders", "internet"}
     pods = {k[1]: p for k, p in state.pods.items()}
     assert pods["frontend"].node_name == "node-a" and pods["backend"].node_name == "node-b"
     assert state.is_enrolled(pods["frontend"]) and state.is_enrolled(pods["backend"])
@@ -42,7 +47,7 @@ def test_examples_describe_the_demo() -> None:
         svc = state.services[("shop", name)]
         assert [p.name for p in state.service_endpoints(svc)] == [name]
     assert all(p.command and p.command[0] == "python3" for p in pods.values()
-               if p.name not in ("client", "order-service", "reporting"))
+               if p.name not in ("client", "order-service", "reporting", "partner", "stranger"))
 
 
 def test_examples_policy_allows_only_the_frontend_with_mtls() -> None:
@@ -77,3 +82,37 @@ def test_examples_payments_go_through_a_waypoint_that_decides_per_request() -> N
     assert allowed(orders, "POST", "/api/v1/charges") and allowed(orders, "GET", "/api/v1/charges/42")
     assert not allowed(orders, "DELETE", "/api/v1/charges")
     assert not allowed(reporting, "GET", "/api/v1/charges")
+
+
+def test_examples_ingress_gateway_serves_the_demo_issuers_tokens() -> None:
+    """50-ingress.yaml: the gateway compiles, its pod is made by the local cluster, and the demo
+    issuer's key (examples/demo-issuer-key.pem) signs tokens its RequestAuthentication accepts."""
+    import time
+
+    from joserfc import jwt
+    from joserfc.jwk import ECKey
+
+    from agent.local.cluster import waypoint_pod
+    from agent.local.layout import plan
+    from ambit.policy import authenticate
+    from gateway.view import build_view
+
+    objs = read_manifests([EXAMPLES / "50-ingress.yaml"])
+    gw = next(o for o in objs if o["kind"] == "Gateway")
+    pod = waypoint_pod(plan(Path("/tmp/ambit-examples-test"), 2, Path("/sys/fs/cgroup")), gw)
+    assert pod is not None and pod["metadata"]["name"] == "ingress-gateway"
+    assert pod["spec"]["serviceAccountName"] == "ingress" and pod["spec"]["nodeName"] == "node-a"
+    assert "gateway" in pod["spec"]["containers"][0]["command"]
+    pod["status"] = {"podIP": "10.1.0.20", "phase": "Running"}
+    cluster = build_state([*_cluster_objects(), pod])
+    view = build_view(cluster, "edge", "ingress")
+    assert view.errors == () and view.identity is not None
+    snap = build_snapshot(cluster, "node-a")
+    assert view.subject is not None
+    rules = snap.policies.jwt_rules(view.subject)
+    key = ECKey.import_key((EXAMPLES / "demo-issuer-key.pem").read_bytes())
+    now = int(time.time())
+    token = jwt.encode({"alg": "ES256", "kid": "demo-1"}, {"iss": "https://issuer.demo.ambit.dev", "sub": "alice",
+                                                           "aud": "orders", "exp": now + 60}, key)
+    authn = authenticate(rules, {"authorization": f"Bearer {token}"}, "/", now=now)
+    assert authn.ok and authn.auth is not None and authn.auth.principal == "https://issuer.demo.ambit.dev/alice"
