@@ -140,12 +140,15 @@ class Pool:
         return c
 
     async def _get(self, cert: WorkloadCert, key: PoolKey) -> ClientConnection:
+        full = self.ctx.hbone.client_max_concurrent_streams
         while True:
             for c in list(self.conns.get(key, ())):
                 if c.cert_serial != cert.serial:
                     self._retire(c)
                     continue
-                if c.can_open():
+                # len(c.streams) is O(1); can_open() asks h2, which counts every stream of the
+                # connection: with thousands of tunnels open, most connections are full
+                if len(c.streams) < full and c.can_open():
                     return c
             fut = self._dialing.get(key)
             if fut is None:
