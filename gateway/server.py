@@ -221,7 +221,7 @@ class IngressGateway:
                                 bundle=bundle, hbone=self.hbone, metrics=Metrics(),
                                 access_log=AccessLog(cfg.access_log + ".tcp" if cfg.access_log != "-" else "-"))
         self.pool = Pool(self.ctx)
-        source = self._source or open_source(cfg.cluster)
+        source = self._source or _open_source(cfg.cluster, cfg.namespace)
         self.tasks.spawn("state", self._follow(source))
         self.tasks.spawn("certs", self.certs.run())
         loop = asyncio.get_running_loop()
@@ -418,6 +418,16 @@ class IngressGateway:
         leg.attach(cast(Any, up))
         session.upstreams.append(up)
         return up
+
+
+def _open_source(spec: str, namespace: str) -> ClusterSource:
+    """The cluster as the gateway reads it: on Kubernetes also HTTPRoutes, RateLimitPolicies and the
+    TLS Secrets of its own namespace (the local cluster's directory has them all)."""
+    if spec == "kubernetes" or spec.startswith("kubernetes:"):
+        from ambit.sources.kube import KubernetesSource
+
+        return KubernetesSource.from_spec(spec, gateway_namespace=namespace)
+    return open_source(spec)
 
 
 @dataclass

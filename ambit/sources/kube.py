@@ -322,9 +322,12 @@ class KubernetesSource:
         debounce: float = 0.05,
         rng: random.Random | None = None,
         resources: Collection[str] | None = None,
+        gateway_namespace: str | None = None,
     ) -> None:
         """`resources`: the reflector names to list and watch (e.g. only `pods` for the CA,
-        which then needs RBAC for nothing else); None: all of them."""
+        which then needs RBAC for nothing else); None: all of them. `gateway_namespace`: an
+        ingress gateway's namespace: HTTPRoutes and RateLimitPolicies are listed too, and the
+        kubernetes.io/tls Secrets of that namespace only (no other process reads Secrets)."""
         self.description = description
         self.api_client = api_client
         self.watch_timeout = watch_timeout
@@ -379,6 +382,18 @@ class KubernetesSource:
             _Reflector(self, "requestauthentications", istio("RequestAuthentication", "requestauthentications")),
             _Reflector(self, "gateways", crd(GATEWAY_GROUP, GATEWAY_VERSIONS, "Gateway", "gateways")),
         ]
+        if gateway_namespace is not None:
+            ns = gateway_namespace
+
+            def tls_secrets(**kw: Any) -> Any:
+                return core.list_namespaced_secret(ns, field_selector="type=kubernetes.io/tls", **kw)
+
+            self._reflectors += [
+                _Reflector(self, "httproutes", crd(GATEWAY_GROUP, GATEWAY_VERSIONS, "HTTPRoute", "httproutes")),
+                _Reflector(self, "ratelimitpolicies", crd("ambit.dev", ("v1alpha1",), "RateLimitPolicy",
+                                                          "ratelimitpolicies")),
+                _Reflector(self, "secrets", fixed(_Resource("Secret", "v1", tls_secrets))),
+            ]
         if resources is not None:
             unknown = set(resources) - {r.name for r in self._reflectors}
             if unknown:
@@ -392,9 +407,9 @@ class KubernetesSource:
             self.wait_synced(sync_timeout)
 
     @classmethod
-    def from_spec(cls, spec: str) -> KubernetesSource:
+    def from_spec(cls, spec: str, **kw: Any) -> KubernetesSource:
         """`kubernetes` (in-cluster config, else the default kubeconfig) or `kubernetes:/path/to/kubeconfig`."""
-        return cls(api_client_from_spec(spec), description=spec)
+        return cls(api_client_from_spec(spec), description=spec, **kw)
 
     # -- ClusterSource
 
@@ -512,7 +527,7 @@ class KubernetesSource:
         errors: dict[tuple[str, str, str], str] = {}
         last_good: dict[tuple[str, str, str], dict[str, Any]] = {}
         for group in ("namespaces", "nodes", "pods", "services", "authorizationpolicies", "peerauthentications",
-                      "requestauthentications", "gateways"):
+                      "requestauthentications", "gateways", "httproutes", "ratelimitpolicies", "secrets"):
             for obj in raw.get(group, []):
                 md = obj.get("metadata") or {}
                 key = (str(obj.get("kind")), str(md.get("namespace") or ""), str(md.get("name") or ""))
