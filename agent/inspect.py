@@ -345,11 +345,12 @@ def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def with_dry_run(policy: str | None, dry_run: Any) -> str | None:
     """The POLICY cell, marked with what dry-run policies would have decided:
-    `shop/allow rule 0 [dry-run: would deny by shop/strict rule 1]`."""
+    `shop/allow rule 0 (dry-run: would deny by shop/strict rule 1)` (parentheses: a table cell
+    reads square brackets as markup)."""
     words = dry_run_words(dry_run if isinstance(dry_run, list) else None)
     if words is None:
         return policy
-    return f"{policy or '-'} [dry-run: {words}]"
+    return f"{policy or '-'} (dry-run: {words})"
 
 
 def cmd_waypoints(args: argparse.Namespace) -> int:

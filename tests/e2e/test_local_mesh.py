@@ -33,6 +33,7 @@ from tests.e2e.mesh import (
     pod,
     poll,
     same_process_runs,
+    write_manifest,
 )
 
 CLIENT_SA = "spiffe://cluster.local/ns/mesh/sa/client"
@@ -291,6 +292,35 @@ def test_cli_shows_flows_policies_identities(mesh: Cluster) -> None:
     r = c.cli("flows", "--node", "node-z", check=False)
     assert r.returncode != 0 and "node-z" in r.stderr, r
     assert "Traceback" not in r.stderr, r.stderr
+
+
+def test_dry_run_decides_nothing_and_shows_in_flows(mesh: Cluster) -> None:
+    c = mesh
+    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "dry-deny-client", "namespace": "mesh",
+                           "annotations": {"istio.io/dry-run": "true"}},
+              "spec": {"action": "DENY", "rules": [{"from": [{"source": {"principals": [CLIENT_SA[9:]]}}]}]}}
+    path = write_manifest(c.tmp / "dry-run.yaml", [policy])
+    c.local("apply", "-f", str(path))
+    try:
+        poll(lambda: any(p.get("dry_run") for p in c.cli_json("policies", "--node", "node-b")["items"]), 15,
+             "the dry-run policy in force on node-b", interval=0.3)
+        assert c.talk("mesh/client", c.ip("mesh/server"), PORT, "dry").ok  # evaluated, never enforced
+
+        def marked() -> Any:
+            return [f for f in c.cli_json("flows", "--node", "node-b")["items"]
+                    if f.get("source_pod") == "mesh/client" and f.get("verdict") == "allow"
+                    and any(d.get("policy") == "mesh/dry-deny-client" and d.get("decision") == "deny"
+                            and d.get("rule") == 0 for d in f.get("dry_run") or [])]
+
+        poll(marked, 10, "an allowed flow marked: would deny by mesh/dry-deny-client rule 0", interval=0.3)
+        assert "dry-run" in c.cli("flows", "--node", "node-b").stdout
+        logged = [r for r in c.access_log("node-b")
+                  if any(d.get("policy") == "mesh/dry-deny-client" for d in r.get("dry_run") or [])]
+        assert logged and all(r["decision"] == "allow" for r in logged), logged
+        assert "dry-run" in c.cli("policies", "--node", "node-b").stdout
+    finally:
+        c.local("delete", "-f", str(path))
 
 
 def test_fail_closed_when_the_ztunnel_is_down(mesh: Cluster) -> None:

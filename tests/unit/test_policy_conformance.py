@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import pytest
 from joserfc.jwk import ECKey
 from prometheus_client import generate_latest
+from rich.console import Console
 
 from agent.flowjoin import join_flows
-from agent.inspect import flow_rows, policy_field_notes
+from agent.inspect import FLOW_COLUMNS, flow_rows, make_table, policy_field_notes
 from ambit.cluster import build_state, load_documents
 from ambit.policy import (
     CompiledAuthz,
@@ -439,7 +440,11 @@ def test_dry_run_reaches_the_access_log_flows_and_metric() -> None:
     assert row["dry_run"] == rec.dry_run
     args = type("A", (), {"denied": False, "pod": None})()
     (cell,) = flow_rows([row], args)  # type: ignore[arg-type]
-    assert cell["policy"] == "- [dry-run: would deny by shop/p rule 0]"
+    assert cell["policy"] == "- (dry-run: would deny by shop/p rule 0)"
+    table = make_table([cell], FLOW_COLUMNS, "flows")
+    out = Console(width=400, record=True)
+    out.print(table)
+    assert "(dry-run: would deny by shop/p rule 0)" in out.export_text()
     # the metric, counted once per inbound connection
     m = Metrics()
     rec.decision = "allow"
