@@ -569,20 +569,27 @@ def check(
     *,
     http: HttpFacts | None = None,
     via_waypoint: bool = False,
-    providers: Collection[str] = (),
+    providers: Collection[str] | None = None,
 ) -> Decision:
     """`ambit policy check`: decide where the mesh would. A destination with a waypoint is
     judged as its waypoint judges (with `http`, all fields; without, as an empty request, so
     HTTP-only rules do not match); one without is judged by its ztunnel at L4, and `http` is
-    ignored with a note, since no proxy on the path sees HTTP."""
+    ignored with a note, since no proxy on the path sees HTTP. `providers`: the extension
+    providers the waypoint has; None (not known here, e.g. asked of a ztunnel): a matching
+    CUSTOM rule is reported in `custom`, with a note that it denies if the waypoint lacks it."""
     dst = facts.dst
     if dst.waypoint and not via_waypoint:
         mtls = authorize(facts, policies, via_waypoint=True)
         if not mtls.allowed:
             return mtls  # refused before any waypoint logic (STRICT mTLS)
-        d = authorize_http(facts, http or HttpFacts("", "", ""), policies, providers=providers)
-        note = f"judged at waypoint {dst.waypoint}, which enforces {dst.uid}'s policies"
-        return replace(d, notes=(note, *d.notes))
+        named = {p.provider for p in policies.applicable(dst, at_waypoint=True) if p.action == "CUSTOM"}
+        d = authorize_http(facts, http or HttpFacts("", "", ""), policies,
+                           providers=named if providers is None else providers)
+        notes = [f"judged at waypoint {dst.waypoint}, which enforces {dst.uid}'s policies"]
+        if providers is None and d.custom:
+            notes.append(f"the waypoint asks {', '.join(sorted({c.provider for c in d.custom}))} if it has them "
+                         "configured; if it has not, their CUSTOM rules deny")
+        return replace(d, notes=(*notes, *d.notes))
     d = authorize(facts, policies, via_waypoint=via_waypoint)
     if http is not None and (http.method or http.path or http.host):
         note = f"{dst.uid} has no waypoint: the method/path/host were not evaluated (L4 only)"

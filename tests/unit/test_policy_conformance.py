@@ -30,6 +30,7 @@ from ambit.policy import (
     PolicySet,
     authorize,
     authorize_http,
+    check,
     compile_policy,
 )
 from ambit.snapshot import Snapshot, build_snapshot
@@ -345,6 +346,16 @@ def test_custom_denies_at_l4_and_without_its_provider_and_asks_it_where_configur
     s = snap_with(ap(CUSTOM + rule("{}")) + "---\n" + ap(DENY + to("methods: [DELETE]")).replace("name: p", "name: q"))
     d = authorize_http(l4(s, dst="shop/ui"), req("DELETE"), s.policies, providers={"ext-authz"})
     assert not d.allowed and d.policy == "shop/q" and not d.custom
+
+
+def test_policy_check_reports_a_custom_provider_it_cannot_see() -> None:
+    s = snap_with(ap(CUSTOM + to("paths: [/admin/*]")))
+    d = check(l4(s, dst="shop/ui"), s.policies, http=req(path="/admin/x"))  # asked of a ztunnel
+    assert d.allowed and [c.provider for c in d.custom] == ["ext-authz"]
+    assert any("asks ext-authz if it has them configured" in n for n in d.notes)
+    d = check(l4(s, dst="shop/ui"), s.policies, http=req(path="/admin/x"), providers=())  # asked of the waypoint
+    assert not d.allowed and not d.custom
+    assert not check(l4(s), s.policies, http=req(path="/admin/x")).allowed  # no waypoint: the ztunnel denies
 
 
 def test_unsupported_fields_never_allow_and_deny_more() -> None:
