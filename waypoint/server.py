@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -74,6 +75,33 @@ log = logging.getLogger("ambit.waypoint")
 
 SNIFF_TIMEOUT = 1.0  # a client that sends nothing this long is taken as non-HTTP
 RECENT = 512  # request records kept for /requests (ambit flows)
+
+
+class RecentRequests:
+    """The last request records, numbered, so that the node agent can collect each once: the
+    admin's `/requests` lists them for `ambit flows`; the metrics listener's
+    `/requests?after=N` gives the node's agent (which reaches the pod's IP, as a kubelet
+    does, but not its loopback) those numbered past N for its flow history."""
+
+    def __init__(self, size: int = RECENT) -> None:
+        self.instance = secrets.token_hex(8)  # a restarted waypoint numbers from 1 again
+        self._items: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._seq += 1
+        self._items.append({**record, "seq": self._seq})
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._items)
+
+    def report(self, method: str, query: dict[str, str]) -> Response:
+        try:
+            after = int(query.get("after", "0"))
+        except ValueError:
+            return Response.json({"error": "use ?after=N (the last sequence number taken)"}, 400)
+        return Response.json({"instance": self.instance, "last": self._seq,
+                              "items": [r for r in self._items if r["seq"] > after]})
 
 
 class ConfigError(WaypointError):
@@ -171,7 +199,7 @@ class Waypoint:
         self.metrics = WaypointMetrics()
         self.requests_log = RequestLog(config.access_log)
         self.tracing = Tracing(f"waypoint {config.uid}", config.otlp_endpoint)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.recent = RecentRequests(RECENT)
         self.addresses: dict[str, tuple[str, int]] = {}
         self.clock = clock
         self._ca = ca
@@ -276,7 +304,8 @@ class Waypoint:
         for name, where, routes in (
             ("admin", cfg.admin, self._admin_routes()),
             ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics)}),
+                                      "/stats/prometheus": (("GET",), self._metrics),
+                                      "/requests": (("GET",), self.recent.report)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
         ):
             if where is None:
@@ -601,6 +630,8 @@ class _Session:
             "reason": rf.reason, "client_ip": rf.client_ip, "src_workload": rf.source_workload,
             "src_identity": rf.source_principal, "dst_workload": rf.destination_workload,
             "dst_service": rf.destination_service, "waypoint": self.wp.config.uid, "trace_id": rf.trace_id,
+            "dst_identity": rf.destination_principal, "dst_port": self.target.port,
+            "request_principal": rf.request_principal,
             "bytes_received": rf.request_bytes, "bytes_sent": rf.response_bytes,
             "dry_run": rf.extra.get("dry_run", []),
         })
