@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from agent import AgentError
 from agent.runtime import parse_runtime_spec
-from ambit.args import CliError
+from ambit.args import CliError, duration
 
 EXAMPLE = """example:
   ambit agent run --node node-a --cluster local:/run/ambit/local/cluster --runtime local:/run/ambit/local \\
@@ -37,6 +38,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--state-dir", type=Path, metavar="DIR",
                    help="where the node's last good policies are kept across restarts "
                         "(default /var/lib/ambit/<node>; 'none' keeps them in memory only)")
+    p.add_argument("--flow-history", metavar="PATH",
+                   help="keep the node's flow records in this SQLite database (default <state-dir>/flows.db; "
+                        "'none': no history)")
+    p.add_argument("--flow-history-max-mb", type=float, default=100.0, metavar="N",
+                   help="size bound of the flow history on disk, in MiB (default 100); the oldest records go first")
+    p.add_argument("--flow-history-max-age", type=duration, default=dt.timedelta(days=7), metavar="DURATION",
+                   help="records older than this are deleted (default 7d)")
     p.add_argument("--trust-domain", default="cluster.local")
     p.add_argument("--root-namespace", default="istio-system")
     p.set_defaults(func=run)
@@ -103,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
         feed_socket=args.state_feed,
         state_dir=None if str(args.state_dir) == "none" else (args.state_dir or Path("/var/lib/ambit") / args.node),
     )
+    if args.flow_history != "none":
+        if args.flow_history_max_mb < 1:
+            raise CliError(f"--flow-history-max-mb {args.flow_history_max_mb:g}: at least 1")
+        config.flow_history = (Path(args.flow_history) if args.flow_history
+                               else config.state_dir / "flows.db" if config.state_dir is not None else None)
+        config.flow_history_max_bytes = int(args.flow_history_max_mb * 2**20)
+        config.flow_history_max_age = args.flow_history_max_age.total_seconds()
     annotator: Any = runtime if hasattr(runtime, "set_annotation") else None
     if annotator is None and args.cluster.startswith("kubernetes"):
         from agent.kubeannotate import KubePodAnnotator

@@ -43,8 +43,19 @@ from agent.enroll import (
     plan,
 )
 from agent.feed import FeedServer
-from agent.flowjoin import join_flows
+from agent.flowjoin import DROP_POLICY, join_flows
 from agent.flows import FlowTable
+from agent.history import (
+    DropFolder,
+    Filter,
+    FlowHistory,
+    HistoryError,
+    RequestCursor,
+    ZtunnelCursor,
+    conn_row,
+    drop_row,
+    request_row,
+)
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import AgentMetrics, NodeView, pod_drops
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
@@ -55,6 +66,7 @@ from ambit.policy import EffectiveMtlsMode, mtls_port_modes
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource
 from ambit.tasks import TaskSet
+from ambit.wire.snapshot import encode_snapshot
 
 log = logging.getLogger("ambit.agent")
 
@@ -80,6 +92,12 @@ class AgentConfig:
     feed_socket: Path | None = None
     # Where the agent keeps the node's last good policies across restarts (None: in memory only).
     state_dir: Path | None = None
+    # The node's flow history (SQLite; None: none) and its bounds.
+    flow_history: Path | None = None
+    flow_history_max_bytes: int = 100 * 2**20
+    flow_history_max_age: float = 7 * 86400.0
+    # Where the waypoints of the node report their requests: their pods' metrics port.
+    waypoint_metrics_port: int = 15020
 
 
 def kernel_mode(mode: EffectiveMtlsMode) -> KernelMode:
@@ -127,6 +145,11 @@ class Agent:
     ztunnel_serving: bool = False
     ztunnel_waiting: frozenset[str] = frozenset()  # SPIFFE IDs without a certificate yet
     feed: FeedServer | None = None
+    history: FlowHistory | None = None
+    _ztunnel_cursor: ZtunnelCursor = field(default_factory=ZtunnelCursor)
+    _request_cursors: dict[str, RequestCursor] = field(default_factory=dict)  # by waypoint pod IP
+    _request_seeds: dict[str, int] = field(default_factory=dict)  # waypoint instance -> last seq written
+    _drops: DropFolder = field(default_factory=DropFolder)
 
     # -- one reconcile pass ------------------------------------------------------
 
@@ -307,6 +330,11 @@ class Agent:
             first = self.update_snapshot(self.source.current())
             self.feed = FeedServer(self.config.feed_socket, self.config.node, first)
             await self.feed.start()
+        if self.config.flow_history is not None:
+            try:
+                await self._open_history(self.config.flow_history)
+            except HistoryError as e:  # the mesh runs on without it; `ambit flows --since` says so
+                log.error("%s; running without a flow history", e)
         admin: HttpServer | None = None
         if self.config.admin:
             admin = HttpServer("agent admin", self.admin_routes())
@@ -320,6 +348,7 @@ class Agent:
                 self._tasks.spawn("follow", self._follow()),
                 self._tasks.spawn("events", self._events()),
                 self._tasks.spawn("ztunnel-watch", self._watch_ztunnel()),
+                self._tasks.spawn("waypoint-requests", self._watch_waypoints()),
             )
         finally:
             if admin is not None:
@@ -359,11 +388,14 @@ class Agent:
             by_ip = {p.ip: p.key for p in self._pods.values() if p.ip}
             for ev in events:
                 self.flows.ingest(ev, by_ip.get)
+            if self.history is not None:
+                self._record_drops(events)
 
     async def _watch_ztunnel(self) -> None:
         """Keep the ztunnel's readiness and connection records (for /status and /flows)."""
         host, port = self.config.ztunnel_admin
         while not self._stop:
+            closed = 0
             try:
                 status, ready = await get_json(host, port, "/healthz/ready")
                 info = ready if isinstance(ready, dict) else {}
@@ -374,11 +406,144 @@ class Agent:
                 if status == 200:
                     items = conns.get("items", conns) if isinstance(conns, dict) else conns
                     self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
+                    closed = self._record_closed(self.ztunnel_conns)
             except (OSError, ValueError, TimeoutError) as e:
                 self.ztunnel_ready = (False, f"ztunnel admin {host}:{port} unreachable: {e}")
                 self.ztunnel_serving = False
                 self.ztunnel_waiting = frozenset()
+            # Many connections closed since the last look: look again soon, before the ztunnel's
+            # ring of closed records turns over and the history misses some.
+            await asyncio.sleep(0.1 if closed >= 64 else 1.0)
+
+    # -- the flow history ----------------------------------------------------------
+
+    async def _open_history(self, path: Path) -> None:
+        cfg = self.config
+        history = FlowHistory(path, max_bytes=cfg.flow_history_max_bytes, max_age=cfg.flow_history_max_age)
+        await asyncio.to_thread(history.open)
+        # What an earlier agent wrote already: the ztunnel and the waypoints still list it.
+        self._ztunnel_cursor.seen = set(await asyncio.to_thread(history.recent_keys, "conn"))
+        for key in await asyncio.to_thread(history.recent_keys, "request"):
+            instance, _, seq = key.rpartition(":")
+            if seq.isdigit():
+                self._request_seeds[instance] = max(self._request_seeds.get(instance, 0), int(seq))
+        self.history = history
+        log.info("flow history in %s (at most %d MiB, %gh)", path, cfg.flow_history_max_bytes // 2**20,
+                 cfg.flow_history_max_age / 3600)
+
+    def _meta(self, uid: str) -> dict[str, Any] | None:
+        """What the history keeps of a destination workload (to judge its flows once it is gone)."""
+        w = self.snapshot.workload(uid) if self.snapshot is not None else None
+        if w is None:
+            return None
+        return {"labels": dict(w.labels), "services": list(w.services), "waypoint": w.waypoint}
+
+    def _record_closed(self, conns: list[dict[str, Any]]) -> int:
+        """Write the ztunnel's newly closed connections to the history; how many there were
+        (a record missed counts as many, so that the next look comes soon)."""
+        if self.history is None:
+            return 0
+        lost = self._ztunnel_cursor.lost
+        new = self._ztunnel_cursor.take(conns)
+        if new:
+            self.history.add(conn_row(r, self.config.node, self._meta) for r in new)
+        return len(new) + 64 * (self._ztunnel_cursor.lost - lost)  # a miss: look again soon
+
+    def _record_drops(self, events: list[Any]) -> None:
+        assert self.history is not None
+        drops = [ev for ev in events if ev.kind.startswith("drop")]
+        if not drops:
+            return
+        pods = self._state.pods.values() if self._state is not None else self._pods.values()
+        by_ip = {p.ip: p.key for p in pods if p.ip}
+        now = time.time()
+        self.history.add(
+            drop_row(ev.kind, ev.src, ev.sport, ev.dst, ev.dport, self.config.node, now, by_ip.get,
+                     DROP_POLICY.get(ev.kind, ev.kind))
+            for ev in drops if self._drops.first(ev.kind, ev.src, ev.sport, ev.dst, ev.dport, now))
+
+    def _local_waypoints(self) -> list[str]:
+        """The addresses of the waypoint pods that run on this node."""
+        if self.snapshot is None:
+            return []
+        local = {p.ip for p in self._pods.values() if p.ip}
+        return sorted({a for wp in self.snapshot.waypoints.values() for a in wp.addresses if a in local})
+
+    async def _watch_waypoints(self) -> None:
+        """Collect the requests the node's waypoints decided (each once) into the history."""
+        while not self._stop:
+            if self.history is not None:
+                ips = self._local_waypoints()
+                for ip in set(self._request_cursors) - set(ips):
+                    del self._request_cursors[ip]
+                for ip in ips:
+                    try:
+                        await self._collect_requests(ip)
+                    except (OSError, ValueError, TimeoutError) as e:
+                        log.debug("waypoint at %s: /requests: %s", ip, e)
             await asyncio.sleep(1.0)
+
+    async def _collect_requests(self, ip: str) -> None:
+        assert self.history is not None
+        cur = self._request_cursors.setdefault(ip, RequestCursor())
+        status, body = await get_json(ip, self.config.waypoint_metrics_port, f"/requests?after={cur.after}")
+        if status != 200 or not isinstance(body, dict):
+            return
+        instance = str(body.get("instance") or "")
+        if instance != cur.instance and instance in self._request_seeds:
+            cur.instance, cur.after = instance, self._request_seeds.pop(instance)
+        items = cur.take(body)
+        if items:
+            self.history.add(request_row(r, self.config.node, instance, self._meta) for r in items)
+
+    async def _history_route(self, method: str, query: dict[str, str]) -> Response:
+        """`ambit flows --since`: the node's recorded flows (`aggregate=1`: replayable facts
+        with counts, for `ambit policy simulate` and `suggest`)."""
+        h = self.history
+        if h is None:
+            return Response.json({"error": f"the agent of {self.config.node} keeps no flow history "
+                                  "(run it with --flow-history PATH)"}, 404)
+        try:
+            flt = Filter.from_query(query)
+            limit = int(query.get("limit", "1000"))
+        except (HistoryError, ValueError) as e:
+            return Response.json({"error": str(e)}, 400)
+        out: dict[str, Any] = {"node": self.config.node}
+        if query.get("aggregate"):
+            out["items"] = await asyncio.to_thread(h.aggregate, flt)
+        else:
+            out["items"], out["truncated"] = await asyncio.to_thread(h.query, flt, max(1, limit))
+        out["history"] = await asyncio.to_thread(h.summary)
+        out["lost"] = {"ztunnel": self._ztunnel_cursor.lost,
+                       "waypoints": sum(c.lost for c in self._request_cursors.values())}
+        return Response.json(out)
+
+    async def _denials_route(self, method: str, query: dict[str, str]) -> Response:
+        """`ambit flows --denied --by-source`: denials per source in the recent window and before."""
+        h = self.history
+        if h is None:
+            return Response.json({"error": f"the agent of {self.config.node} keeps no flow history "
+                                  "(run it with --flow-history PATH)"}, 404)
+        try:
+            window, since = float(query.get("window", "300")), float(query.get("since", "86400"))
+        except ValueError:
+            return Response.json({"error": "use ?window=SECONDS&since=SECONDS"}, 400)
+        now = time.time()
+        counts = await asyncio.to_thread(h.denials, now - since, now - window)
+        oldest = await asyncio.to_thread(h.oldest)
+        baseline = max(0.0, (now - window) - max(now - since, oldest if oldest is not None else now))
+        return Response.json({"node": self.config.node, "now": now, "window_seconds": window,
+                              "baseline_seconds": baseline, "items": [c.__dict__ for c in counts]})
+
+    def objects_view(self) -> dict[str, Any]:
+        """The compiled snapshot in force and the cluster objects it was compiled from: what
+        `ambit policy simulate` applies a proposal to."""
+        snap, state = self.snapshot, self._snapshot_of
+        if snap is None or state is None:
+            raise AgentError("no cluster state compiled yet")
+        return {"node": self.config.node,
+                "snapshot": [[k, ns, n, v] for (k, ns, n), v in encode_snapshot(snap).items()],
+                "objects": list(state.objects.values())}
 
     def joined_flows(self) -> list[dict[str, Any]]:
         # Every pod of the cluster, not only this node's: peers of dropped flows live elsewhere.
@@ -463,6 +628,9 @@ class Agent:
             "/flows": (("GET",), view(lambda: {"items": self.joined_flows()})),
             "/flows/kernel": (("GET",), view(lambda: {"items": self.flows.snapshot()})),
             "/bypass": (("GET",), view(self._bypass_view)),
+            "/flows/history": (("GET",), self._history_route),
+            "/flows/denials": (("GET",), self._denials_route),
+            "/objects": (("GET",), view(self.objects_view)),
             "/metrics": (("GET",), lambda method, query: Response(
                 200, AgentMetrics(self.metrics_view).render(), METRICS_CONTENT_TYPE)),
         }
@@ -502,3 +670,5 @@ class Agent:
             await self.feed.stop()
         self.source.close()
         self.datapath.close()
+        if self.history is not None:
+            await asyncio.to_thread(self.history.close)

@@ -268,6 +268,8 @@ def system_units(layout: Layout) -> list[UnitSpec]:
                     "agent", "run", "--node", n.name, "--cluster", cluster,
                     "--runtime", f"local:{layout.state}", "--bpf-dir", n.bpf_dir,
                     "--state-feed", str(node_dir / "feed.sock"), "--state-dir", str(node_dir),
+                    # in the node's state dir: it outlives an agent restart (and, like the logs, `down`)
+                    "--flow-history", str(node_dir / "flows.db"),
                 ),
                 cgroup=base / n.name / "_agent",
                 log=node_dir / "agent.log",
