@@ -269,6 +269,10 @@ def flow_rows(flows: list[dict[str, Any]], args: argparse.Namespace) -> list[dic
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
+    from agent import rollout  # the history (--since, --by-source); it imports this module
+
+    if rollout.history_mode(args):
+        return rollout.cmd_flow_history(args)
     admin = node_admin(args)
     title = f"flows on {admin.label}"
 
@@ -342,6 +346,7 @@ def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                else r.get("policy") or r.get("reason"), r.get("dry_run")),
         "age": human_age(now - float(r.get("time") or now)),
     } for r in requests]
+
 
 def with_dry_run(policy: str | None, dry_run: Any) -> str | None:
     """The POLICY cell, marked with what dry-run policies would have decided:
@@ -608,17 +613,22 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from agent import rollout  # the history, simulate and suggest; it imports this module
+
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("flows", help="what is talking to what, as whom, and why it was allowed",
                        formatter_class=fmt, epilog="examples:\n  ambit flows\n  ambit flows --denied\n"
-                       "  ambit flows --pod shop/frontend --watch\n  ambit flows --node node-a -o json")
+                       "  ambit flows --pod shop/frontend --watch\n  ambit flows --node node-a -o json\n"
+                       "  ambit flows --since 1h --destination shop/backend --verdict deny\n"
+                       "  ambit flows --denied --by-source --window 10m")
     _common(p)
     p.add_argument("--watch", action="store_true", help="update a live table in place")
     p.add_argument("--watch-seconds", type=float, default=0, help=argparse.SUPPRESS)
     p.add_argument("--interval", type=float, default=1.0, help="refresh interval for --watch")
     p.add_argument("--denied", action="store_true", help="only denied and dropped flows")
     p.add_argument("--pod", help="only flows from or to NS/NAME")
+    rollout.add_flow_history_args(p)
     p.set_defaults(func=cmd_flows)
 
     p = sub.add_parser("workloads", help="the workloads the node's ztunnel knows", formatter_class=fmt,
@@ -636,7 +646,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _common(p)
     p.set_defaults(func=cmd_policies)
 
-    p = sub.add_parser("policy", help="policy tools: check")
+    p = sub.add_parser("policy", help="policy tools: check, simulate, suggest")
     psub = p.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     c = psub.add_parser(
         "check", help="would this connection be allowed, by which rule, and why?", formatter_class=fmt,
@@ -654,6 +664,27 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--jwt", metavar="FILE", help="a JWT (the file's content) sent as Authorization: Bearer")
     c.add_argument("--plaintext", action="store_true", help="the connection is not mTLS (no principal)")
     c.set_defaults(func=cmd_policy_check)
+    c = psub.add_parser(
+        "simulate", help="what would a proposed policy change allow or deny, replayed over the recorded flows?",
+        formatter_class=fmt,
+        epilog="examples:\n  ambit policy simulate -f proposed.yaml\n  ambit policy simulate -f old.yaml --delete "
+        "--since 7d\n  ambit policy simulate -f p.yaml --agent 127.0.0.1:15010 --agent 127.0.0.1:25010\n"
+        "exit status: 0 no observed flow newly denied, 3 some would be, 1 error")
+    c.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    c.add_argument("--node", help="a node of the local cluster (default: every node)")
+    c.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the local cluster's state dir")
+    rollout.add_simulate_args(c)
+    c.set_defaults(func=rollout.cmd_policy_simulate)
+    c = psub.add_parser(
+        "suggest", help="least-privilege AuthorizationPolicies for a namespace, from its recorded traffic",
+        formatter_class=fmt,
+        epilog="examples:\n  ambit policy suggest --namespace shop > shop-policies.yaml\n"
+        "  ambit policy suggest -n shop --since 7d --out shop.yaml && ambit policy simulate -f shop.yaml")
+    c.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml", help="output format")
+    c.add_argument("--node", help="a node of the local cluster (default: every node)")
+    c.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the local cluster's state dir")
+    rollout.add_suggest_args(c)
+    c.set_defaults(func=rollout.cmd_policy_suggest)
 
     p = sub.add_parser("waypoints", help="waypoints, what uses each, and whether they are ready",
                        formatter_class=fmt, epilog="examples:\n  ambit waypoints\n  ambit waypoints --node node-a\n\n"
