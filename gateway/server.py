@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -73,6 +74,32 @@ FLAGS = {"no_listener": "NR", "no_route": "NR", "route_error": "NR", "rate_limit
 FAILURE_FLAGS = {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
                  "upstream_timeout": "UT", "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
                  "headers_too_large": "DPE", "body_too_large": "DPE", "decide_error": "-"}
+
+
+class RecentRequests:
+    """The last request records, numbered: the admin's `/requests` lists them (`ambit flows`); the
+    metrics listener's `/requests?after=N` gives a collector on the node (which reaches the pod's
+    IP, not its loopback) those numbered past N, as the waypoint's does."""
+
+    def __init__(self, size: int = RECENT) -> None:
+        self.instance = secrets.token_hex(8)  # a restarted gateway numbers from 1 again
+        self._items: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._seq += 1
+        self._items.append({**record, "seq": self._seq})
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._items)
+
+    def report(self, method: str, query: dict[str, str]) -> Response:
+        try:
+            after = int(query.get("after", "0"))
+        except ValueError:
+            return Response.json({"error": "use ?after=N (the last sequence number taken)"}, 400)
+        return Response.json({"instance": self.instance, "last": self._seq,
+                              "items": [r for r in self._items if r["seq"] > after]})
 
 
 class ConfigError(GatewayError):
@@ -140,7 +167,7 @@ class IngressGateway:
         self.metrics = GatewayMetrics()
         self.requests_log = RequestLog(config.access_log, reporter="gateway")
         self.tracing = Tracing(f"gateway {config.uid}", config.otlp_endpoint)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=RECENT)
+        self.recent = RecentRequests()
         self.addresses: dict[str, tuple[str, int]] = {}
         self.listening: dict[int, tuple[str, asyncio.Server]] = {}  # listener port -> (protocol, server)
         self.clock = clock
@@ -252,7 +279,8 @@ class IngressGateway:
                 "/healthz/ready": (("GET",), self._ready),
             }),
             ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics)}),
+                                      "/stats/prometheus": (("GET",), self._metrics),
+                                      "/requests": (("GET",), self.recent.report)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
         ):
             if where is None:

@@ -5,6 +5,7 @@ gateway's own identity (a real CA, two ztunnels)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -120,6 +121,14 @@ async def test_metrics_count_requests_and_rejections_by_reason(rig: GatewayMesh)
                for ln in requests), requests
     rejected = [ln for ln in text.splitlines() if ln.startswith("ambit_gateway_rejections_total{")]
     assert any('reason="denied"' in ln and 'response_code="403"' in ln for ln in rejected), rejected
+    # the numbered records a collector on the node takes once each (as from a waypoint)
+    r, w = await asyncio.open_connection(host, port)
+    w.write(b"GET /requests?after=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = (await r.read()).split(b"\r\n\r\n", 1)[1]
+    w.close()
+    report = json.loads(body)
+    assert report["last"] == 3 and [x["seq"] for x in report["items"]] == [2, 3]
+    assert all(x["gateway"] == "edge/ingress" for x in report["items"])
 
 
 async def test_https_serves_the_certificate_of_each_hostname(rig: GatewayMesh) -> None:
