@@ -41,7 +41,8 @@ class StreamLeg:
         self.conn = conn
         self.stream_id = stream_id
         self.splice: Splice | None = None
-        self.pending: deque[bytes] = deque()
+        # views of bytes we own: a partial send re-slices the view, never copies the rest
+        self.pending: deque[memoryview] = deque()
         self.pending_eof = False
         self.sent_eof = False
         self.early: list[bytes] = []
@@ -121,7 +122,7 @@ class StreamLeg:
         if self.closed:
             return
         if self.pending:
-            self.pending.append(bytes(data))
+            self.pending.append(memoryview(bytes(data)))
         else:
             try:
                 n = self.conn.send_data(self.stream_id, data)
@@ -130,7 +131,7 @@ class StreamLeg:
                 self.on_reset(f"stream {self.stream_id}: {e}")
                 return
             if n < len(data):
-                self.pending.append(bytes(data[n:]))
+                self.pending.append(memoryview(bytes(data[n:])))
         self._update_blocked()
 
     def _flush_pending(self) -> None:
