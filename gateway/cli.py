@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    help="where the last good policies are kept across restarts")
     p.add_argument("--otlp-endpoint", default=None, metavar="HOST:PORT",
                    help="export a span per request over OTLP/gRPC to this collector")
+    p.add_argument("--idle-timeout", type=duration, default=dt.timedelta(seconds=60), metavar="DURATION",
+                   help="close a client connection whose next request head does not come within this "
+                        "(408 for a head sent too slowly; default 60s)")
     p.add_argument("--cert-ttl", type=duration, default=dt.timedelta(days=1), metavar="DURATION",
                    help="validity asked of the CA for the gateway's certificate (default 24h)")
     p.add_argument("--no-uvloop", action="store_true", help="use asyncio's default event loop")
@@ -75,6 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics=listen(args.metrics, "--metrics", 15020), readiness=listen(args.readiness, "--readiness", 15021),
             admin=listen(args.admin, "--admin", 15000), access_log=args.access_log, state_dir=args.state_dir,
             otlp_endpoint=args.otlp_endpoint, timeouts=Timeouts(), cert_ttl_seconds=int(args.cert_ttl.total_seconds()),
+            idle_timeout=args.idle_timeout.total_seconds(),
         )
     except ZtunnelConfigError as e:
         raise CliError(str(e)) from e

@@ -132,6 +132,9 @@ class GatewayConfig:
     cert_ttl_seconds: int = 86400
     # peers' HBONE ports by node address (a test rig with several "nodes" on one host)
     peer_hbone_ports: dict[str, int] = field(default_factory=dict)
+    # a client's first bytes and every next request head must come within this (slowloris,
+    # idle keep-alive connections): closed, or 408 for a head sent too slowly
+    idle_timeout: float = 60.0
 
     @property
     def uid(self) -> str:
@@ -347,9 +350,10 @@ class IngressGateway:
         self.sessions.add(session)
         gw = self.view.gateway
         limits = Limits(max_header_count=gw.max_header_count if gw else 100,
-                        max_header_bytes=gw.max_header_bytes if gw else 64 * 1024)
+                        max_header_bytes=gw.max_header_bytes if gw else 64 * 1024,
+                        head_timeout=self.config.idle_timeout)
         try:
-            found = await proxy(stream, session.hooks(), limits)
+            found = await proxy(stream, session.hooks(), limits, sniff_timeout=self.config.idle_timeout)
             if found.protocol == "opaque":
                 log.info("connection from %s to port %d is not HTTP: closed", conn.peer, port)
                 stream.abort()

@@ -267,6 +267,9 @@ class Limits:
     # (rapid reset), and DATA/CONTINUATION frames under 32 bytes (gRPC streams many small ones)
     h2_max_resets: int = 1000
     h2_max_small_frames: int = 100_000
+    # HTTP/1: a client's next request head must arrive within this many seconds (an idle
+    # keep-alive connection is closed, a head sent too slowly gets 408); None: no limit
+    head_timeout: float | None = None
 
     @property
     def h2_header_cap(self) -> int:
@@ -280,6 +283,8 @@ class Limits:
                      "h2_max_small_frames"):
             if getattr(self, name) < 1:
                 raise WaypointError(f"Limits.{name}={getattr(self, name)}: must be at least 1")
+        if self.head_timeout is not None and self.head_timeout <= 0:
+            raise WaypointError(f"Limits.head_timeout={self.head_timeout}: must be > 0 (or None)")
         if self.drain_limit < 0:
             raise WaypointError(f"Limits.drain_limit={self.drain_limit}: must be >= 0")
         for name in ("h2_stream_window", "h2_connection_window"):

@@ -14,6 +14,7 @@ client's request head is checked first (`head_problem`) and refused with 400.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -75,8 +76,11 @@ class UpstreamFailed(PeerFailed):
 class H1Peer:
     """An h11 connection (server role downstream, client role upstream) on a byte stream."""
 
-    def __init__(self, stream: ByteStream, *, upstream: bool, max_head: int, read_size: int) -> None:
+    def __init__(self, stream: ByteStream, *, upstream: bool, max_head: int, read_size: int,
+                 head_timeout: float | None = None) -> None:
         self.stream = stream
+        # a client's next request head must arrive within this (keep-alive idle and slow heads)
+        self.head_timeout = head_timeout
         self.upstream = upstream
         self.conn = h11.Connection(h11.CLIENT if upstream else h11.SERVER,
                                    max_incomplete_event_size=max_head)
@@ -102,7 +106,16 @@ class H1Peer:
             if event is not h11.NEED_DATA:
                 return event
             try:
-                data = await self.stream.read(self.read_size)
+                if self.head_timeout is not None and not self.upstream and self.conn.their_state is h11.IDLE:
+                    async with asyncio.timeout(self.head_timeout):
+                        data = await self.stream.read(self.read_size)
+                else:
+                    data = await self.stream.read(self.read_size)
+            except TimeoutError:
+                # idle between requests: close; part of a head sent too slowly: 408
+                partial = bool(self.conn.trailing_data[0].lstrip(b"\r\n"))
+                raise self._failed(Failure.CLIENT_RESET, f"no request head within {self.head_timeout:g}s"
+                                   + (" (a partial one)" if partial else ""), 408 if partial else 0) from None
             except (StreamReset, OSError) as e:
                 raise self._failed(self._reset, f"{self._who} reset: {e}") from e
             self.received += len(data)

@@ -110,7 +110,7 @@ class Http1Proxy:
         self.hooks = hooks
         self.limits = limits
         self.down = H1Peer(down, upstream=False, max_head=limits.max_header_bytes,
-                           read_size=limits.read_size)
+                           read_size=limits.read_size, head_timeout=limits.head_timeout)
         if prefix:
             self.down.conn.receive_data(prefix)
         self.dc = self.down.conn

@@ -260,3 +260,22 @@ async def test_a_verdict_rewrites_the_target_and_the_authority() -> None:
         Verdict.allow(target="http://x/").check()
     with pytest.raises(Exception, match="host"):
         Verdict.allow(authority="a b").check()
+
+
+async def test_a_head_timeout_closes_idle_connections_and_answers_slow_heads_408() -> None:
+    glue = Glue()
+    async with waypoint(glue, Limits(head_timeout=0.2)) as (client, _, _task):
+        c = H1Client(client)
+        assert (await c.request("GET", "/")).status == 200
+        assert await c.closed(), "an idle keep-alive connection is closed"
+    assert len(glue.records) == 1
+    glue = Glue()
+    async with waypoint(glue, Limits(head_timeout=0.2)) as (client, _, _task):
+        c = H1Client(client)
+        client.write(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Slow: ")  # and nothing more
+        c.expect_response()
+        r = await c.response()
+        assert r.status == 408 and await c.closed()
+    assert glue.records[0].status == 408 and glue.opened == 0
+    with pytest.raises(Exception, match="head_timeout"):
+        Limits(head_timeout=0)
