@@ -394,26 +394,27 @@ class Agent:
     async def _watch_ztunnel(self) -> None:
         """Keep the ztunnel's readiness and connection records (for /status and /flows)."""
         host, port = self.config.ztunnel_admin
+        asked = 0.0
+        pause = 1.0
         while not self._stop:
-            closed = 0
             try:
-                status, ready = await get_json(host, port, "/healthz/ready")
-                info = ready if isinstance(ready, dict) else {}
-                self.ztunnel_ready = (status == 200, "" if status == 200 else str(info.get("reason", ready)))
-                self.ztunnel_serving = status == 200 or bool(info.get("serving"))
-                self.ztunnel_waiting = frozenset(str(i) for i in info.get("waiting_for_certificates") or ())
+                if time.monotonic() - asked >= 1.0:  # when looking more often: connections only
+                    asked = time.monotonic()
+                    status, ready = await get_json(host, port, "/healthz/ready")
+                    info = ready if isinstance(ready, dict) else {}
+                    self.ztunnel_ready = (status == 200, "" if status == 200 else str(info.get("reason", ready)))
+                    self.ztunnel_serving = status == 200 or bool(info.get("serving"))
+                    self.ztunnel_waiting = frozenset(str(i) for i in info.get("waiting_for_certificates") or ())
                 status, conns = await get_json(host, port, "/connections")
                 if status == 200:
                     items = conns.get("items", conns) if isinstance(conns, dict) else conns
                     self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
-                    closed = self._record_closed(self.ztunnel_conns)
+                    pause = self._record_closed(self.ztunnel_conns, pause)
             except (OSError, ValueError, TimeoutError) as e:
                 self.ztunnel_ready = (False, f"ztunnel admin {host}:{port} unreachable: {e}")
                 self.ztunnel_serving = False
                 self.ztunnel_waiting = frozenset()
-            # Many connections closed since the last look: look again soon, before the ztunnel's
-            # ring of closed records turns over and the history misses some.
-            await asyncio.sleep(0.1 if closed >= 64 else 1.0)
+            await asyncio.sleep(pause)
 
     # -- the flow history ----------------------------------------------------------
 
@@ -438,16 +439,21 @@ class Agent:
             return None
         return {"labels": dict(w.labels), "services": list(w.services), "waypoint": w.waypoint}
 
-    def _record_closed(self, conns: list[dict[str, Any]]) -> int:
-        """Write the ztunnel's newly closed connections to the history; how many there were
-        (a record missed counts as many, so that the next look comes soon)."""
+    def _record_closed(self, conns: list[dict[str, Any]], pause: float) -> float:
+        """Write the ztunnel's newly closed connections to the history; the pause before the next
+        look: short enough, at the rate they close, that its ring of closed records (256) does
+        not turn over in between (50 ms after a miss; up to 1 s when quiet)."""
         if self.history is None:
-            return 0
+            return 1.0
         lost = self._ztunnel_cursor.lost
         new = self._ztunnel_cursor.take(conns)
         if new:
             self.history.add(conn_row(r, self.config.node, self._meta) for r in new)
-        return len(new) + 64 * (self._ztunnel_cursor.lost - lost)  # a miss: look again soon
+        if self._ztunnel_cursor.lost > lost:
+            return 0.05
+        rate = len(new) / max(pause, 0.05)
+        # back to the quiet pace gradually: traffic that paused for a moment comes back at its rate
+        return min(1.0, max(0.05, 64 / rate) if rate else 1.0, pause * 1.5)
 
     def _record_drops(self, events: list[Any]) -> None:
         assert self.history is not None
