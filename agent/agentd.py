@@ -5,6 +5,14 @@ serves a small admin API (/status, /pods, /flows, /bypass, /healthz). /flows joi
 the kernel's flow records with the ztunnel's connection records (agent.flowjoin),
 which the agent reads from the ztunnel's admin endpoint on the node's loopback.
 
+It keeps the node's flow history (agent.history, SQLite): each connection the ztunnel
+closed, each request the node's waypoint pods decided (their `/requests?after=N` on the
+metrics port of the pod's IP, which the node reaches where it cannot reach the pod's
+loopback; on Kubernetes the agent is on the host network, as a kubelet probing a pod), and
+each connection attempt the kernel dropped; served as /flows/history and /flows/denials,
+with /objects (the snapshot in force and the objects it was compiled from) for
+`ambit policy simulate`.
+
 Every snapshot is built from the previous one, so an invalid edit of a policy
 keeps its last good version; those versions are saved on the node
 (ambit.lastgood) so that a restarted agent keeps them too. Reconciling is
