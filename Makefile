@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck unit demo bench proto clean image
+.PHONY: setup test lint typecheck unit demo bench proto clean image vagrant-test
 
 setup:
 	@bash scripts/setup.sh
@@ -34,6 +34,11 @@ bench: setup
 	@command -v haproxy >/dev/null && command -v iptables >/dev/null || { apt-get update -qq >/dev/null; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy iptables >/dev/null; }
 	@$(PY) -m bench.run $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+# as root: two VMs (vagrant-libvirt, qemu; plain emulation where KVM cannot boot them) from a box
+# built of Debian packages and cached in /var/cache/ambit; mTLS on the wire, policy, flows (vagrant/e2e.sh)
+vagrant-test: setup
+	@bash vagrant/e2e.sh offline
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build *.egg-info
