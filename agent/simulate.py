@@ -33,6 +33,7 @@ from ambit.policy import (
     RequestAuth,
     authorize,
     authorize_http,
+    authorize_opaque,
     compile_policy,
 )
 from ambit.snapshot import Snapshot, Workload, build_snapshot
@@ -117,7 +118,7 @@ class Observed:
     @property
     def what(self) -> str:
         """The request, or the port."""
-        if self.kind == "request":
+        if self.kind == "request" and self.route != "waypoint_tcp":
             return f"{self.method or '?'} {self.path or '/'}"
         return f"port {self.dst_port}" if self.dst_port is not None else "-"
 
@@ -162,7 +163,9 @@ def destination_workload(snap: Snapshot, obs: Observed) -> Workload | None:
 def skip_reason(obs: Observed) -> str | None:
     """Why a record cannot be replayed (None: it can)."""
     if obs.kind == "request":
-        if not obs.method:
+        if obs.route == "gateway":
+            return "requests decided at an ingress gateway (its routes and policies are not replayed)"
+        if not obs.method and obs.route != "waypoint_tcp":
             return "malformed requests (refused before any policy)"
         if obs.status == 401 and obs.verdict == "deny":
             return "requests refused by RequestAuthentication (JWTs are not replayed)"
@@ -188,6 +191,8 @@ def judge(obs: Observed, snap: Snapshot) -> Decision | str:
     src = _identity(obs.src_identity)
     if obs.kind == "request":
         facts = ConnectionFacts(obs.src_ip or "", src, dst, obs.dst_port, True)
+        if obs.route == "waypoint_tcp":
+            return authorize_opaque(facts, snap.policies)
         auth = RequestAuth(obs.request_principal) if obs.request_principal else None
         http = HttpFacts(obs.method or "", obs.path or "/", obs.host or "", {}, auth=auth)
         return authorize_http(facts, http, snap.policies)

@@ -206,7 +206,7 @@ def suggest(observed: Iterable[Observed], snap: Snapshot, namespace: str) -> Sug
         if obs.src_workload:
             src.pods.add(obs.src_workload)
         src.last = max(src.last, obs.last)
-        if obs.kind == "request":
+        if obs.kind == "request" and obs.route != "waypoint_tcp":  # opaque TCP: a port rule
             src.requests.setdefault(obs.path or "/", set()).add((obs.method or "GET").upper())
             src.request_ports.add(obs.dst_port)
             src.n_requests += obs.count

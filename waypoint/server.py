@@ -45,6 +45,7 @@ from ambit.policy import (
     HttpFacts,
     authenticate,
     authorize_http,
+    authorize_opaque,
     output_headers,
 )
 from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload, build_snapshot
@@ -624,9 +625,15 @@ class _Session:
         rf.response_flags = _flag(record, rf)
         self.wp.metrics.record(rf)
         self.wp.requests_log.write(rf)
+        self._remember(rf)
+        if span is not None:
+            self.wp.tracing.finish(span, rf)
+
+    def _remember(self, rf: RequestFacts) -> None:
+        """Keep the decision for the admin's `/requests` (`ambit flows`, the node's history)."""
         self.wp.recent.append({
-            "time": time.time(), "method": rf.method, "authority": rf.authority, "path": rf.path,
-            "status": rf.status, "decision": rf.decision, "policy": rf.policy, "rule": rf.rule,
+            "time": time.time(), "protocol": rf.protocol, "method": rf.method, "authority": rf.authority,
+            "path": rf.path, "status": rf.status, "decision": rf.decision, "policy": rf.policy, "rule": rf.rule,
             "reason": rf.reason, "client_ip": rf.client_ip, "src_workload": rf.source_workload,
             "src_identity": rf.source_principal, "dst_workload": rf.destination_workload,
             "dst_service": rf.destination_service, "waypoint": self.wp.config.uid, "trace_id": rf.trace_id,
@@ -635,8 +642,6 @@ class _Session:
             "bytes_received": rf.request_bytes, "bytes_sent": rf.response_bytes,
             "dry_run": rf.extra.get("dry_run", []),
         })
-        if span is not None:
-            self.wp.tracing.finish(span, rf)
 
     # -- not HTTP
 
@@ -646,21 +651,14 @@ class _Session:
         cleaning it would skip)."""
         snap = self.wp.store.current
         t = self.target
-        l7 = [f"{p.ref} rule {r.index}" for p in snap.policies.applicable(t.workload, at_waypoint=True)
-              for r in p.rules if r.l7_fields]
-        l7 += [r.where for r in snap.policies.jwt_rules(t.workload)]
         rf = RequestFacts(method="", authority=t.authority, path="", protocol="tcp", client_ip=self.client.ip or "",
                           source_workload=self.client.workload.uid if self.client.workload else None,
                           source_principal=str(self.conn.identity) if self.conn.identity else None,
                           destination_workload=t.workload.uid, destination_principal=str(t.workload.identity),
                           destination_service=t.service.uid if t.service else None)
-        if l7:
-            rf.decision, rf.reason = "deny", (f"not HTTP, and rules that need HTTP apply ({', '.join(l7)}): "
-                                              "the connection is denied")
-        else:
-            d = authorize_http(self.facts(), HttpFacts("", "", ""), snap.policies)
-            self.wp.note_dry_run(rf, d)
-            rf.decision, rf.policy, rf.rule, rf.reason = ("allow" if d.allowed else "deny"), d.policy, d.rule, d.reason
+        d = authorize_opaque(self.facts(), snap.policies, providers=self.wp.extauthz.names)
+        self.wp.note_dry_run(rf, d)
+        rf.decision, rf.policy, rf.rule, rf.reason = ("allow" if d.allowed else "deny"), d.policy, d.rule, d.reason
         started = time.monotonic()
         try:
             if rf.decision != "allow":
@@ -679,6 +677,7 @@ class _Session:
         finally:
             rf.duration_ms = (time.monotonic() - started) * 1000
             self.wp.requests_log.write(rf)
+            self._remember(rf)
             if rf.decision == "deny":
                 self.wp.metrics.denials.labels(*_split(rf.source_workload), *_split(rf.destination_workload),
                                                "0", rf.policy or "-").inc()

@@ -488,6 +488,29 @@ def authorize_http(
     return _with_dry_run(d, policies, attrs, l4=False, providers=providers)
 
 
+def authorize_opaque(facts: ConnectionFacts, policies: PolicySet, *, providers: Collection[str] = ()) -> Decision:
+    """Decide a connection at a waypoint that is not HTTP (or was not HTTP soon enough to tell).
+
+    It goes through only when nothing that judges requests applies: no rule with HTTP
+    fields, no RequestAuthentication (its token checks and header cleaning would be
+    skipped), and no matching CUSTOM rule (its provider judges requests). Otherwise the
+    policies decide it as a request without HTTP attributes.
+    """
+    need = [f"{p.ref} rule {r.index}" for p in policies.applicable(facts.dst, at_waypoint=True)
+            for r in p.rules if r.l7_fields]
+    need += [r.where for r in policies.jwt_rules(facts.dst)]
+    if need:
+        return Decision(False, "DEFAULT", None, None,
+                        f"not HTTP, and rules that need HTTP apply ({', '.join(need)}): the connection is denied")
+    d = authorize_http(facts, HttpFacts("", "", ""), policies, providers=providers)
+    if d.allowed and d.custom:
+        c = d.custom[0]
+        return replace(d, allowed=False, action="DENY", policy=c.policy, rule=c.rule, custom=(),
+                       reason=f"not HTTP, and CUSTOM {c.policy} rule {c.rule} matched: its provider "
+                              f"{c.provider} judges requests only, so the connection is denied")
+    return d
+
+
 def _with_dry_run(
     d: Decision, policies: PolicySet, attrs: _Attrs, *, l4: bool, providers: Collection[str]
 ) -> Decision:

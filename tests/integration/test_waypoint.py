@@ -288,6 +288,9 @@ async def test_traffic_that_is_not_http_is_denied_where_http_rules_apply(rig: Ri
     w.close()
     entry = [e for e in rig.access_log() if e["protocol"] == "tcp"][-1]
     assert entry["decision"] == "deny" and "rules that need HTTP apply" in entry["reason"], entry
+    # and in the records `ambit flows` and the node's history take
+    last = list(rig.wp.recent)[-1]
+    assert last["protocol"] == "tcp" and last["decision"] == "deny" and last["dst_port"] == 8080, last
 
 
 async def test_a_repeated_header_is_judged_by_all_its_values(rig: Rig) -> None:

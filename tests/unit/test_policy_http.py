@@ -9,7 +9,14 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 
 from ambit.cluster import build_state, load_documents
-from ambit.policy import ConnectionFacts, HttpFacts, RequestAuth, authenticate, authorize_http
+from ambit.policy import (
+    ConnectionFacts,
+    HttpFacts,
+    RequestAuth,
+    authenticate,
+    authorize_http,
+    authorize_opaque,
+)
 from ambit.snapshot import build_snapshot
 from ambit.spiffe import SpiffeId
 
@@ -257,3 +264,26 @@ def test_a_waypoint_authenticates_then_authorizes() -> None:
     assert request({"authorization": "Bearer x.y.z"})[0] == 401
     expired = jwt.encode({"alg": "ES256", "kid": "idp-1"}, {"iss": "https://idp.example", "sub": "a", "exp": now - 61}, KEY)
     assert request({"authorization": f"Bearer {expired}"}) == (401, "Jwt is expired")
+
+
+@pytest.mark.parametrize(("policies", "allowed", "reason"), [
+    pytest.param("", True, "no ALLOW or DENY policy applies", id="nothing-applies"),
+    pytest.param(src("principals", "[cluster.local/ns/shop/sa/frontend]"), True, "principals[0]", id="l4-allow"),
+    pytest.param(src("principals", "[cluster.local/ns/shop/sa/other]"), False, "none matched", id="l4-deny"),
+    pytest.param(op("methods", "[GET]"), False, "not HTTP, and rules that need HTTP apply (shop/p rule 0)", id="l7-rule"),
+    pytest.param(op("methods", "[GET]", "DENY"), False, "rules that need HTTP apply", id="l7-deny-rule"),
+    pytest.param(request_authn("jwt", "shop", "", "https://idp.example"), False, "shop/jwt jwtRules[0]", id="jwt"),
+    pytest.param(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: shop}\n"
+        "spec:\n  action: CUSTOM\n  provider: {name: authz}\n  rules:\n  - to:\n    - operation: {ports: ['8080']}\n",
+        False, "CUSTOM shop/ext rule 0 matched: its provider authz judges requests only", id="custom"),
+])
+def test_authorize_opaque(policies: str, allowed: bool, reason: str) -> None:
+    snap = build_snapshot(build_state(load_documents(CLUSTER + policies)), "node-a")
+    assert not snap.errors, snap.errors
+    wl = snap.workload("shop/web")
+    assert wl is not None
+    facts = ConnectionFacts("10.9.0.1", SpiffeId("cluster.local", "shop", "frontend"), wl, 8080, True)
+    d = authorize_opaque(facts, snap.policies, providers=("authz",))
+    assert d.allowed is allowed, d
+    assert reason in d.reason, d
