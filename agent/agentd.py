@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from agent.feed import FeedServer
 from agent.flowjoin import DROP_POLICY, join_flows
 from agent.flows import FlowTable
 from agent.history import (
+    CLOSED_STATES,
     DropFolder,
     Filter,
     FlowHistory,
@@ -75,6 +77,8 @@ from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource
 from ambit.tasks import TaskSet
 from ambit.wire.snapshot import encode_snapshot
+
+CLOSED_KEPT = 256  # the ztunnel's newest closed records /flows shows
 
 log = logging.getLogger("ambit.agent")
 
@@ -155,6 +159,11 @@ class Agent:
     feed: FeedServer | None = None
     history: FlowHistory | None = None
     _ztunnel_cursor: ZtunnelCursor = field(default_factory=ZtunnelCursor)
+    # The ztunnel's closed records taken so far (`closed_after`, per ztunnel instance), and the
+    # newest of them for /flows (the ztunnel sends each closed record once).
+    _ztunnel_instance: str = ""
+    _closed_after: int = 0
+    _closed: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=CLOSED_KEPT))
     _request_cursors: dict[str, RequestCursor] = field(default_factory=dict)  # by waypoint pod IP
     _request_seeds: dict[str, int] = field(default_factory=dict)  # waypoint instance -> last seq written
     _drops: DropFolder = field(default_factory=DropFolder)
@@ -413,11 +422,10 @@ class Agent:
                     self.ztunnel_ready = (status == 200, "" if status == 200 else str(info.get("reason", ready)))
                     self.ztunnel_serving = status == 200 or bool(info.get("serving"))
                     self.ztunnel_waiting = frozenset(str(i) for i in info.get("waiting_for_certificates") or ())
-                status, conns = await get_json(host, port, "/connections")
-                if status == 200:
-                    items = conns.get("items", conns) if isinstance(conns, dict) else conns
-                    self.ztunnel_conns = [c for c in items if isinstance(c, dict)]
-                    pause = self._record_closed(self.ztunnel_conns, pause)
+                status, conns = await get_json(host, port, f"/connections?closed_after={self._closed_after}")
+                if status == 200 and isinstance(conns, dict):
+                    items = [c for c in conns.get("items") or () if isinstance(c, dict)]
+                    pause = self._take_connections(conns, items, pause)
             except (OSError, ValueError, TimeoutError) as e:
                 self.ztunnel_ready = (False, f"ztunnel admin {host}:{port} unreachable: {e}")
                 self.ztunnel_serving = False
@@ -447,9 +455,25 @@ class Agent:
             return None
         return {"labels": dict(w.labels), "services": list(w.services), "waypoint": w.waypoint}
 
+    def _take_connections(self, reply: dict[str, Any], items: list[dict[str, Any]], pause: float) -> float:
+        """The ztunnel's live records and those closed since the last look: /flows shows the live
+        ones and the newest closed; the history gets each closed one once. Returns the pause
+        before the next look."""
+        instance = str(reply.get("instance") or "")
+        if instance != self._ztunnel_instance:  # a (re)started ztunnel numbers from 1 again
+            self._ztunnel_instance, self._closed_after = instance, 0
+            self._closed.clear()
+        last = reply.get("closed_last")
+        closed = [c for c in items if c.get("state") in CLOSED_STATES]
+        if isinstance(last, int):
+            self._closed_after = last
+        self._closed.extend(closed)
+        self.ztunnel_conns = [*(c for c in items if c.get("state") not in CLOSED_STATES), *self._closed]
+        return self._record_closed(items, pause)
+
     def _record_closed(self, conns: list[dict[str, Any]], pause: float) -> float:
         """Write the ztunnel's newly closed connections to the history; the pause before the next
-        look: short enough, at the rate they close, that its ring of closed records (256) does
+        look: short enough, at the rate they close, that its ring of closed records (2048) does
         not turn over in between (50 ms after a miss; up to 1 s when quiet)."""
         if self.history is None:
             return 1.0
@@ -461,7 +485,7 @@ class Agent:
             return 0.05
         rate = len(new) / max(pause, 0.05)
         # back to the quiet pace gradually: traffic that paused for a moment comes back at its rate
-        return min(1.0, max(0.05, 64 / rate) if rate else 1.0, pause * 1.5)
+        return min(1.0, max(0.05, 512 / rate) if rate else 1.0, pause * 1.5)
 
     def _record_drops(self, events: list[Any]) -> None:
         assert self.history is not None
@@ -477,11 +501,18 @@ class Agent:
             for ev in drops if self._drops.first(ev.kind, ev.src, ev.sport, ev.dst, ev.dport, now))
 
     def _local_waypoints(self) -> list[str]:
-        """The addresses of the waypoint pods that run on this node."""
+        """The addresses of the pods on this node that report the requests they decide: the
+        waypoints', and the ingress gateways' (pods of an ambit-ingress Gateway, running as its
+        service account)."""
         if self.snapshot is None:
             return []
         local = {p.ip for p in self._pods.values() if p.ip}
-        return sorted({a for wp in self.snapshot.waypoints.values() for a in wp.addresses if a in local})
+        out = {a for wp in self.snapshot.waypoints.values() for a in wp.addresses if a in local}
+        state = self._state
+        if state is not None:
+            out |= {p.ip for gw in state.gateways.values() if gw.is_ingress for p in state.gateway_pods(gw)
+                    if p.ip in local and p.service_account == gw.meta.name and p.phase == "Running"}
+        return sorted(out)
 
     async def _watch_waypoints(self) -> None:
         """Collect the requests the node's waypoints decided (each once) into the history."""

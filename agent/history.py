@@ -71,7 +71,7 @@ _ZTUNNEL_FIELDS = frozenset({
 _REQUEST_FIELDS = frozenset({
     "time", "method", "authority", "path", "status", "decision", "policy", "rule", "reason", "client_ip",
     "src_workload", "src_identity", "dst_workload", "dst_identity", "dst_service", "waypoint", "trace_id",
-    "bytes_received", "bytes_sent", "seq", "dst_port", "duration_ms",
+    "bytes_received", "bytes_sent", "seq", "dst_port", "duration_ms", "protocol",
 })
 
 
@@ -149,7 +149,7 @@ def request_row(rec: Mapping[str, Any], node: str, instance: str, meta_of: MetaO
     return {
         "kind": "request", "node": node,
         "t_start": t_end - (float(dur) / 1000 if isinstance(dur, int | float) else 0.0), "t_end": t_end,
-        "direction": "inbound", "route": "waypoint",
+        "direction": "inbound", "route": _request_route(rec),
         "src_ip": rec.get("client_ip") or None, "src_port": None,
         "src_workload": rec.get("src_workload"), "src_identity": rec.get("src_identity"),
         "dst_ip": None, "dst_port": rec.get("dst_port") if isinstance(rec.get("dst_port"), int) else port,
@@ -163,6 +163,14 @@ def request_row(rec: Mapping[str, Any], node: str, instance: str, meta_of: MetaO
         "dst_meta": _meta_json(meta_of, rec.get("dst_workload")),
         "extra": _extra(rec, _REQUEST_FIELDS), "rkey": f"{instance}:{rec.get('seq')}",
     }
+
+
+def _request_route(rec: Mapping[str, Any]) -> str:
+    """Where a request was decided: at an ingress gateway, or at a waypoint (opaque TCP through a
+    waypoint is judged as a whole connection, `authorize_opaque`)."""
+    if rec.get("gateway"):
+        return "gateway"
+    return "waypoint_tcp" if rec.get("protocol") == "tcp" else "waypoint"
 
 
 def drop_row(kind: str, src: str, sport: int, dst: str, dport: int, node: str, now: float,

@@ -339,7 +339,8 @@ def request_rows(requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "source": r.get("src_workload") or r.get("client_ip"),
         "via": r.get("waypoint") or (f"gateway {r['gateway']}" if r.get("gateway") else None),
         "destination": r.get("dst_service") or r.get("dst_workload"),
-        "request": f"{r.get('method')} {r.get('path')}",
+        "request": (f"{r.get('method')} {r.get('path')}" if r.get("protocol") != "tcp"
+                    else f"TCP :{r.get('dst_port')} (not HTTP)"),
         "status": r.get("status"),
         "verdict": r.get("decision"),
         "policy": with_dry_run(f"{r['policy']} rule {r['rule']}" if r.get("policy") and r.get("rule") is not None

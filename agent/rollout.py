@@ -199,7 +199,10 @@ HISTORY_COLUMNS = [
 def history_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in items:
-        if r.get("kind") == "request":
+        extra = r.get("extra") or {}
+        if r.get("kind") == "request" and r.get("route") == "waypoint_tcp":
+            request = "TCP (not HTTP)"
+        elif r.get("kind") == "request":
             request = f"{r.get('method')} {r.get('path')} -> {r.get('status')}"
         elif r.get("kind") == "drop":
             request = "(dropped by the kernel)"
@@ -217,8 +220,9 @@ def history_rows(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "source_identity": r.get("src_identity"),
             "destination": r.get("dst_workload") or r.get("dst_ip"),
             "port": r.get("dst_port"), "request": request,
-            "via": f"waypoint {r['waypoint']}" if r.get("waypoint") else None,
-            "verdict": r.get("verdict"), "policy": with_dry_run(policy, (r.get("extra") or {}).get("dry_run")),
+            "via": (f"waypoint {r['waypoint']}" if r.get("waypoint")
+                    else f"gateway {extra.get('gateway')}" if r.get("route") == "gateway" else None),
+            "verdict": r.get("verdict"), "policy": with_dry_run(policy, extra.get("dry_run")),
             "sent": human_bytes(r.get("bytes_sent")), "received": human_bytes(r.get("bytes_received")),
             "duration": f"{dur * 1000:.0f}ms" if 0 < dur < 1 else (human_age(dur) if dur else "-"),
         })

@@ -565,8 +565,8 @@ class Session:
         gw.recent.append({
             "time": time.time(), "method": rf.method, "authority": rf.authority, "path": rf.path,
             "status": rf.status, "decision": rf.decision, "policy": rf.policy, "rule": rf.rule,
-            "reason": rf.reason, "client_ip": rf.client_ip, "src_workload": None,
-            "src_identity": rf.request_principal, "dst_workload": rf.destination_workload,
+            "reason": rf.reason, "client_ip": rf.client_ip, "src_workload": None, "src_identity": None,
+            "request_principal": rf.request_principal, "dst_workload": rf.destination_workload,
             "dst_service": rf.destination_service, "gateway": gw.config.uid, "trace_id": rf.trace_id,
             "route": rf.extra.get("route"), "rejection": rf.extra.get("rejection"),
             "bytes_received": rf.request_bytes, "bytes_sent": rf.response_bytes,

@@ -1,8 +1,9 @@
 """The ztunnel's connection table: one record per proxied (or refused) TCP connection.
 
 Live records are visible at the admin `/connections`; a closed record moves to a
-bounded ring of recent ones, and is reported once to the metrics and the access
-log. Byte counters are plain ints bumped by the copy path; metrics read them in
+bounded ring of recent ones, numbered in the order they closed (`closed_seq`, so
+the node agent takes each once with `/connections?closed_after=N`), and is
+reported once to the metrics and the access log. Byte counters are plain ints bumped by the copy path; metrics read them in
 batches (on close and on a periodic flush), never per chunk.
 """
 
@@ -84,6 +85,7 @@ class ConnRecord:
     started_wall: float = field(default_factory=time.time)
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    closed_seq: int = 0  # the order it closed in (0: still live)
     # counters already reported to metrics (batched deltas)
     reported_received: int = 0
     reported_sent: int = 0
@@ -122,6 +124,7 @@ class ConnRecord:
             "bytes_sent": self.counters.sent,
             "age_s": round(self.duration, 3),
             "started_at": round(self.started_wall, 3),
+            "closed_seq": self.closed_seq or None,
         }
 
 
@@ -131,10 +134,11 @@ Listener = Callable[[ConnRecord], None]
 class ConnectionTable:
     """Live records plus a ring of recently closed ones; notifies observers on open/close."""
 
-    def __init__(self, recent: int = 256) -> None:
+    def __init__(self, recent: int = 2048) -> None:
         self._ids = itertools.count(1)
         self.live: dict[int, ConnRecord] = {}
         self.recent: deque[ConnRecord] = deque(maxlen=recent)
+        self.closed = 0  # records closed so far (the last `closed_seq`)
         self.on_open: list[Listener] = []
         self.on_close: list[Listener] = []
 
@@ -160,9 +164,13 @@ class ConnectionTable:
                 rec.response_flags = ResponseFlag.UPSTREAM_FAILURE
         else:
             rec.state = "closed"
+        self.closed += 1
+        rec.closed_seq = self.closed
         self.recent.append(rec)
         for f in self.on_close:
             f(rec)
 
-    def snapshot(self) -> list[dict[str, Any]]:
-        return [r.to_json() for r in (*self.live.values(), *self.recent)]
+    def snapshot(self, closed_after: int = 0) -> list[dict[str, Any]]:
+        """The live records and the closed ones numbered past `closed_after`."""
+        closed = (r for r in self.recent if r.closed_seq > closed_after) if closed_after else self.recent
+        return [r.to_json() for r in (*self.live.values(), *closed)]

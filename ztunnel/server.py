@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -53,6 +54,7 @@ class Ztunnel:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.instance = secrets.token_hex(8)  # a restarted ztunnel numbers its records from 1 again
         self.store = StateStore(config.node, trust_domain=config.trust_domain,
                                 root_namespace=config.root_namespace)
         self._state_source = state_source
@@ -369,8 +371,17 @@ class Ztunnel:
         return Response.json({"items": self.certs.status() if self.certs else []})
 
     def _connections(self, method: str, query: dict[str, str]) -> Response:
+        """Live records and recently closed ones (`?closed_after=N`: only those that closed after
+        the N-th; `closed_last` is the newest number, `closed_first` the oldest still kept)."""
         assert self.ctx is not None and self.pool is not None
-        return Response.json({"items": self.ctx.conns.snapshot(), "pool": self.pool.stats_json()})
+        try:
+            after = int(query.get("closed_after", "0"))
+        except ValueError:
+            return Response.json({"error": "use ?closed_after=N (the last closed_seq taken)"}, 400)
+        conns = self.ctx.conns
+        return Response.json({"items": conns.snapshot(after), "pool": self.pool.stats_json(),
+                              "instance": self.instance, "closed_last": conns.closed,
+                              "closed_first": conns.recent[0].closed_seq if conns.recent else conns.closed + 1})
 
     def _quit(self, method: str, query: dict[str, str]) -> Response:
         self.request_stop()

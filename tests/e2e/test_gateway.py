@@ -214,6 +214,14 @@ def test_from_a_disallowed_network_is_403(cluster: Cluster) -> None:
     assert denied and denied[-1]["policy"] == "edge/edge-networks", edge[-3:]
     out = c.cli("flows", "--node", "node-a").stdout
     assert "gateway edge/ingress" in out
+    # and the node's flow history keeps them: the agent collects the gateway pod's /requests too
+    def in_history() -> bool:
+        rows = c.cli_json("flows", "--node", "node-a", "--since", "10m", "--verdict", "deny").get("items") or []
+        return any(r.get("route") == "gateway" and r.get("src_ip") == c.ip("internet/stranger") for r in rows)
+
+    poll(in_history, 20, "the gateway's denial in node-a's flow history", interval=1)
+    hist = c.cli("flows", "--node", "node-a", "--since", "10m").stdout
+    assert "gateway edge/ingress" in hist
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:

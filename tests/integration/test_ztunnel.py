@@ -93,6 +93,12 @@ async def test_tunnel_both_ways_with_half_close_and_pool_reuse(mesh: Mesh) -> No
     assert all(c["mtls"] and c["src_identity"] == "spiffe://cluster.local/ns/shop/sa/client" for c in inbound)
     assert all(c["client_ip"] == mesh.pods["shop/client"] and c["src_workload"] == "shop/client" for c in inbound)
     assert sorted(c["bytes_received"] for c in inbound) == [25600 * (i + 1) for i in range(5)]
+    # closed records are numbered as they close: a reader takes each once with ?closed_after=N
+    seqs = sorted(c["closed_seq"] for c in inbound)
+    assert b["closed_last"] >= seqs[-1] and len(set(seqs)) == 5
+    later = await admin(mesh, "node-b", f"/connections?closed_after={seqs[2]}")
+    assert sorted(c["closed_seq"] for c in later["items"] if c["direction"] == "inbound") == seqs[3:]
+    assert later["instance"] == b["instance"]
     log_lines = (mesh.root / "access-node-b.log").read_text().splitlines()
     entry = json.loads(log_lines[-1])
     assert entry["decision"] == "allow" and entry["dst_workload"] == "shop/server"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -323,6 +324,30 @@ def test_judge_requests_at_the_waypoint() -> None:
     assert not isinstance(no, str) and not no.allowed
     assert judge(req("pay/orders", "", "/x"), snap) == "malformed requests (refused before any policy)"
     assert "RequestAuthentication" in str(judge(req("pay/orders", "GET", "/x", "deny", status=401), snap))
+
+
+def test_opaque_tcp_through_a_waypoint_is_judged_as_the_waypoint_does() -> None:
+    tcp = replace(req("pay/orders", "", ""), route="waypoint_tcp", host=None, path=None)
+    assert tcp.what == "port 8080"
+    d = judge(tcp, snap_of(PAYMENT_L7))  # rules that need HTTP apply: the whole connection is denied
+    assert not isinstance(d, str) and not d.allowed and "not HTTP" in d.reason
+    only_l4 = PAYMENT_L7.replace("    to: [{operation: {methods: [POST, GET], paths: [/api/v1/charges, "
+                                 "/api/v1/charges/*]}}]\n", "")
+    d = judge(tcp, snap_of(only_l4))
+    assert not isinstance(d, str) and d.allowed and d.policy == "pay/charges-from-orders"
+    row = request_row({"seq": 1, "protocol": "tcp", "method": "", "path": "", "dst_port": 8080}, "node-a", "i")
+    assert row["route"] == "waypoint_tcp" and row["method"] is None and row["extra"] is None
+
+
+def test_an_ingress_gateways_request_is_kept_but_not_replayed() -> None:
+    rec = {"seq": 2, "method": "GET", "path": "/api", "status": 403, "decision": "deny", "gateway": "edge/ingress",
+           "client_ip": "192.0.2.9", "request_principal": "https://iss/dan", "dst_workload": "pay/payment",
+           "dst_port": 8080}
+    row = request_row(rec, "node-a", "g")
+    assert row["route"] == "gateway" and row["waypoint"] is None and row["src_identity"] is None
+    assert json.loads(row["extra"])["gateway"] == "edge/ingress"
+    obs = replace(req("pay/orders", "GET", "/api"), route="gateway", waypoint=None)
+    assert "ingress gateway" in str(judge(obs, snap_of(PAYMENT_L7)))
 
 
 def test_a_gone_pod_is_judged_by_what_the_history_kept_of_it() -> None:
