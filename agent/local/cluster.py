@@ -271,9 +271,9 @@ def down(state_dir: Path) -> list[str]:
     if nodes_dir.is_dir():
         for cred in nodes_dir.glob("*/credential"):
             shutil.rmtree(cred, ignore_errors=True)
-    # the last good policies belong to this cluster: a new one in the same dir starts clean
-    # (logs stay for a post-mortem)
-    for kept in (*state_dir.glob("nodes/*/last-good-policies.json"),
+    # the last good policies and the flow history belong to this cluster (only its agents read
+    # the history): a new one in the same dir starts clean (logs stay for a post-mortem)
+    for kept in (*state_dir.glob("nodes/*/last-good-policies.json"), *state_dir.glob("nodes/*/flows.db*"),
                  *state_dir.glob("waypoints/*/last-good-policies.json"),
                  *state_dir.glob("gateways/*/last-good-policies.json")):
         kept.unlink(missing_ok=True)

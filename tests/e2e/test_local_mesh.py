@@ -405,8 +405,11 @@ def test_down_leaves_nothing(mesh: Cluster) -> None:
             recorded[f.name] = (int(pid_s), start)
     assert {"supervisor.pid", "node-a.agent.pid", "node-b.ztunnel.pid", "pod.mesh.server.pid"} <= set(recorded)
     assert leftovers(cid, cgroup_root), "nothing to look for: the cluster's names are wrong"
+    assert list(c.state.glob("nodes/*/flows.db")), "the agents keep no flow history: nothing to look for"
     c.local("down", timeout=120)
     assert leftovers(cid, cgroup_root) == []
+    # the cluster's own state goes with it (a new cluster in this dir starts clean); logs stay
+    assert not [*c.state.glob("nodes/*/flows.db*"), *c.state.glob("*/*/last-good-policies.json")]
     alive = {n: pid for n, (pid, start) in recorded.items() if same_process_runs(pid, start)}
     assert not alive, f"processes of the cluster survived down: {alive}"
     assert root_net() == c.root_before, "the machine's own addresses or routes changed"
