@@ -30,7 +30,7 @@ SECURITY=${AMBIT_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 DISK_GIB=4
 PACKAGES=(
   linux-image-amd64 linux-headers-amd64 initramfs-tools
-  systemd-sysv udev kmod dbus procps iproute2 netbase
+  systemd-sysv udev kmod procps iproute2 netbase
   openssh-server sudo rsync
   python3 python3-venv python3-bpfcc tcpdump
 )
@@ -72,8 +72,8 @@ EOF
   chroot "$root" systemctl enable -q systemd-networkd
   # Nothing on a schedule and nothing waited for: these VMs live for minutes.
   chroot "$root" systemctl mask -q systemd-networkd-wait-online.service apt-daily.timer \
-    apt-daily-upgrade.timer e2scrub_all.timer fstrim.timer logrotate.timer man-db.timer \
-    dpkg-db-backup.timer systemd-tmpfiles-clean.timer 2>/dev/null || true
+    apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service fstrim.timer logrotate.timer \
+    man-db.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer systemd-logind.service 2>/dev/null || true
   # Vagrant's user: key-only ssh, passwordless sudo.
   chroot "$root" useradd -m -s /bin/bash vagrant
   install -d -m 0700 -o 1000 -g 1000 "$root/home/vagrant/.ssh"
@@ -156,7 +156,9 @@ build() {
   log "ext4 image (${DISK_GIB} GiB, sparse) -> qcow2"
   mkfs.ext4 -q -F -L ambit-root -d "$work/root" "$work/root.raw" "${DISK_GIB}G" >/dev/null
   rm -rf "$work/root"
-  qemu-img convert -f raw -O qcow2 "$work/root.raw" "$work/box.img"
+  # Compressed: the box is copied twice per run (vagrant box add, then into libvirt's pool);
+  # qemu decompresses on the host, natively, even when the guest is emulated.
+  qemu-img convert -f raw -O qcow2 -c -o compression_type=zstd "$work/root.raw" "$work/box.img"
   rm -f "$work/root.raw"
   printf '{"provider": "libvirt", "format": "qcow2", "virtual_size": %d}\n' "$DISK_GIB" >"$work/metadata.json"
   cat >"$work/Vagrantfile" <<EOF

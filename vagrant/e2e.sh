@@ -278,26 +278,33 @@ offline() {
   sleep 1
   out=$(on node-b python3 "$echo" call "$ipa" 9999 "$canary" 20) || fail "canary between the VMs: $out"
 
-  local fa fb
-  fa="$RUN/flows-a.json" fb="$RUN/flows-b.json"
-  for _ in $(seq 1 10); do
-    on node-a sudo ambit flows -o json >"$fa" & local pa=$!
-    on node-b sudo ambit flows -o json >"$fb" & local pb=$!
-    wait "$pa" && wait "$pb" && flows_checks "$fa" "$fb" >/dev/null 2>&1 && break
+  # The CLI on both VMs at once: each VM's flows (JSON for the checks, and the table) and status.
+  local fa="$RUN/flows-node-a.json" fb="$RUN/flows-node-b.json" pids=() sa sb
+  on node-a sudo ambit flows -o json >"$fa" 2>&1 &
+  pids+=($!)
+  on node-b sudo ambit flows -o json >"$fb" 2>&1 &
+  pids+=($!)
+  on node-a sudo ambit flows >"$RUN/flows-node-a.txt" 2>&1 &
+  pids+=($!)
+  on node-a sudo ambit status >"$RUN/status-node-a.txt" 2>&1 &
+  sa=$!
+  on node-b sudo ambit status >"$RUN/status-node-b.txt" 2>&1 &
+  sb=$!
+  wait "$sa" || { cat "$RUN/status-node-a.txt"; fail "ambit status on node-a"; }
+  wait "$sb" || { cat "$RUN/status-node-b.txt"; fail "ambit status on node-b"; }
+  wait "${pids[@]}" || true  # judged below
+  for _ in $(seq 1 5); do
+    flows_checks "$fa" "$fb" >/dev/null 2>&1 && break
     sleep 2
+    on node-a sudo ambit flows -o json >"$fa" 2>&1
+    on node-b sudo ambit flows -o json >"$fb" 2>&1
   done
-  flows_checks "$fa" "$fb" || fail "ambit flows"
-  on node-a sudo ambit flows >"$RUN/flows-a.txt" 2>&1 &
-  local pf=$!
-  local st
+  flows_checks "$fa" "$fb" || fail "ambit flows (node-a: $(head -c 2000 "$fa"))"
+  log "ambit flows on node-a:"; cat "$RUN/flows-node-a.txt"
   for n in node-a node-b; do
-    on "$n" sudo ambit status >"$RUN/status-$n.txt" 2>&1 || { cat "$RUN/status-$n.txt"; fail "ambit status on $n"; }
+    log "ambit status on $n:"; cat "$RUN/status-$n.txt"
+    grep -q "ztunnel: ready" "$RUN/status-$n.txt" || fail "$n's ztunnel is not ready"
   done
-  wait "$pf" || true
-  log "ambit flows on node-a:"; cat "$RUN/flows-a.txt"
-  for n in node-a node-b; do log "ambit status on $n:"; cat "$RUN/status-$n.txt"; done
-  st=$(cat "$RUN/status-node-b.txt")
-  grep -q "ztunnel: ready" <<<"$st" || fail "node-b's ztunnel is not ready"
 
   kill "$TCPDUMP_PID" 2>/dev/null; wait "$TCPDUMP_PID" 2>/dev/null || true
   TCPDUMP_PID=""

@@ -86,7 +86,7 @@ while time.monotonic() < deadline:
         last = json.dumps(st)[:600]
     except OSError as e:
         last = str(e)
-    time.sleep(1)
+    time.sleep(2)
 sys.exit(f"not ready in time; last: {last}")
 EOF
 }
@@ -112,13 +112,23 @@ cmd_up() {
   # cgroup), as daemonset/daemonset.yaml does: it holds across restarts of the ztunnel's unit.
   unit agent "$AMBIT" agent run --node "$NODE" --cluster "local:$STATE/cluster" --runtime "local:$STATE" \
     --bpf-dir "$BPF_DIR" --state-feed "$feed" --state-dir "$STATE/nodes/$NODE" --ztunnel-cgroup "$CGROOT"
-  unit ztunnel "$AMBIT" ztunnel run --node "$NODE" --state-feed "$feed" --ca "$CA_ADDR:15012" \
-    --credential-dir "$STATE/nodes/$NODE/credential" --outbound "$GW:15001" --inbound-plaintext "$GW:15006" \
-    --access-log "$LOGS/access.log"
   local ns name ip cmd
   while IFS=$'\t' read -r ns name ip cmd; do
     [ -n "$ns" ] && pod_up "$ns" "$name" "$ip" "$cmd"
   done <"$STATE/pods"
+  # The ztunnel follows the agent's feed, which is served once the agent has compiled and loaded
+  # its eBPF programs: start it then, rather than let it exit and restart meanwhile (on one
+  # emulated vCPU, each start of a Python process costs seconds the agent needs).
+  local i
+  for ((i = 0; i < 600; i++)); do
+    [ -S "$feed" ] && break
+    systemctl -q is-failed ambit-agent && { cmd_logs >&2; die "the agent failed"; }
+    sleep 1
+  done
+  echo "agent serving its feed after $((SECONDS - t0))s"
+  unit ztunnel "$AMBIT" ztunnel run --node "$NODE" --state-feed "$feed" --ca "$CA_ADDR:15012" \
+    --credential-dir "$STATE/nodes/$NODE/credential" --outbound "$GW:15001" --inbound-plaintext "$GW:15006" \
+    --access-log "$LOGS/access.log"
   if ! wait_ready 300; then
     cmd_logs >&2
     die "node $NODE did not become ready"
