@@ -11,6 +11,15 @@ that cannot be reached, or does not answer within its `timeout`, denies with
 FILE` (Istio's mesh config, or the `istio` ConfigMap holding it) and from
 `--extension-provider NAME=http://HOST:PORT/PREFIX` or `NAME=grpc://HOST:PORT`.
 
+What a provider is told is what the application will get: the normalized origin-form
+target (the path policy matched, and the query), never the raw request-target. Building
+the check request cannot be made to fail by a client (header values travel as the bytes
+received); `failOpen` covers only the provider itself failing (no connection, no answer
+in time, an answer that is not HTTP or not a CheckResponse, gRPC UNAVAILABLE or
+DEADLINE_EXCEEDED); any other error denies, with `statusOnError`. The names a provider
+may set on the forwarded request (`headersToUpstreamOnAllow`) are always removed from the
+client's request, so a client cannot send them itself when the provider leaves one out.
+
 `service` is a host: `<name>.<namespace>.svc[.cluster.local]` is looked up in the
 waypoint's cluster state and dialed at one of that Service's endpoints (there is no
 kube-proxy in the local cluster); anything else is an address or a DNS name. The call
@@ -25,10 +34,11 @@ The provider configuration and both wire formats are pure (`parse_*`, `http_chec
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -36,18 +46,25 @@ import h11
 import yaml
 
 from waypoint import WaypointError
+from waypoint.exchange import Request
 from waypoint.headers import HOP_BY_HOP
 
 DEFAULT_TIMEOUT = 600.0  # Istio's default for both kinds
 ALWAYS_SENT = ("host", "authorization")  # besides :method and :path, as Envoy sends them
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+log = logging.getLogger("ambit.waypoint.extauthz")
 GRPC_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 MAX_BODY = 64 * 1024  # of a provider's answer, kept for the denied client
 
 
 class ProviderError(WaypointError):
     """An extension provider's configuration is invalid; names the provider and the field."""
+
+
+class ProviderUnavailable(WaypointError):
+    """The provider itself failed: no connection, no answer in time, a malformed answer.
+    The only failure `failOpen` lets a request through on."""
 
 
 @dataclass(frozen=True)
@@ -196,7 +213,7 @@ class CheckRequest:
     """What the waypoint tells a provider about one request."""
 
     method: str
-    target: str  # path and query, as received
+    target: str  # origin-form: the normalized path (what policy matched and the app gets) and the query
     host: str
     scheme: str
     protocol: str  # HTTP/1.1, HTTP/2
@@ -206,6 +223,16 @@ class CheckRequest:
     destination_ip: str
     destination_port: int
     destination_principal: str | None
+
+    @classmethod
+    def of(cls, req: Request, *, source_ip: str, source_principal: str | None, destination_ip: str,
+           destination_port: int, destination_principal: str | None) -> CheckRequest:
+        """What to tell a provider about `req`: its normalized target, never the raw one (which
+        `/public/../admin` or an absolute-form URL would make differ from what is forwarded)."""
+        target = req.path if req.query is None else f"{req.path}?{req.query}"
+        return cls(req.method, target, req.authority, req.scheme, req.protocol,
+                   [(n.lower(), v) for n, v in req.headers], source_ip, source_principal,
+                   destination_ip, destination_port, destination_principal)
 
 
 @dataclass(frozen=True)
@@ -232,15 +259,31 @@ def _keep(headers: Iterable[tuple[str, str]], names: Sequence[str]) -> tuple[tup
                  if n not in _NOT_FORWARDED and not n.startswith(":") and (not wanted or n in wanted))
 
 
+def _raw(text: str) -> bytes:
+    """A field as the bytes received: `Request` values are UTF-8 decoded with surrogateescape,
+    so this gives back exactly what the client sent (obs-text included) and never fails."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
+
+
+def _utf8(text: str) -> bytes:
+    """A protobuf `string`: valid UTF-8 always (bytes that are not become U+FFFD, as Envoy
+    sanitizes header values for its CheckRequest)."""
+    return _raw(text).decode("utf-8", "replace").encode("utf-8")
+
+
 def http_check_request(p: Provider, req: CheckRequest) -> h11.Request:
     """Envoy's HTTP authorization request: the same method, the path under the prefix, Host,
-    Authorization and the configured headers, and no body."""
+    Authorization and the configured headers, and no body. Fields are bytes (as received);
+    h11 still refuses what cannot be framed (a CR, LF or NUL), which the caller denies."""
     allowed = set(ALWAYS_SENT) | set(p.include_request_headers)
-    headers = [("host", req.host or f"{p.host}:{p.port}")]
-    headers += [(n, v) for n, v in req.headers if n in allowed and n != "host"]
-    headers += list(p.include_additional_headers)
-    headers += [("content-length", "0"), ("connection", "close")]
-    return h11.Request(method=req.method, target=p.path_prefix + req.target, headers=headers)
+    headers = [(b"host", _raw(req.host or f"{p.host}:{p.port}"))]
+    headers += [(_raw(n), _raw(v)) for n, v in req.headers if n in allowed and n != "host"]
+    headers += [(_raw(n), _raw(v)) for n, v in p.include_additional_headers]
+    headers += [(b"content-length", b"0"), (b"connection", b"close")]
+    return h11.Request(method=_raw(req.method), target=_raw(p.path_prefix + req.target), headers=headers)
 
 
 def http_check_result(p: Provider, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> CheckResult:
@@ -281,7 +324,7 @@ def _bytes_field(number: int, value: bytes) -> bytes:
 
 
 def _str_field(number: int, value: str) -> bytes:
-    return _bytes_field(number, value.encode("utf-8", "surrogateescape")) if value else b""
+    return _bytes_field(number, _utf8(value)) if value else b""
 
 
 def _int_field(number: int, value: int) -> bytes:
@@ -424,30 +467,62 @@ class ExtAuthz:
         return frozenset(self.providers)
 
     async def check(self, name: str, req: CheckRequest) -> CheckResult:
-        """Ask provider `name`; a failure or a timeout is `statusOnError` (or allowed when failOpen)."""
+        """Ask provider `name`. The provider failing (`ProviderUnavailable`: no connection, a
+        timeout, a malformed answer) is `statusOnError`, or allowed when failOpen; any other
+        error (building the check request, a bug) denies: a client must not be able to turn
+        its own request into "the provider is down"."""
         p = self.providers[name]
+        try:
+            if p.kind == "http":
+                wire = h11.Connection(h11.CLIENT)
+                message = wire.send(http_check_request(p, req)) + wire.send(h11.EndOfMessage())
+            else:
+                message = grpc_check_request(req)
+        except Exception as e:  # whatever it is, it is ours, not the provider's
+            return CheckResult(False, 0, f"provider {p.name} not asked: cannot build the check request "
+                               f"({type(e).__name__}: {e})", p.status_on_error,
+                               b"RBAC: access denied (the request cannot be checked)")
         try:
             async with asyncio.timeout(p.timeout):
                 if p.kind == "http":
-                    return await self._http(p, req)
-                return await self._grpc(p, req)
-        except (OSError, TimeoutError, ValueError, h11.ProtocolError, WaypointError) as e:
+                    result = await self._http(p, wire, message)
+                else:
+                    result = await self._grpc(p, message)
+        except (OSError, TimeoutError, ProviderUnavailable) as e:
             why = "timed out" if isinstance(e, TimeoutError) else f"failed: {e or type(e).__name__}"
             if p.fail_open:
-                return CheckResult(True, 0, f"provider {p.name} {why}; failOpen lets the request through")
+                return CheckResult(True, 0, f"provider {p.name} {why}; failOpen lets the request through",
+                                   remove_headers=p.headers_to_upstream_on_allow)
             return CheckResult(False, 0, f"provider {p.name} {why}", p.status_on_error,
                                b"RBAC: access denied (the external authorizer did not answer)")
+        except Exception as e:  # a local error denies, failOpen or not
+            log.exception("extension provider %s: local error", p.name)
+            return CheckResult(False, 0, f"provider {p.name}: local error ({type(e).__name__}: {e})",
+                               p.status_on_error, b"RBAC: access denied (the request cannot be checked)")
+        if result.allowed and p.headers_to_upstream_on_allow:
+            # the names the provider may set are never the client's to send
+            gone = dict.fromkeys((*result.remove_headers, *p.headers_to_upstream_on_allow))
+            result = replace(result, remove_headers=tuple(gone))
+        return result
 
-    async def _http(self, p: Provider, req: CheckRequest) -> CheckResult:
-        host, port = self.resolve(p.host, p.port)
+    def _where(self, p: Provider) -> tuple[str, int]:
+        try:
+            return self.resolve(p.host, p.port)
+        except WaypointError as e:  # e.g. its Service has no endpoints: the provider is down
+            raise ProviderUnavailable(str(e)) from None
+
+    async def _http(self, p: Provider, conn: h11.Connection, message: bytes) -> CheckResult:
+        host, port = self._where(p)
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            conn = h11.Connection(h11.CLIENT)
-            writer.write(conn.send(http_check_request(p, req)) + conn.send(h11.EndOfMessage()))
+            writer.write(message)
             await writer.drain()
             status, headers, body = 0, [], bytearray()
             while True:
-                event = conn.next_event()
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as e:
+                    raise ProviderUnavailable(f"malformed answer: {e}") from None
                 if event is h11.NEED_DATA:
                     data = await reader.read(65536)
                     conn.receive_data(data)
@@ -461,25 +536,33 @@ class ExtAuthz:
                 elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                     break
             if not status:
-                raise ValueError("the provider closed the connection without answering")
+                raise ProviderUnavailable("the provider closed the connection without answering")
             return http_check_result(p, status, headers, bytes(body))
         finally:
             writer.close()
 
-    async def _grpc(self, p: Provider, req: CheckRequest) -> CheckResult:
+    async def _grpc(self, p: Provider, message: bytes) -> CheckResult:
         import grpc  # only a waypoint with a gRPC provider pays for grpc's import
 
-        host, port = self.resolve(p.host, p.port)
+        host, port = self._where(p)
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = grpc.aio.insecure_channel(target)
         call = channel.unary_unary(GRPC_METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         try:
-            response = await call(grpc_check_request(req))
+            response = await call(message)
         except grpc.aio.AioRpcError as e:
-            raise ValueError(f"gRPC {e.code().name}: {e.details()}") from None
-        return grpc_check_result(p, bytes(response))
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise ProviderUnavailable(f"gRPC {e.code().name}: {e.details()}") from None
+            # the provider answered with an error of its own (it could not read the request,
+            # does not implement Check...): not "down", so failOpen does not apply
+            return CheckResult(False, 0, f"provider {p.name} answered gRPC {e.code().name}: {e.details()}",
+                               p.status_on_error, b"RBAC: access denied (the external authorizer refused to check)")
+        try:
+            return grpc_check_result(p, bytes(response))
+        except ValueError as e:
+            raise ProviderUnavailable(f"malformed CheckResponse: {e}") from None
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -562,11 +562,9 @@ class _Session:
         """Ask each matching CUSTOM policy's provider (Istio asks them before its DENY and ALLOW
         policies; here they are asked only when those allow): any denial is the answer."""
         rf, t = context.facts, self.target
-        check = CheckRequest(
-            method=req.method, target=req.target, host=req.authority, scheme=req.scheme, protocol=req.protocol,
-            headers=[(n.lower(), v) for n, v in req.headers], source_ip=rf.client_ip,
-            source_principal=rf.source_principal, destination_ip=t.workload.ip, destination_port=t.port,
-            destination_principal=rf.destination_principal)
+        check = CheckRequest.of(req, source_ip=rf.client_ip, source_principal=rf.source_principal,
+                                destination_ip=t.workload.ip, destination_port=t.port,
+                                destination_principal=rf.destination_principal)
         asked: list[dict[str, Any]] = []
         rf.extra["ext_authz"] = asked
         to_client: list[tuple[str, str]] = []

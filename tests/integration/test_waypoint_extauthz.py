@@ -100,6 +100,15 @@ spec:
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
+metadata: {name: strict, namespace: pay}
+spec:
+  selector: {matchLabels: {app: charges}}
+  action: CUSTOM
+  provider: {name: http-authz-open}
+  rules: [{to: [{operation: {paths: ["/strict/*"]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
 metadata: {name: silent, namespace: pay}
 spec:
   selector: {matchLabels: {app: charges}}
@@ -138,12 +147,20 @@ extensionProviders:
     headersToUpstreamOnAllow: [x-authz-user]
     headersToDownstreamOnDeny: [x-why]
     timeout: 2s
+- name: http-authz-open
+  envoyExtAuthzHttp:
+    service: authz.pay.svc.cluster.local
+    port: "9000"
+    pathPrefix: /check
+    failOpen: true
+    timeout: 2s
 - name: grpc-authz
   envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_port}, timeout: 2s}}
 - name: down
   envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed_port}, statusOnError: "503", timeout: 1s}}
 - name: down-open
-  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed_port}, failOpen: true, timeout: 1s}}
+  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed_port}, failOpen: true, timeout: 1s,
+                      headersToUpstreamOnAllow: [x-authz-user]}}
 - name: tracing
   zipkin: {{service: zipkin.istio-system.svc.cluster.local, port: 9411}}
 """
@@ -324,6 +341,26 @@ async def test_http_authorizer_allows_and_denies(rig: Rig) -> None:
     text = await rig.metrics()
     assert 'ambit_waypoint_ext_authz_checks_total{provider="http-authz",result="deny"} 1.0' in text
     assert 'ambit_waypoint_ext_authz_checks_total{provider="http-authz",result="allow"} 1.0' in text
+
+
+async def test_the_provider_judges_what_the_app_gets(rig: Rig) -> None:
+    """Review 14: the provider was asked about the raw target (`/ext/public/../x`), a client's
+    obs-text header turned a reachable failOpen provider into "down", and a client could send
+    the headers only the provider is meant to set."""
+    c = await rig.client()
+    try:
+        ok = await c.request("GET", "/ext/public/../pay", headers=[("x-allow", "yes")])
+        assert ok.status == 200 and ok.json()["path"] == "/ext/pay"
+        assert rig.asked.http[-1][1] == "/check/ext/pay"  # what the app got, not the raw target
+        asked = len(rig.asked.http)
+        no = await c.request("GET", "/strict/x", headers=[("authorization", "Basic \u00e9".encode())])  # type: ignore[list-item]
+        assert no.status == 403 and len(rig.asked.http) == asked + 1  # asked, and it said no
+        assert rig.asked.http[-1][2]["authorization"] == "Basic \u00e9"  # the bytes as sent
+        # failOpen (the provider is down) lets it through, without the client's x-authz-user
+        fo = await c.request("GET", "/open/x", headers=[("x-authz-user", "admin")])
+        assert fo.status == 200 and fo.json().get("x-authz-user") is None
+    finally:
+        c.close()
 
 
 async def test_grpc_authorizer(rig: Rig) -> None:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from waypoint import WaypointError
+from waypoint.exchange import Request
 from waypoint.extauthz import (
     CheckRequest,
+    ExtAuthz,
     Provider,
     ProviderError,
     _fields,
+    _sub,
     grpc_check_request,
     grpc_check_result,
     http_check_request,
@@ -113,3 +119,50 @@ def test_grpc_messages_round_trip_by_field_number() -> None:
     assert grpc_check_result(Provider("g", "grpc", "a", 1), b"").allowed  # no status: OK
     with pytest.raises(ValueError):
         grpc_check_result(Provider("g", "grpc", "a", 1), b"\x0a\x05\x08")
+
+
+def test_the_provider_is_told_the_normalized_target_the_app_gets() -> None:
+    # review 14: `/ext/public/../admin` was sent raw, so a provider allowing /ext/public/*
+    # allowed the app's /ext/admin; an absolute-form target put scheme and authority in the path
+    p = Provider("a", "http", "authz", 80, path_prefix="/check")
+    for raw, path, query, sent in (("/ext/public/../admin", "/ext/admin", None, "/ext/admin"),
+                                   ("http://evil/ext/public/x?q=1", "/ext/public/x", "q=1", "/ext/public/x?q=1")):
+        req = Request("GET", "http", "web.shop", raw, path, query, [("x", "1")], "HTTP/1.1")
+        check = CheckRequest.of(req, source_ip="10.0.0.5", source_principal=None, destination_ip="10.0.0.9",
+                                destination_port=80, destination_principal=None)
+        assert check.target == sent
+        assert http_check_request(p, check).target == f"/check{sent}".encode()
+        (attributes,) = [v for n, v in _fields(grpc_check_request(check, now=1.0)) if n == 1]
+        assert isinstance(attributes, bytes)
+        request = _sub(attributes, 4)
+        assert request is not None
+        http = _sub(request, 2)
+        assert http is not None and _sub(http, 4) == sent.encode()
+
+
+def test_obs_text_headers_are_sent_as_received() -> None:
+    # review 14: `Authorization: Basic é` made building the h11 request raise, and that was
+    # taken for "provider down" (failOpen let it through)
+    req = replace(REQ, headers=[("authorization", b"Basic \xc3\xa9 \xff".decode("utf-8", "surrogateescape"))])
+    r = http_check_request(Provider("a", "http", "authz", 80), req)
+    assert dict(r.headers)[b"authorization"] == b"Basic \xc3\xa9 \xff"
+    grpc_check_request(req, now=1.0).decode("latin-1")  # valid protobuf strings: U+FFFD for the bad byte
+    assert "Basic é \ufffd".encode() in grpc_check_request(req, now=1.0)
+
+
+def _no_endpoints(host: str, port: int) -> tuple[str, int]:
+    raise WaypointError(f"Service {host} has no endpoints for port {port}")
+
+
+async def test_only_the_provider_failing_is_failopen_a_local_error_denies() -> None:
+    p = Provider("open", "http", "authz.pay.svc", 9000, timeout=2.0, fail_open=True,
+                 headers_to_upstream_on_allow=("x-authz-user",))
+    authz = ExtAuthz([p], resolve=_no_endpoints)
+    down = await authz.check("open", REQ)  # the provider cannot be reached: failOpen
+    assert down.allowed and "failOpen" in down.reason
+    assert down.remove_headers == ("x-authz-user",)  # the client's own copy never reaches the app
+    # a value h11 cannot frame: never sent, and never failOpen
+    bad = await authz.check("open", replace(REQ, headers=[("authorization", "a\r\nx-injected: 1")]))
+    assert not bad.allowed and bad.deny_status == 403 and "cannot build" in bad.reason
+    strict = ExtAuthz([replace(p, fail_open=False, status_on_error=503)], resolve=_no_endpoints)
+    assert (await strict.check("open", REQ)).deny_status == 503
