@@ -46,6 +46,10 @@ class Workload:
     enrolled: bool
     # "ns/name" of the Services selecting this pod (for targetRefs policies).
     services: tuple[str, ...] = ()
+    # Set only for a Gateway's own proxy as policies see it (the ingress gateway's subject):
+    # that Gateway's class. A GatewayClass targetRef then selects it by this class alone,
+    # never by the waypoint classes.
+    gateway_class: str | None = None
 
 
 @dataclass(frozen=True)

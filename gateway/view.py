@@ -8,10 +8,12 @@ RateLimitPolicy that does not compile keeps its last good version in force (name
 keeps its last good version too.
 
 The gateway's policies are Istio's, scoped by the policy engine as for a waypoint: the
-gateway is a `Workload` (`subject`) of its namespace with its pods' labels and
-`waypoint` set to the Gateway's name, so an AuthorizationPolicy or RequestAuthentication
-applies to it when it is mesh-wide, of its namespace, selects its pods' labels, or has
-`targetRefs` to the Gateway, as Istio applies them to an ingress gateway.
+gateway is a `Workload` (`subject`) of its namespace with its pods' labels,
+`waypoint` set to the Gateway's name and `gateway_class` to its class, so an
+AuthorizationPolicy or RequestAuthentication applies to it when it is mesh-wide, of its
+namespace, selects its pods' labels, has `targetRefs` to the Gateway, or (from the root
+namespace) to its GatewayClass `ambit-ingress`, as Istio applies them to an ingress
+gateway. A GatewayClass target of the waypoint classes never selects it.
 """
 
 from __future__ import annotations
@@ -104,6 +106,6 @@ def build_view(cluster: ClusterState, namespace: str, name: str, *, trust_domain
         subject = Workload(uid=f"{namespace}/{name}", name=name, namespace=namespace,
                            service_account=identity.service_account, ip=pod.ip or "", node=pod.node_name,
                            node_address=None, labels=MappingProxyType(labels), identity=identity, waypoint=name,
-                           enrolled=False)
+                           enrolled=False, gateway_class=gw.class_name)
     return GatewayView(namespace, name, cgw, MappingProxyType(by_listener), limits, identity, subject,
                        tuple(errors), MappingProxyType(compiled), version)

@@ -41,6 +41,15 @@ def _selects(labels: Mapping[str, str] | None, wl_labels: Mapping[str, str]) -> 
 _Scoped = TypeVar("_Scoped", CompiledAuthz, CompiledRequestAuthn)
 
 
+def _of_class(dst: Workload, class_name: str, at_waypoint: bool) -> bool:
+    """Whether a GatewayClass targetRef selects `dst` where it is judged: a Gateway's own
+    proxy (the ingress gateway) by its own class only; a workload at its waypoint by the
+    waypoint classes. A policy written for waypoints never reaches the ingress gateway."""
+    if dst.gateway_class is not None:
+        return class_name == dst.gateway_class
+    return at_waypoint and class_name in WAYPOINT_CLASSES
+
+
 def _by_ns(policies: Iterable[_Scoped]) -> Mapping[str, tuple[_Scoped, ...]]:
     out: dict[str, list[_Scoped]] = {}
     for p in policies:
@@ -65,7 +74,7 @@ def _applicable_to(
         if p.target_refs:
             for ref in p.target_refs:
                 if ref.kind == "GatewayClass":
-                    if at_waypoint and p.namespace == root and ref.name in WAYPOINT_CLASSES:
+                    if p.namespace == root and _of_class(dst, ref.name, at_waypoint):
                         out.append(p)
                         break
                     continue
@@ -154,7 +163,7 @@ class PolicySet:
     ]:
         """(all, enforced, dry-run) AuthorizationPolicies scoped to `dst`."""
         services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
-        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, at_waypoint)
+        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, dst.gateway_class, at_waypoint)
         hit = self._applicable_cache.get(key)
         if hit is None:
             every = tuple(self._applicable(dst, services, at_waypoint))
@@ -186,7 +195,7 @@ class PolicySet:
         """Every JWT rule in force for `dst` (from all its RequestAuthentications, merged as
         Istio merges them), sorted by issuer: what `ambit.policy.jwt.authenticate` takes."""
         services: tuple[str, ...] = tuple(getattr(dst, "services", ()))
-        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, at_waypoint)
+        key = (dst.namespace, frozenset(dst.labels.items()), services, dst.waypoint, dst.gateway_class, at_waypoint)
         hit = self._jwt_rules_cache.get(key)
         if hit is None:
             rules = [r for p in self.applicable_request_authn(dst, at_waypoint=at_waypoint) for r in p.rules]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ambit.cluster import INGRESS_CLASS
 from ambit.policy.jwt import JwksError, parse_jwks
 from ambit.policy.match import (
     WAYPOINT_CLASSES,
@@ -120,10 +121,13 @@ def _targets(p: CompiledAuthz | CompiledRequestAuthn, root: str) -> list[FieldSt
                 out.append(FieldStatus(path, "no-effect", (
                     f"a GatewayClass target applies only from the root namespace {root} (as in Istio)")))
             elif ref.name in WAYPOINT_CLASSES:
-                out.append(FieldStatus(path, "enforced", "every waypoint, at the waypoint"))
+                out.append(FieldStatus(path, "enforced", "every waypoint, at the waypoint (never an ingress gateway)"))
+            elif ref.name == INGRESS_CLASS:
+                out.append(FieldStatus(path, "enforced", f"every ingress gateway (class {INGRESS_CLASS})"))
             else:
                 out.append(FieldStatus(path, "no-effect", (
-                    f"no ambit gateway has class {ref.name} (waypoints are {' or '.join(WAYPOINT_CLASSES)})")))
+                    f"no ambit gateway has class {ref.name} (waypoints are {' or '.join(WAYPOINT_CLASSES)}, "
+                    f"ingress gateways {INGRESS_CLASS})")))
         else:
             out.append(FieldStatus(path, "no-effect", (
                 f"ServiceEntry {ref.name}: ambit does not model ServiceEntries, so the traffic to its hosts is "

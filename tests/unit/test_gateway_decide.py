@@ -188,3 +188,37 @@ def build_gateway_annotation(annotations: dict[str, str]) -> list[dict[str, Any]
     gw = next(o for o in read_manifests([EXAMPLES / "50-ingress.yaml"]) if o["kind"] == "Gateway")
     gw["metadata"]["annotations"].update(annotations)
     return [gw]
+
+
+def _class_policy(kind: str, name: str, class_name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": {"name": name, "namespace": "istio-system"},
+            "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "GatewayClass",
+                                     "name": class_name}], **spec}}
+
+
+@pytest.mark.parametrize("waypoint_class", ["istio-waypoint", "ambit-waypoint"])
+def test_policies_for_the_waypoint_classes_never_apply_at_the_ingress_gateway(waypoint_class: str) -> None:
+    # review 14: the gateway's subject was judged as a waypoint, so a mesh-wide ALLOW for the
+    # waypoints' class widened access at the edge, and a JWT rule for them applied there
+    reads = _class_policy("AuthorizationPolicy", "waypoints-allow-reads", waypoint_class,
+                          {"action": "ALLOW", "rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]})
+    jwt = _class_policy("RequestAuthentication", "waypoints-jwt", waypoint_class,
+                        {"jwtRules": [{"issuer": "https://other.example", "jwks": '{"keys": []}'}]})
+    rig = Rig([reads, jwt])
+    j = rig("GET", "/api/v1/orders")
+    assert (j.status, j.rejection) == (403, "denied") and j.policy != "istio-system/waypoints-allow-reads"
+    assert rig.view.subject is not None
+    assert all(r.issuer == ISSUER for r in rig.snap.policies.jwt_rules(rig.view.subject))
+    # a workload at its waypoint still gets them
+    w = next(w for w in rig.snap.workloads.values() if w.uid == "orders/orders")
+    assert "istio-system/waypoints-allow-reads" in [p.ref for p in rig.snap.policies.applicable(w, at_waypoint=True)]
+
+
+def test_a_policy_for_the_ingress_class_applies_at_the_ingress_gateway() -> None:
+    deny = _class_policy("AuthorizationPolicy", "ingress-deny-delete", "ambit-ingress",
+                         {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/api/v1/orders/secret"]}}]}]})
+    rig = Rig([deny])
+    j = rig("GET", "/api/v1/orders/secret", bearer(token(sub="ivy")))
+    assert (j.status, j.policy) == (403, "istio-system/ingress-deny-delete")
+    w = next(w for w in rig.snap.workloads.values() if w.uid == "orders/orders")
+    assert "istio-system/ingress-deny-delete" not in [p.ref for p in rig.snap.policies.applicable(w, at_waypoint=True)]
