@@ -6,10 +6,12 @@ Hot path notes:
   allocation and no per-connection buffer (an idle connection costs no buffer).
 - A chunk is handed to the other leg as a memoryview of that buffer, and the
   rule that makes sharing it safe: no leg keeps that view past `send`. An
-  HBONE leg gives it to h2, which frames (copies) it at once; a TCP leg copies
-  it (`bytes(view)`), as it must anyway because transports may keep a
-  reference to what they could not send at once (uvloop queues memoryviews
-  without copying).
+  HBONE leg frames (copies) it at once; a TCP leg copies it (`bytes(view)`),
+  as it must anyway because transports may keep a reference to what they
+  could not send at once (uvloop queues memoryviews without copying).
+  The other way, an HBONE leg hands over read-only views of the immutable
+  bytes TLS decrypted (a DATA frame's payload, or the part of it that has
+  arrived): a TCP leg writes those as they are, no copy.
 - Back-pressure both ways: when a leg cannot take more (its transport buffer
   is over the high-water mark, or the HBONE stream window is exhausted) the
   other leg stops reading until it drains; an HBONE leg "stops reading" by
@@ -409,7 +411,10 @@ class TcpLeg(asyncio.BufferedProtocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        t.write(bytes(data) if isinstance(data, memoryview) else data)
+        if isinstance(data, memoryview) and not data.readonly:
+            data = bytes(data)  # a view of a buffer that is reused: the transport may keep it
+        # (a read-only view is of immutable bytes, e.g. a DATA frame's payload: kept as it is)
+        t.write(data)
 
     def send_eof(self) -> None:
         t = self.transport

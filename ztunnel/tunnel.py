@@ -27,6 +27,9 @@ from ztunnel.hbone import (
 
 log = logging.getLogger("ambit.ztunnel.tunnel")
 
+# chunks of output (frames) smaller than this together are joined into one write
+COALESCE_BELOW = 64 * 1024
+
 
 class StreamLeg:
     """One HBONE stream as a splice leg.
@@ -45,7 +48,7 @@ class StreamLeg:
         self.pending: deque[memoryview] = deque()
         self.pending_eof = False
         self.sent_eof = False
-        self.early: list[bytes] = []
+        self.early: list[bytes | memoryview] = []
         self.early_eof = False
         self.got_eof = False
         self.closed = False  # reset, or the connection is gone
@@ -60,7 +63,7 @@ class StreamLeg:
 
     # -- from the connection
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: bytes | memoryview) -> None:
         if self.splice is None:
             self.early.append(data)
             return
@@ -347,9 +350,19 @@ class HboneProtocol(asyncio.Protocol):
     # -- plumbing
 
     def flush(self) -> None:
-        data = self.proto.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        chunks = self.proto.data_to_send_chunks()
+        t = self.transport
+        if chunks and t is not None and not t.is_closing():
+            if len(chunks) == 1:
+                t.write(chunks[0])
+            elif sum(map(len, chunks)) <= COALESCE_BELOW:
+                t.write(b"".join(chunks))  # small frames: one TLS record, one send
+            else:
+                # a DATA frame per write: what TLS encrypts and sends at once stays the size
+                # of a frame, not of everything a window update let go (those big buffers
+                # came from mmap, page faults and all)
+                for chunk in chunks:
+                    t.write(chunk)
         self._arm_timer()
         if self.proto.is_closed and not self.closed:
             self._fail("HBONE connection closed")

@@ -51,14 +51,14 @@ def test_sends_give_the_same_wire_bytes_as_h2(monkeypatch: pytest.MonkeyPatch, s
     """Sizes from 0 to past the windows, both directions, then the end of each direction."""
     outputs = []
     taken: list[bool] = []
-    original = HboneH2Connection.send_data_fast
+    original = HboneH2Connection.debit_send_fast
 
-    def counted(self: HboneH2Connection, stream_id: int, data: bytes | memoryview) -> bool:
-        ok = original(self, stream_id, data)
+    def counted(self: HboneH2Connection, stream_id: int, n: int) -> bool:
+        ok = original(self, stream_id, n)
         taken.append(ok)
         return ok
 
-    monkeypatch.setattr(HboneH2Connection, "send_data_fast", counted)
+    monkeypatch.setattr(HboneH2Connection, "debit_send_fast", counted)
     for fast in (True, False):
         rng = random.Random(seed)
         client, server, sid = tunnel(monkeypatch, fast)

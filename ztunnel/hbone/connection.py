@@ -15,10 +15,14 @@ would otherwise be refused).
 
 Plain DATA frames (no padding, outside a header block, within h2's frame size
 limit) skip h2's frame buffer: h2 would copy each payload three times (into
-its buffer, a slice of it, then the frame's bytes); here it is copied once
-and the parsed frame goes straight to h2's frame handler, so flow control,
-stream states and errors stay h2's. That, and every other use of h2's
-insides, is in h2compat.py.
+its buffer, a slice of it, then the frame's bytes). On an open stream without
+END_STREAM the windows are debited when the frame's header arrives and its
+payload is handed over as it arrives, as views of the received bytes (no copy,
+no buffering of a frame that spans reads); other plain DATA frames are copied
+once and go straight to h2's frame handler, so flow control, stream states and
+errors stay h2's. Sent DATA frames are made as one chunk each
+(`data_to_send_chunks`), the payload copied once. That, and every other use
+of h2's insides, is in h2compat.py.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from ztunnel.hbone.flood import (
     Flood,
     FloodGuard,
 )
-from ztunnel.hbone.h2compat import HboneH2Connection, StreamState
+from ztunnel.hbone.h2compat import HboneH2Connection, StreamState, data_frame_header
 from ztunnel.hbone.wire import (
     BadRequest,
     build_connect_headers,
@@ -96,7 +100,12 @@ class _HboneConnection:
         )
         self._guard = FloodGuard(self._config, server=self._server)
         self._inbuf = bytearray()
-        self._out = bytearray()
+        self._share = False  # while ingesting: `data` is immutable bytes (see _piece)
+        # a fast-path DATA frame partly received: its stream and the bytes still to come
+        self._rx_sid = 0
+        self._rx_left = 0
+        # output ready to go, in order, ahead of whatever h2 still holds
+        self._chunks: list[bytes] = []
         self._preamble_left = _PREAMBLE_LEN if self._server else 0
         self._initiated = False
         self._closed = False
@@ -169,19 +178,26 @@ class _HboneConnection:
 
     def _ingest(self, data: bytes | bytearray | memoryview, events: list[HboneEvent]) -> None:
         # Parse straight from `data` when nothing is pending: only a trailing
-        # partial frame is copied into the buffer.
+        # partial frame is copied into the buffer, and a DATA frame that takes the
+        # fast path is handed over as its bytes arrive, never buffered.
         buffered = bool(self._inbuf)
         if buffered:
             self._inbuf += data
+        # payload views of an immutable `data` may be handed over as they are (zero copy)
+        self._share = not buffered and isinstance(data, bytes)
         pos = 0
         with memoryview(self._inbuf if buffered else data) as view:
+            end = len(view)
+            if self._rx_left:  # the rest of a DATA frame whose first bytes came before
+                pos = min(self._rx_left, end)
+                self._rx_left -= pos
+                self._continue_data(self._rx_sid, view[:pos], events)
             if self._preamble_left:
                 take = min(self._preamble_left, len(view))
                 self._feed(view[:take], events)  # h2 checks the preamble bytes
                 self._preamble_left -= take
                 pos = take
             run_start = pos
-            end = len(view)
             limit = max(self._config.max_frame_size, _DEFAULT_MAX_FRAME)
             while end - pos >= 9 and not self._closed:
                 length = int.from_bytes(view[pos : pos + 3], "big")
@@ -194,7 +210,27 @@ class _HboneConnection:
                         f"peer sent a {length}-byte frame; SETTINGS_MAX_FRAME_SIZE is {limit}",
                     )
                 frame_end = pos + 9 + length
+                plain_data = (
+                    ftype == DATA
+                    and self._h2.direct_data
+                    and sid
+                    and not flags & (_FLAG_PADDED | _FLAG_END_STREAM)
+                    and self._block_stream is None
+                    and length <= self._h2.max_inbound_frame_size
+                )
                 if frame_end > end:
+                    if plain_data and end - pos > 9:
+                        # h2compat item 5 on a frame still arriving: its windows are debited
+                        # now, its bytes handed over as they come (no buffering, no copy)
+                        self._feed(view[run_start:pos], events)
+                        run_start = pos
+                        if not self._closed and self._h2.receive_data_fast(sid, length):
+                            with view[pos + 9 : pos + 9] as empty:
+                                self._guard.frame(ftype, flags, length, empty, self._now)
+                            self._rx_sid = sid
+                            self._rx_left = frame_end - end
+                            self._continue_data(sid, view[pos + 9 : end], events)
+                            pos = run_start = end
                     break
                 payload = view[pos + 9 : frame_end]
                 self._guard.frame(ftype, flags, length, payload, self._now)
@@ -222,11 +258,11 @@ class _HboneConnection:
                     self._feed(view[run_start:pos], events)
                     run_start = frame_end
                     if not self._closed:
-                        fast = None if flags & _FLAG_END_STREAM else self._h2.receive_data_fast(sid, payload)
-                        if fast is None:
+                        if plain_data and self._h2.receive_data_fast(sid, length):
+                            if length:
+                                self._on_fast_data(sid, self._piece(payload), events)
+                        else:
                             self._feed_data_frame(sid, flags, payload, events)
-                        elif fast:
-                            self._on_fast_data(sid, fast, events)
                 payload.release()
                 pos = frame_end
                 if ftype == SETTINGS:
@@ -238,6 +274,22 @@ class _HboneConnection:
                 self._inbuf += view[pos:]
         if buffered:
             del self._inbuf[:pos]
+
+    def _piece(self, view: memoryview) -> bytes | memoryview:
+        """Payload bytes to hand over: a view when `data` was immutable bytes, else a copy."""
+        return view[:] if self._share else bytes(view)
+
+    def _continue_data(self, sid: int, view: memoryview, events: list[HboneEvent]) -> None:
+        """Bytes of a fast-path DATA frame whose windows were debited when its header came."""
+        with view:
+            if not view:
+                return
+            if sid in self._finished or not self._h2.receiving(sid):
+                # reset or closed meanwhile: nobody will consume them, the connection credit
+                # goes back at once (h2 ignores the stream's part for a closed stream)
+                self._h2.acknowledge_received_data(len(view), sid)
+                return
+            self._on_fast_data(sid, self._piece(view), events)
 
     def _account_header_block(self, ftype: int, flags: int, sid: int, length: int) -> None:
         """Bound a header block (HEADERS + CONTINUATION) in frames and bytes."""
@@ -348,7 +400,7 @@ class _HboneConnection:
             self._unacked[sid] = self._unacked.get(sid, 0) + len(data)
             events.append(StreamData(sid, data))
 
-    def _on_fast_data(self, sid: int, data: bytes, events: list[HboneEvent]) -> None:
+    def _on_fast_data(self, sid: int, data: bytes | memoryview, events: list[HboneEvent]) -> None:
         """What _on_data does for a DATA frame h2 did not see (h2compat item 5)."""
         if sid in self._finished:
             self._h2.acknowledge_received_data(len(data), sid)
@@ -428,13 +480,19 @@ class _HboneConnection:
             return 0
         frame = self._h2.max_outbound_frame_size
         frames = 0
+        h2 = self._h2
         with memoryview(data) as view:
-            fast = self._h2.direct_data
+            fast = h2.direct_data
             try:
                 for off in range(0, take, frame):
-                    chunk = view[off : min(off + frame, take)]
-                    if not (fast and self._h2.send_data_fast(stream_id, chunk)):
-                        self._h2.send_data(stream_id, chunk)
+                    n = min(frame, take - off)
+                    if fast and h2.debit_send_fast(stream_id, n):
+                        # h2compat item 5: the frame as one chunk, after what h2 queued before
+                        # it: one copy of the payload, no buffer that grows with what is pending
+                        self._chunks.append(b"".join(
+                            (h2.data_to_send(), data_frame_header(stream_id, n), view[off : off + n])))
+                    else:
+                        h2.send_data(stream_id, view[off : off + n])
                     frames += 1
             except ProtocolError as exc:
                 raise HboneError(f"send_data: stream {stream_id}: {exc}") from None
@@ -510,8 +568,8 @@ class _HboneConnection:
         # h2 only knows the final GOAWAY (it closes its state machine at once),
         # so the first, graceful one is written here.
         frame = GoAwayFrame(0, last_stream_id=last, error_code=0, additional_data=b"draining")
-        self._out += self._h2.data_to_send()
-        self._out += frame.serialize()
+        self._take_h2_output()
+        self._chunks.append(frame.serialize())
 
     def close(self, error_code: int = ErrorCodes.NO_ERROR) -> None:
         """Send the final GOAWAY and stop; nothing is accepted afterwards."""
@@ -546,12 +604,26 @@ class _HboneConnection:
 
     def data_to_send(self) -> bytes:
         """All bytes queued for the peer, in order, batched into one buffer."""
+        return b"".join(self.data_to_send_chunks())
+
+    def data_to_send_chunks(self) -> list[bytes]:
+        """All bytes queued for the peer, in order, as the frames were made: a DATA frame
+        is one chunk (with whatever was queued before it), so the I/O layer can write
+        each without joining them into one buffer the size of everything pending."""
         self._guard.output_taken()
         pending = self._h2.data_to_send()
-        if self._out:
-            pending = bytes(self._out) + pending
-            self._out.clear()
-        return pending
+        chunks = self._chunks
+        if not chunks:
+            return [pending] if pending else []
+        self._chunks = []
+        if pending:
+            chunks.append(pending)
+        return chunks
+
+    def _take_h2_output(self) -> None:
+        pending = self._h2.data_to_send()
+        if pending:
+            self._chunks.append(pending)
 
     def next_deadline(self) -> float | None:
         """When handle_timeout() must run next (keepalive, drain done), or None."""

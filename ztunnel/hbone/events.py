@@ -31,10 +31,15 @@ class TunnelResponse:
 
 @dataclass(frozen=True)
 class StreamData:
-    """Tunnel bytes arrived; call acknowledge_received() once they are consumed."""
+    """Tunnel bytes arrived; call acknowledge_received() once they are consumed.
+
+    `data` is bytes, or a read-only view of the immutable bytes that were passed to
+    receive_data (a DATA frame's payload handed over without a copy, maybe in pieces
+    as it arrives); either may be kept.
+    """
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True)
