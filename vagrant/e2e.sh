@@ -128,6 +128,13 @@ free_cidr() {  # a /24 no route and no libvirt network of this machine uses
 }
 
 vagrant_() { (cd "$here" && vagrant "$@"); }
+stamp() {  # (progress bars, redrawn with carriage returns, left out)
+  local line
+  tr '\r' '\n' | while IFS= read -r line; do
+    case $line in *Progress:*) continue ;; esac
+    printf '%4d %s\n' "$((SECONDS - T0))" "$line"
+  done
+}
 on() { local node=$1; shift; ssh -F "$RUN/ssh_config" -o LogLevel=ERROR "$node" "$@"; }
 
 cleanup() {
@@ -219,7 +226,8 @@ offline() {
   t=$SECONDS
   vagrant_ box add -f --name "$AMBIT_BOX" "$box" >"$RUN/box-add.log" 2>&1 || { cat "$RUN/box-add.log"; fail "vagrant box add"; }
   log "vagrant up (2 VMs, 1 vCPU, ${AMBIT_MEMORY:-1536} MiB each, network $AMBIT_NETWORK_CIDR isolated)"
-  if ! vagrant_ up --provider libvirt >"$RUN/up.log" 2>&1; then
+  # each line of vagrant's output with the seconds since the start, to see where the time goes
+  if ! vagrant_ up --provider libvirt 2>&1 | stamp >"$RUN/up.log"; then
     tail -n 40 "$RUN/up.log"; fail "vagrant up"
   fi
   TIMES[up]=$((SECONDS - t))

@@ -104,7 +104,7 @@ log "k3s: $(kubectl_ get nodes --no-headers | awk '{print $1 "=" $2}' | tr '\n' 
 # Istio's security CRDs, the CA's key, ambit itself
 kubectl_ apply -f "https://raw.githubusercontent.com/istio/istio/$ISTIO_VERSION/manifests/charts/base/files/crd-all.gen.yaml" >/dev/null
 "$PY" -c 'import sys; from agent.cli import main; sys.exit(main(sys.argv[1:]))' ca init --dir "$RUN/ca" >/dev/null
-secret=$(awk '/secretName:/{print $NF; exit}' "$repo/daemonset/ca.yaml" | tr -d '}')
+secret=$(sed -n 's/.*secretName: *\([a-z0-9.-]*\).*/\1/p' "$repo/daemonset/ca.yaml" | head -n 1)
 kubectl_ create namespace ambit-system --dry-run=client -o yaml | kubectl_ apply -f - >/dev/null
 tar -C "$RUN/ca" -cf - . | on node-a "rm -rf /tmp/ca && mkdir /tmp/ca && tar -C /tmp/ca -xf - && \
   sudo k3s kubectl -n ambit-system create secret generic $secret --from-file=/tmp/ca && \
@@ -134,6 +134,10 @@ pod() {  # pod NAME NODE COMMAND...
   args=$(printf '"%s",' "$@")
   cat <<EOF
 apiVersion: v1
+kind: ServiceAccount
+metadata: {name: $name, namespace: shop}
+---
+apiVersion: v1
 kind: Pod
 metadata: {name: $name, namespace: shop, labels: {app: $name}}
 spec:
@@ -146,10 +150,6 @@ spec:
       command: [${args%,}]
       volumeMounts: [{name: echo, mountPath: /app}]
   volumes: [{name: echo, configMap: {name: echo}}]
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: $name, namespace: shop}
 ---
 EOF
 }
