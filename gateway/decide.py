@@ -40,6 +40,7 @@ from gateway.ratelimit import Limit, RateLimiter
 from gateway.routes import BackendRef, Rule, Selected, select
 from gateway.view import GatewayView
 from waypoint.exchange import Request
+from waypoint.headers import joined
 
 DENIED_BODY = b"RBAC: access denied"
 # why a request was answered at the gateway (the metric's `reason` label, the access log's)
@@ -120,7 +121,9 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
     """Judge one request (see the module docstring)."""
     j = Judgement()
     gw = view.gateway
-    headers = {n: v for n, v in req.headers}  # the last of repeated fields; Request.header joins them
+    # one value per name, repeated fields joined as the waypoint joins them: JWT, CORS, routes
+    # and policy all see everything the backend will receive, never one copy of it
+    headers = joined(req.headers)
     j.client_ip, j.client_from = client_address(conn.peer, req.header("x-forwarded-for"),
                                                 gw.num_trusted_proxies if gw else 0)
     if gw is None or view.subject is None:
@@ -140,14 +143,13 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
     query: dict[str, str] = {}
     for k, v in parse_qsl(req.query or "", keep_blank_values=True):
         query.setdefault(k, v)
-    joined = {n: req.header(n) or "" for n in headers}
-    sel = select(view.routes.get(listener.name, ()), host, req.method, req.path, query, joined)
+    sel = select(view.routes.get(listener.name, ()), host, req.method, req.path, query, headers)
     if sel is not None:
         j.selected, j.route, j.rule = sel, sel.route.uid, sel.rule.index
     rule = sel.rule if sel is not None else None
     # 3. CORS preflight
     if rule is not None and rule.cors is not None and cors.is_preflight(req.method, headers):
-        p = cors.preflight(rule.cors, joined)
+        p = cors.preflight(rule.cors, headers)
         return j.answer(p.status, "cors_refused" if p.status != 204 else None, p.reason, b"", p.headers,
                         allowed=p.status == 204)
     # 4. JWT
@@ -162,7 +164,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
         j.subject = sub if isinstance(sub, str) else None
     # 5. authorization, with the client's address as the gateway judged it
     facts = ConnectionFacts(j.client_ip, None, view.subject, listener.port, False)
-    policy_headers = {**{n: v for n, v in joined.items() if n != "x-forwarded-for"},
+    policy_headers = {**{n: v for n, v in headers.items() if n != "x-forwarded-for"},
                       "x-forwarded-for": j.client_ip}
     d = authorize_http(facts, HttpFacts(req.method, req.path, req.authority, policy_headers, auth=authn.auth),
                        snap.policies)
@@ -191,7 +193,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
         return j.answer(status, rejection, why, f"{status} {why}\n".encode())
     j.max_body = rule.limits.max_body if rule.limits.max_body is not None else gw.max_request_body
     # 8. rate limits
-    limits = [(limit, _key(limit, j.client_ip, authn.auth.claims if authn.auth else {}, joined))
+    limits = [(limit, _key(limit, j.client_ip, authn.auth.claims if authn.auth else {}, headers))
               for rl in view.rate_limits if rl.applies((view.namespace, view.name), sel.route.uid)
               for limit in rl.limits]
     rate = ctx.limiter.check(limits, mono)
@@ -209,7 +211,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
         j.backend = picker.pick()
     except Unreachable as e:
         return j.answer(500, "route_error", f"{rule.ref}: {e}", b"500 Internal Server Error\n")
-    _edits(j, rule, sel, conn, req, authn.remove_headers, authn.set_headers, joined)
+    _edits(j, rule, sel, conn, req, authn.remove_headers, authn.set_headers, headers)
     j.add_response_headers += rate.headers
     j.action, j.decision, j.status = "forward", "allow", 0
     j.policy, j.policy_rule = d.policy, d.rule  # an allowed request: the policy that allowed it
@@ -252,10 +254,10 @@ def _key(limit: Limit, client_ip: str, claims: Mapping[str, object], headers: Ma
 
 
 def _edits(j: Judgement, rule: Rule, sel: Selected, conn: Connection, req: Request,
-           jwt_remove: tuple[str, ...], jwt_set: tuple[tuple[str, str], ...], joined: Mapping[str, str]) -> None:
+           jwt_remove: tuple[str, ...], jwt_set: tuple[tuple[str, str], ...], headers: Mapping[str, str]) -> None:
     scheme = "https" if conn.tls else "http"
-    xff = joined.get("x-forwarded-for")
-    fwd = joined.get("forwarded")
+    xff = headers.get("x-forwarded-for")
+    fwd = headers.get("forwarded")
     node = f'"[{conn.peer}]"' if ":" in conn.peer else conn.peer
     ops = HeaderOps(
         ("x-forwarded-for", "x-forwarded-proto", "forwarded", *jwt_remove, *(n for n, _ in jwt_set)),
@@ -272,7 +274,7 @@ def _edits(j: Judgement, rule: Rule, sel: Selected, conn: Connection, req: Reque
             j.authority = rule.rewrite.hostname
     resp = header_ops(rule.response_headers)
     if rule.cors is not None:
-        extra = cors.response_headers(rule.cors, joined.get("origin"))
+        extra = cors.response_headers(rule.cors, headers.get("origin"))
         resp = resp + HeaderOps(tuple(n for n, _ in extra if n.startswith("access-control-")), extra)
     j.remove_headers, j.add_headers = ops.remove, ops.add
     j.remove_response_headers, j.add_response_headers = resp.remove, resp.add

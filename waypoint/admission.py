@@ -1,8 +1,9 @@
 """Judging one request head, for either protocol: the engine's checks, then the glue's decision.
 
 In order: the head's size and its number of fields (431); Content-Length beside
-Transfer-Encoding (400,
-the request-smuggling shape); CONNECT and Upgrade (501; an `h2c` upgrade offer
+Transfer-Encoding (400, the request-smuggling shape); more than one Authorization field
+(400: ambiguous credentials, which a JWT check and the application could read two
+ways); CONNECT and Upgrade (501; an `h2c` upgrade offer
 is ignored, RFC 9110 7.8 allows it); the authority (400 unless host[:port]);
 the target (400 with the reason from waypoint.paths; HTTP/2 :path must be
 origin-form or "*"); a request that names no authority (400, unless the glue
@@ -90,6 +91,9 @@ def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Ad
     ):
         return _refuse(record, 400, Failure.BAD_REQUEST,
                        "both Content-Length and Transfer-Encoding")
+    if sum(1 for n, _ in head.headers if n.lower() == b"authorization") > 1:
+        # which credential counts? a JWT check and the application could each take another
+        return _refuse(record, 400, Failure.BAD_REQUEST, "more than one Authorization header")
     if head.method == "CONNECT":
         return _refuse(record, 501, Failure.NOT_IMPLEMENTED, "CONNECT is not proxied by the waypoint")
     upgrade = header_value(head.headers, b"upgrade")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from waypoint import WaypointError
-from waypoint.headers import HOP_BY_HOP
+from waypoint.headers import HOP_BY_HOP, join_values
 
 if TYPE_CHECKING:
     from waypoint.streams import ByteStream
@@ -74,10 +74,11 @@ class Request:
     stream_id: int | None = None
 
     def header(self, name: str) -> str | None:
-        """The values of a header joined with ", " (None when absent); `name` any case."""
+        """The values of a header joined (waypoint.headers.join_values: ", ", cookies "; "),
+        None when absent; `name` any case."""
         name = name.lower()
         values = [v for n, v in self.headers if n == name]
-        return ", ".join(values) if values else None
+        return join_values(name, values) if values else None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,24 @@ _NOT_IN_TRAILERS = frozenset({
     b"expect", b"max-forwards", b"cache-control", b"te", b"trailer", b"transfer-encoding",
     b"connection", b"keep-alive", b"upgrade", b"set-cookie",
 })
+
+
+def join_values(name: str, values: Iterable[str]) -> str:
+    """One field's values as one (`name` lower-case): joined with ", " (RFC 9110 5.3), cookies
+    with "; " (RFC 6265 5.4, as HTTP/2 splits them)."""
+    return ("; " if name == "cookie" else ", ").join(values)
+
+
+def joined(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """One value per (lower-case) name, as policy, JWT and routing checks see a request: a
+    repeated field's values joined (`join_values`), as Envoy does, so what is checked is
+    everything the application receives, not just one copy. Both proxies use this."""
+    values: dict[str, list[str]] = {}
+    for n, v in headers:
+        values.setdefault(n, []).append(v)
+    return {n: join_values(n, vs) for n, vs in values.items()}
+
+
 def text_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """The `Request.headers` view of received fields."""
     return [(n.decode("ascii", "surrogateescape").lower(), v.decode("utf-8", "surrogateescape"))

@@ -57,6 +57,7 @@ from waypoint import WaypointError
 from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Verdict
 from waypoint.extauthz import CheckRequest, ExtAuthz, Provider
+from waypoint.headers import joined
 from waypoint.jwks import JwksFiles
 from waypoint.streams import ByteStream, LegStream
 from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
@@ -517,7 +518,7 @@ class _Session:
         })
         rf.trace_id = self.wp.tracing.trace_id(span)
         context = _RequestContext(rf, span, time.monotonic())
-        headers = _joined(req.headers)
+        headers = joined(req.headers)
         # JWT first (RequestAuthentication): a present but invalid token is refused (401), a
         # missing one passes and the policies decide. A CORS preflight carries no token, but
         # the headers only a verified token may set are removed from it all the same.
@@ -686,16 +687,6 @@ def _split(uid: str | None) -> tuple[str, str]:
         return "unknown", "unknown"
     ns, name = uid.split("/", 1)
     return name, ns
-
-
-def _joined(headers: list[tuple[str, str]]) -> dict[str, str]:
-    """One value per header name, as policy and JWT checks see them: a repeated field's
-    values joined (", ", cookies "; "), as Envoy does, so what is checked is everything the
-    application receives, not just the last copy."""
-    out: dict[str, str] = {}
-    for n, v in headers:
-        out[n] = f"{out[n]}{'; ' if n == 'cookie' else ', '}{v}" if n in out else v
-    return out
 
 
 def _forwarded_node(ip: str) -> str:

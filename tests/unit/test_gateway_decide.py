@@ -222,3 +222,29 @@ def test_a_policy_for_the_ingress_class_applies_at_the_ingress_gateway() -> None
     assert (j.status, j.policy) == (403, "istio-system/ingress-deny-delete")
     w = next(w for w in rig.snap.workloads.values() if w.uid == "orders/orders")
     assert "istio-system/ingress-deny-delete" not in [p.ref for p in rig.snap.policies.applicable(w, at_waypoint=True)]
+
+
+def test_repeated_credentials_are_judged_together() -> None:
+    # review 14: only the last Authorization (and Cookie) was checked: a forged bearer token
+    # followed by `Authorization: Basic ...` skipped JWT and reached the backend
+    public = [
+        {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+         "metadata": {"name": "public", "namespace": "edge"},
+         "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "ingress"}],
+                  "action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/api/v1/orders/public"]}}]}]}}]
+    rig = Rig(public)
+    forged = token(sub="admin")[:-6] + "AAAAAA"
+    assert rig("GET", "/api/v1/orders/public", bearer(forged)).status == 401
+    j = rig("GET", "/api/v1/orders/public", [*bearer(forged), ("authorization", "Basic Zm9v")])
+    assert (j.action, j.status, j.rejection) == ("answer", 401, "jwt_invalid")
+    j = rig("GET", "/api/v1/orders", [*bearer(forged), *bearer(token(sub="jo"))])
+    assert j.action == "answer" and j.request_principal is None
+
+
+def test_joined_is_the_one_view_both_proxies_check() -> None:
+    from waypoint.headers import joined
+
+    assert joined([("a", "1"), ("cookie", "s=1"), ("A-B", "x"), ("a", "2"), ("cookie", "t=2")]) == {
+        "a": "1, 2", "cookie": "s=1; t=2", "A-B": "x"}
+    r = Request("GET", "http", "h", "/", "/", None, [("cookie", "s=1"), ("cookie", "t=2")], "HTTP/2")
+    assert r.header("Cookie") == "s=1; t=2"

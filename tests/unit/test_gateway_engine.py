@@ -279,3 +279,21 @@ async def test_a_head_timeout_closes_idle_connections_and_answers_slow_heads_408
     assert glue.records[0].status == 408 and glue.opened == 0
     with pytest.raises(Exception, match="head_timeout"):
         Limits(head_timeout=0)
+
+
+async def test_more_than_one_authorization_header_is_400_at_both_proxies() -> None:
+    # review 14: which credential counts is ambiguous (the gateway took the last, the app may take
+    # the first): refused by the engine, for the waypoint and the gateway alike
+    two = [("authorization", "Bearer a.b.c"), ("authorization", "Basic Zm9v")]
+    glue = Glue()
+    async with waypoint(glue) as (client, _, _task):
+        r = await H1Client(client).request("GET", "/", two)
+        assert r.status == 400 and b"more than one Authorization" in r.body
+    glue2 = Glue(upstream="http2")
+    async with waypoint(glue2) as (client, _, _task):
+        c = H2Client(client)
+        r2 = await c.request("GET", "/", two)
+        ok = await c.request("GET", "/", two[:1])
+        await c.close()
+    assert (r2.status, ok.status) == (400, 200)
+    assert not glue.requests and len(glue2.requests) == 1, "the glue never judged the ambiguous ones"
