@@ -268,8 +268,9 @@ class Limits:
     # (rapid reset), and DATA/CONTINUATION frames under 32 bytes (gRPC streams many small ones)
     h2_max_resets: int = 1000
     h2_max_small_frames: int = 100_000
-    # HTTP/1: a client's next request head must arrive within this many seconds (an idle
-    # keep-alive connection is closed, a head sent too slowly gets 408); None: no limit
+    # HTTP/1: a client's next request head must arrive, whole, within this many seconds of the
+    # engine starting to wait for it (one deadline per head, not per read; an idle keep-alive
+    # connection is closed, a head sent too slowly gets 408); None: no limit
     head_timeout: float | None = None
 
     @property

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+import h11
 import pytest
 
 from tests.unit.test_waypoint_harness import (
@@ -297,3 +298,60 @@ async def test_more_than_one_authorization_header_is_400_at_both_proxies() -> No
         await c.close()
     assert (r2.status, ok.status) == (400, 200)
     assert not glue.requests and len(glue2.requests) == 1, "the glue never judged the ambiguous ones"
+
+
+def test_the_head_scan_is_incremental_and_says_what_head_problem_says() -> None:
+    from waypoint.h1peer import HeadScan
+
+    heads = [b"GET / HTTP/1.1\r\nHost: a\r\nX: b\tc\r\n\r\n", b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+             b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody with \n and \x01", *(raw for raw, _ in RAW_BAD),
+             b"GET / HTTP/1.1\r\nA: b\r\r\n\r\n", b"\n", b"GET / HTTP/1.1\r\nX: \x7f\r\n\r\n"]
+    for head in heads:
+        scan = HeadScan()
+        bytewise = next((p for p in (scan.feed(head[i:i + 1]) for i in range(len(head))) if p), None)
+        assert bytewise == head_problem(head), head
+
+
+async def test_a_head_trickled_in_tiny_reads_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # review 14: every read rescanned (and copied) the whole buffer: a 60 KB head in 16-byte
+    # writes cost ~3,750 scans of up to 60 KB, blocking the event loop for every connection
+    copied = 0
+    trailing = h11.Connection.trailing_data
+
+    def counting(conn: h11.Connection) -> tuple[bytes, bool]:
+        nonlocal copied
+        data: tuple[bytes, bool] = trailing.fget(conn)  # type: ignore[attr-defined]
+        copied += len(data[0])
+        return data
+
+    monkeypatch.setattr(h11.Connection, "trailing_data", property(counting))
+    head = b"GET / HTTP/1.1\r\nHost: svc\r\nX-Pad: " + b"a" * 60_000 + b"\r\n\r\n"
+    glue = Glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H1Client(client)
+        for i in range(0, len(head), 16):
+            client.write(head[i:i + 16])
+            await asyncio.sleep(0)
+        c.expect_response()
+        assert (await c.response()).status == 200
+    assert copied < 2 * len(head), f"{copied} bytes copied to check a head of {len(head)}"
+
+
+async def test_the_head_timeout_is_one_deadline_for_the_whole_head() -> None:
+    # review 14: the timer restarted with every read, so a byte every 0.1 s kept a head (and its
+    # connection) open forever under head_timeout=0.4
+    glue = Glue()
+    async with waypoint(glue, Limits(head_timeout=0.4)) as (client, _, task):
+        c = H1Client(client)
+        client.write(b"GET / HTTP/1.1\r\nHost: svc\r\n")
+        for _ in range(40):  # 4 s of trickling, ten times the head's time
+            if task.done():
+                break
+            client.write(b"X")
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("a head trickled a byte at a time stayed open past its head_timeout")
+        c.expect_response()
+        r = await c.response()
+        assert r.status == 408 and await c.closed()
+    assert glue.records[0].status == 408 and not glue.requests
