@@ -270,7 +270,9 @@ class Limits:
     h2_max_small_frames: int = 100_000
     # HTTP/1: a client's next request head must arrive, whole, within this many seconds of the
     # engine starting to wait for it (one deadline per head, not per read; an idle keep-alive
-    # connection is closed, a head sent too slowly gets 408); None: no limit
+    # connection is closed, a head sent too slowly gets 408). HTTP/2: a connection without an
+    # open stream for this long is closed, a request body that stops for this long gets 408
+    # (waypoint.http2). None: no limit
     head_timeout: float | None = None
 
     @property

@@ -64,7 +64,17 @@ class Exchange:
         self.response_done = False
         self.reset = False
         self.finished = False  # recorded
+        # the request body's idle deadline (Limits.head_timeout): bytes of it held here,
+        # unacknowledged (while some are, the client's silence may be our back-pressure)
+        self.held = 0
+        self.last_data = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.down.exchanges[sid] = self
+        timeout = host.limits.head_timeout
+        if timeout is not None:
+            loop = asyncio.get_running_loop()
+            self.last_data = loop.time()
+            self.idle_timer = loop.call_at(self.last_data + timeout, self._request_idle)
 
     @property
     def alive(self) -> bool:
@@ -93,6 +103,8 @@ class Exchange:
         self.host.check_done()
 
     def request_data(self, data: bytes, n: int) -> None:
+        if self.idle_timer is not None:
+            self.last_data = asyncio.get_running_loop().time()
         if not self.finished:  # a reported record stays as reported
             self.record.request_bytes += len(data)
         if not (self.forwarding or self.deciding) or self.request_end_queued or self.reset:
@@ -109,7 +121,37 @@ class Exchange:
             else:
                 self.local(413, local_body(413, f"the request body is over {limit} bytes"))
             return
-        self._to_upstream(Out(data, ack=(self.down, self.sid, n)))
+        self.held += n
+        self._to_upstream(Out(data, ack=(self, self.sid, n)))
+
+    def ack(self, sid: int, n: int) -> None:
+        """Request data of ours was taken (or dropped): the client gets its credit back."""
+        self.held -= n
+        if self.idle_timer is not None:
+            self.last_data = asyncio.get_running_loop().time()  # the client may send again
+        self.down.ack(sid, n)
+
+    def _request_idle(self) -> None:
+        """No request data for Limits.head_timeout while the client owed some, and none of it
+        held here: 408 (or a reset once the response started)."""
+        self.idle_timer = None
+        timeout = self.host.limits.head_timeout
+        if self.request_ended or self.finished or self.reset or timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self.last_data + timeout
+        if self.held > 0 or due > loop.time():  # still arriving, or waiting on us
+            self.idle_timer = loop.call_at(max(due, loop.time() + timeout / 4), self._request_idle)
+            return
+        why = f"no request data within {timeout:g}s"
+        self.fail(Failure.CLIENT_RESET, why)
+        self.reset_upstream(ErrorCodes.CANCEL)
+        if self.response_started:
+            self.down.reset_stream(self.sid, ErrorCodes.CANCEL)
+            self.end()
+        else:
+            self.local(408, local_body(408, why))
+        self.host.check_done()
 
     def request_trailers(self, headers: RawHeaders) -> None:
         if (self.forwarding or self.deciding) and not self.request_end_queued and not self.reset:
@@ -119,6 +161,7 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_ended = True
+        self._cancel_idle()
         if (self.forwarding or self.deciding) and not self.request_end_queued and not self.reset:
             self.request_end_queued = True
             self._to_upstream(Out(end=True))
@@ -340,6 +383,7 @@ class Exchange:
             self._forget()
 
     def _forget(self) -> None:
+        self._cancel_idle()
         if self.down.exchanges.get(self.sid) is self:
             del self.down.exchanges[self.sid]
         up = self.up
@@ -353,6 +397,11 @@ class Exchange:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _cancel_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
 
     def _finish(self) -> None:
         if self.finished:

@@ -27,6 +27,11 @@ Choices:
   `max_request_body` (413, or a reset once the response has started) and
   `timeout` (504 until the response head) hold per stream; `retry` is not
   applied to HTTP/2 (a limit: the request is not kept to be sent again).
+- `Limits.head_timeout` (None: none): a connection with no open stream for that long
+  (a preface then silence, an idle keep-alive connection) is closed with
+  GOAWAY(NO_ERROR), not reset by PINGs or SETTINGS; a stream whose request body
+  stops for that long (while none of it waits here for the upstream) gets 408, or
+  a reset once its response started.
 - A protocol error or flood from the client ends its connection with GOAWAY;
   the upstream streams of its requests are reset. A client's graceful GOAWAY
   or EOF lets the requests it has sent finish, then the connection closes.
@@ -79,12 +84,16 @@ class Http2Proxy:
         self.ups_by_key: dict[object, Upstreams[Exchange]] = {}
         self.done = asyncio.Event()
         self.ending = False  # the client sends no more requests (EOF or GOAWAY)
+        # Limits.head_timeout: a connection with no open stream is closed after it (a preface
+        # then silence, or a keep-alive connection left idle)
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     async def run(self) -> None:
         try:
             self.down.start(self.tasks)
             if self.prefix:
                 self.down.receive(self.prefix)
+            self._arm_idle()
             await self.done.wait()
         except Exception:
             log.exception("HTTP/2 proxy failed; closing the connection")
@@ -98,9 +107,27 @@ class Http2Proxy:
             self.down.lost is not None or (self.ending and not self.down.exchanges)
         ):
             self.done.set()
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        timeout = self.limits.head_timeout
+        if timeout is None or self.idle_timer is not None or self.down.exchanges or self.done.is_set():
+            return
+        self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._idle)
+
+    def _idle(self) -> None:
+        self.idle_timer = None
+        if self.down.exchanges or self.done.is_set():
+            return
+        timeout = self.limits.head_timeout
+        log.debug("HTTP/2: no request within %ss: closing", timeout)
+        self.side_failed(self.down, f"no request within {timeout:g}s", ErrorCodes.NO_ERROR, wire_gone=False)
 
     async def _shutdown(self) -> None:
         self.done.set()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         await self.tasks.close()
         for x in list(self.down.exchanges.values()):
             x.fail(Failure.CLIENT_RESET, "connection closed")
@@ -235,6 +262,9 @@ class Http2Proxy:
             log.warning("HTTP/2 downstream: unexpected event %r", event)
 
     def _on_request(self, sid: int, headers: RawHeaders) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         record = RequestRecord(protocol="HTTP/2", start=self.hooks.clock(), stream_id=sid)
         x = Exchange(self, sid, record)
         pseudo = {n: v.decode("ascii", "surrogateescape") for n, v in headers if n.startswith(b":")}

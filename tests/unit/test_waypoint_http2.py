@@ -642,3 +642,23 @@ async def test_431_also_before_the_client_acknowledged_our_settings() -> None:
                     status = dict(event.headers)[b":status"]
                 assert not isinstance(event, h2e.ConnectionTerminated), event
     assert status == b"431"
+
+
+async def test_head_timeout_closes_idle_connections_and_stalled_request_bodies() -> None:
+    # review 14: HTTP/2 had no idle or head timeout: a preface then silence, or HEADERS whose
+    # body never comes, held the connection (and a gateway's memory) for ever
+    glue = h2_glue()
+    async with waypoint(glue, Limits(head_timeout=0.3)) as (client, _, task):
+        c = H2Client(client)  # preface and SETTINGS, then nothing
+        await asyncio.wait_for(asyncio.shield(task), TIMEOUT)  # the engine closed it
+        await c.close()
+    glue = h2_glue()
+    async with waypoint(glue, Limits(head_timeout=0.3)) as (client, _, task):
+        c = H2Client(client)
+        assert (await c.request("POST", "/up", body=b"x" * 100)).status == 200  # a body that comes
+        sid = await c.start("POST", "/slow")  # and one that does not
+        r = await c.response(sid)
+        assert r.status == 408 and b"no request data" in r.body
+        await asyncio.wait_for(asyncio.shield(task), TIMEOUT)  # then no stream is open: closed
+        await c.close()
+    assert [r.status for r in glue.records] == [200, 408] and glue.records[1].failure is Failure.CLIENT_RESET
