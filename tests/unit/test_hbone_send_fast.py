@@ -121,3 +121,47 @@ def test_fast_receive_debits_h2s_windows(monkeypatch: pytest.MonkeyPatch) -> Non
     assert h2conn._inbound_flow_control_window_manager.current_window_size == before_conn - 1000, UPGRADE
     assert h2conn.streams[sid]._inbound_window_manager.current_window_size == before_stream - 1000, UPGRADE
     assert h2conn.streams[sid]._actual_content_length == 1000, UPGRADE
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fast_acknowledgements_match_h2(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Item 6: acknowledgements counted straight into h2's window managers give the same
+    WINDOW_UPDATEs, at the same moments, and the same window state as h2's own
+    acknowledge_received_data, also once our side has ended (half-closed, h2's path)."""
+    traces = []
+    taken: list[bool] = []
+    original = HboneH2Connection.acknowledge_fast
+    for fast in (True, False):
+
+        def counted(self: HboneH2Connection, n: int, stream_id: int, _fast: bool = fast) -> bool:
+            ok = _fast and original(self, n, stream_id)
+            taken.append(ok)
+            return ok
+
+        monkeypatch.setattr(HboneH2Connection, "acknowledge_fast", counted)
+        rng = random.Random(seed)
+        client, server, sid = tunnel(monkeypatch, True)
+        trace: list[object] = []
+        for step in range(150):
+            if step == 100:
+                server.end_stream(sid)
+            size = rng.choice((1, 64, 1000, 16_384, 100_000, 1_000_000))
+            client.send_data(sid, b"a" * size)
+            got = sum(len(e.data) for e in server.receive_data(client.data_to_send(), 0.0)
+                      if isinstance(e, StreamData))
+            while got:
+                part = rng.randint(1, got)
+                server.acknowledge_received(sid, part)
+                got -= part
+            out = server.data_to_send()
+            client.receive_data(out, 0.0)
+            conn = server._h2._inbound_flow_control_window_manager
+            stream = server._h2.streams[sid]._inbound_window_manager
+            trace.append((out, conn.current_window_size, conn._bytes_processed,
+                          stream.current_window_size, stream._bytes_processed))
+        traces.append(trace)
+        if fast:
+            assert any(taken), "no acknowledgement took the fast path: the comparison would prove nothing"
+            taken.clear()
+    assert not any(taken), "h2's public run took the fast path"
+    assert traces[0] == traces[1], UPGRADE

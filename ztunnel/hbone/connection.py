@@ -234,7 +234,8 @@ class _HboneConnection:
                     break
                 payload = view[pos + 9 : frame_end]
                 self._guard.frame(ftype, flags, length, payload, self._now)
-                self._account_header_block(ftype, flags, sid, length)
+                if self._block_stream is not None or ftype in (HEADERS, PUSH_PROMISE):
+                    self._account_header_block(ftype, flags, sid, length)
                 if ftype == GOAWAY and self._block_stream is None and length >= 8 and (
                     int.from_bytes(payload[4:8], "big") == ErrorCodes.NO_ERROR
                 ):
@@ -255,7 +256,8 @@ class _HboneConnection:
                     and self._block_stream is None
                     and length <= self._h2.max_inbound_frame_size
                 ):
-                    self._feed(view[run_start:pos], events)
+                    if pos > run_start:
+                        self._feed(view[run_start:pos], events)
                     run_start = frame_end
                     if not self._closed:
                         if plain_data and self._h2.receive_data_fast(sid, length):
@@ -268,7 +270,7 @@ class _HboneConnection:
                 if ftype == SETTINGS:
                     self._feed(view[run_start:pos], events)
                     run_start = pos
-            if not self._closed:
+            if pos > run_start and not self._closed:
                 self._feed(view[run_start:pos], events)
             if not buffered:
                 self._inbuf += view[pos:]
@@ -469,6 +471,14 @@ class _HboneConnection:
 
         The rest must wait for a WindowOpened event for this stream (or None).
         """
+        h2 = self._h2
+        n = len(data)
+        if n and h2.direct_data and not self._closed and h2.debit_send_fast(stream_id, n):
+            # all of it in one frame on an open stream (h2compat item 5): what the general
+            # path below ends up doing, without its separate checks and lookups
+            self._chunks.append(b"".join((h2.data_to_send(), data_frame_header(stream_id, n), data)))
+            self._guard.data_frames_sent(1, self._now)
+            return n
         self._check_sendable("send_data", stream_id)
         total = len(data)
         if total == 0:
@@ -478,9 +488,8 @@ class _HboneConnection:
         if take <= 0:
             self._blocked.add(stream_id)
             return 0
-        frame = self._h2.max_outbound_frame_size
+        frame = h2.max_outbound_frame_size
         frames = 0
-        h2 = self._h2
         with memoryview(data) as view:
             fast = h2.direct_data
             try:
@@ -538,7 +547,9 @@ class _HboneConnection:
             del self._unacked[stream_id]
         else:
             self._unacked[stream_id] = pending - n
-        self._h2.acknowledge_received_data(n, stream_id)
+        h2 = self._h2
+        if not (h2.direct_data and h2.acknowledge_fast(n, stream_id)):
+            h2.acknowledge_received_data(n, stream_id)
 
     def _mark_finished(self, stream_id: int) -> None:
         self._finished.add(stream_id)

@@ -58,7 +58,15 @@ do not blur the comparison, median of 21 runs; CPU per 256 MiB received):
    ztunnels' CPU per GB down 10-13%, throughput against HAProxy 0.75 -> 0.93
    and 0.52 -> 0.68 (bench/README.md, item 5).
 
-Items 1, 2 and 5 are gated: they are on only for the h2 and hyperframe versions
+6. Acknowledged bytes are counted into h2's window managers directly while no
+   WINDOW_UPDATE is due (`acknowledge_fast`: private `WindowManager._bytes_processed`,
+   `H2Stream._inbound_window_manager`, and h2's rule for when an update is due,
+   copied in `_would_update`); when one is due, or the stream is not open, h2's
+   `acknowledge_received_data` takes them. h2's version logs, validates, looks
+   the stream up, runs both managers and joins an empty list of frames for
+   every acknowledgement, which is every message received.
+
+Items 1, 2, 5 and 6 are gated: they are on only for the h2 and hyperframe versions
 below, those this module's tests passed with. Outside them, or when an
 attribute they need is missing, DATA frames take h2's public receive_data
 (correct, slower) and the reason is logged once. Items 3 and 4 have no public
@@ -155,6 +163,12 @@ def data_frame_header(stream_id: int, length: int) -> bytes:
     return length.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
 
 
+def _would_update(window: Any, processed: int) -> bool:
+    """h2's WindowManager._maybe_update_window would send an increment with `processed`."""
+    size, top = window.current_window_size, window.max_window_size
+    return bool((size == 0 and processed > min(1024, top // 4)) or processed >= top // 2)
+
+
 class _QuietDataFrame(DataFrame):
     """A DATA frame whose repr does not hex-encode its payload (item 2)."""
 
@@ -178,7 +192,8 @@ class HboneH2Connection(H2Connection):
         table = getattr(self, "_frame_dispatch_table", None)
         if off is None and not (isinstance(table, dict) and DataFrame in table):
             off = f"h2 {h2.__version__} has no per-connection _frame_dispatch_table for DataFrame"
-        #: True when `receive_data_frame`, `receive_data_fast` and `send_data_fast` may be used.
+        #: True when `receive_data_frame`, `receive_data_fast`, `send_data_fast`, `debit_send_fast`
+        #: and `acknowledge_fast` may be used.
         self.direct_data = off is None
         if off is not None:
             _log_off_once(off)
@@ -241,13 +256,31 @@ class HboneH2Connection(H2Connection):
         owes the peer that frame (`data_frame_header` + the bytes), after whatever h2 has
         queued so far (`data_to_send()`). False (nothing done) when h2's own path must send it."""
         stream = self.streams.get(stream_id)
-        if stream is None or stream.state_machine.state not in _SENDING:
+        if stream is None or stream.state_machine.state not in _SENDING or not stream.state_machine.headers_sent:
             return False
         if (self.state_machine.state not in _OPEN or n > self.max_outbound_frame_size
                 or n > self.outbound_flow_control_window or n > stream.outbound_flow_control_window):
             return False
         stream.outbound_flow_control_window -= n
         self.outbound_flow_control_window -= n
+        return True
+
+    def acknowledge_fast(self, n: int, stream_id: int) -> bool:
+        """Item 6: hand back n consumed bytes of an open stream when neither window manager
+        would emit a WINDOW_UPDATE for them yet (h2's rule: half the window consumed, or an
+        empty window and some consumed), by counting them as h2 does; False (nothing done)
+        when h2's acknowledge_received_data must take them (it then sends the update)."""
+        stream = self.streams.get(stream_id)
+        if n <= 0 or stream is None or stream.state_machine.state is not StreamState.OPEN:
+            return False
+        conn_window = self._inbound_flow_control_window_manager
+        stream_window = stream._inbound_window_manager
+        conn_done = conn_window._bytes_processed + n
+        stream_done = stream_window._bytes_processed + n
+        if _would_update(conn_window, conn_done) or _would_update(stream_window, stream_done):
+            return False
+        conn_window._bytes_processed = conn_done
+        stream_window._bytes_processed = stream_done
         return True
 
     def stream_state(self, stream_id: int) -> StreamState | None:
