@@ -11,8 +11,9 @@ directions are over.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from h2.errors import ErrorCodes
@@ -50,6 +51,8 @@ class Exchange:
         self.method = ""
         self.forwarding = False  # allowed: the request goes upstream
         self.deciding = False  # the glue's verdict is awaited: the request's parts wait in `early`
+        self.decision: asyncio.Task[None] | None = None  # that wait; cancelled when the stream ends
+        self.decision_verdict: Awaitable[Verdict] | None = None
         self.verdict: Verdict | None = None
         self.ups: Upstreams[Exchange] | None = None  # the upstream connections it goes to
         self.timer: asyncio.TimerHandle | None = None  # the verdict's timeout
@@ -366,6 +369,17 @@ class Exchange:
         self._finish()
         self._forget_if_done()
 
+    def abandon_decision(self, verdict: Awaitable[Verdict] | None = None) -> None:
+        """Cancel the glue's pending decision (its stream is gone); a coroutine that never
+        started is closed (so it is not reported as never awaited)."""
+        task, self.decision = self.decision, None
+        if task is not None and not task.done():
+            task.cancel()
+        pending = verdict or self.decision_verdict
+        self.decision_verdict = None
+        if inspect.iscoroutine(pending) and inspect.getcoroutinestate(pending) == inspect.CORO_CREATED:
+            pending.close()
+
     def end(self) -> None:
         """The exchange is over (reset, or failed): report it and forget it."""
         self.reset = True
@@ -404,6 +418,8 @@ class Exchange:
             self.idle_timer = None
 
     def _finish(self) -> None:
+        if self.decision is not None:  # answered or reset while the glue was deciding
+            self.abandon_decision()
         if self.finished:
             return
         self._cancel_timer()

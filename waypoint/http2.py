@@ -32,6 +32,10 @@ Choices:
   GOAWAY(NO_ERROR), not reset by PINGs or SETTINGS; a stream whose request body
   stops for that long (while none of it waits here for the upstream) gets 408, or
   a reset once its response started.
+- A decision the glue must wait for (an external authorizer) belongs to its stream:
+  a client's RST_STREAM, or the connection's end, cancels it (rapid resets cannot
+  pile up calls to the authorizer), and at most `h2_max_concurrent_streams` wait
+  per connection.
 - A protocol error or flood from the client ends its connection with GOAWAY;
   the upstream streams of its requests are reset. A client's graceful GOAWAY
   or EOF lets the requests it has sent finish, then the connection closes.
@@ -87,6 +91,7 @@ class Http2Proxy:
         # Limits.head_timeout: a connection with no open stream is closed after it (a preface
         # then silence, or a keep-alive connection left idle)
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.pending = 0  # decisions awaited (Hooks.decide returned an awaitable)
 
     async def run(self) -> None:
         try:
@@ -278,15 +283,32 @@ class Http2Proxy:
                     size=sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in headers))
         outcome = admit(head, self.hooks, self.limits, record)
         if isinstance(outcome, Deciding):
-            # the body waits, unacknowledged (the client's window bounds it), for the verdict
+            if self.pending >= self.limits.h2_max_concurrent_streams:
+                # defense in depth: decisions die with their streams, so h2's stream limit
+                # bounds them; never more pending per connection than that
+                x.abandon_decision(outcome.verdict)
+                x.fail(Failure.CLIENT_RESET, "too many requests awaiting a decision")
+                x.down.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+                x.end()
+                return
+            # the body waits, unacknowledged (the client's window bounds it), for the verdict;
+            # the decision is the exchange's: a reset or the connection's end cancels it (an
+            # external authorizer is not asked on behalf of streams that are gone)
             x.deciding = True
-            self.tasks.spawn(f"decide-{sid}", self._settle(x, outcome, regular, scheme))
+            self.pending += 1
+            x.decision = self.tasks.spawn(f"decide-{sid}", self._settle(x, outcome, regular, scheme))
+            x.decision.add_done_callback(self._decided)
+            x.decision_verdict = outcome.verdict
             return
         self._answer(x, outcome, regular, scheme)
+
+    def _decided(self, task: asyncio.Task[None]) -> None:
+        self.pending -= 1
 
     async def _settle(self, x: Exchange, deciding: Deciding, regular: RawHeaders, scheme: str) -> None:
         outcome = await settle(deciding, x.record)
         x.deciding = False
+        x.decision = None
         if x.alive:  # else the client reset the stream meanwhile
             self._answer(x, outcome, regular, scheme)
             self.side_received(self.down)

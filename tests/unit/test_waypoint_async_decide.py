@@ -116,3 +116,38 @@ async def test_http2_client_reset_while_deciding() -> None:
         await c.close()
     assert glue.opened == 1  # only for /after
     assert [r.failure for r in glue.records if r.path == "/a"] == [Failure.CLIENT_RESET]
+
+
+async def test_http2_a_reset_cancels_its_pending_decision() -> None:
+    # review 14: a decision outlived its stream's RST_STREAM: 400 HEADERS+RST_STREAM pairs left
+    # 400 calls pending at the external authorizer (rapid-reset amplification)
+    gate = asyncio.Event()
+    pending = 0
+
+    async def authorizer(r: Request) -> Verdict:
+        nonlocal pending
+        pending += 1
+        try:
+            await gate.wait()
+            return Verdict.allow()
+        finally:
+            pending -= 1
+
+    glue = Glue(upstream="http2")
+    glue.decide_fn = authorizer  # type: ignore[assignment]
+    async with waypoint(glue) as (client, _, task):
+        c = H2Client(client)
+        for _ in range(400):
+            sid = await c.start("GET", "/", end=True)
+            c.reset(sid)
+        for _ in range(500):
+            if len(glue.requests) == 400 and pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        # every request was judged; none is still waiting at the authorizer (most never got there)
+        assert (len(glue.requests), pending) == (400, 0), "decisions for reset streams are cancelled"
+        assert not task.done()
+        gate.set()
+        assert (await c.request("GET", "/after")).status == 200
+        await c.close()
+    assert glue.opened == 1
