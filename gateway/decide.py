@@ -245,7 +245,7 @@ def _key(limit: Limit, client_ip: str, claims: Mapping[str, object], headers: Ma
     if limit.key_type == "Claim":
         v = claims.get(limit.key_name)
         if isinstance(v, str | int) and not isinstance(v, bool):
-            return f"claim:{v}"
+            return f"claim:{claims.get('iss')}\0{v}"  # the same `sub` of two issuers: two clients
     elif limit.key_type == "Header":
         hv = headers.get(limit.key_name)
         if hv:

@@ -25,12 +25,18 @@ token; it then takes one from each (a refused request takes none). Over a limit:
 too (of the limit with the fewest requests left).
 
 Buckets live in the gateway process: a limit holds per replica (see docs/gateway.md for
-what a limit shared by replicas would take). Full buckets are the same as none, so the
-least recently used are dropped beyond `max_keys`.
+what a limit shared by replicas would take). A bucket is keyed by a 16-byte BLAKE2b digest
+of its key (a header or claim value is the client's to make long), and a claim's key
+names its issuer (two issuers' `sub: alice` are two clients). Beyond `max_keys` buckets
+one is dropped for each new key: a full one (the same as none) among the least recently
+used when there is one; else the least recently used, which resets that client's limit
+(it gets a full bucket again): a flood of more distinct keys than `max_keys` within a
+refill period weakens the limits of the keys it pushes out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -134,10 +140,23 @@ def compile_rate_limit(obj: RouteObject) -> CompiledRateLimit:
     return CompiledRateLimit(ns, name, tuple(targets), tuple(limits))
 
 
+EVICTION_SCAN = 64  # least recently used buckets looked at for a full one to drop
+
+
+def bucket_key(key: str) -> bytes:
+    """The 16 bytes a bucket is kept under: a digest, never the (client-sized) key itself."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
 @dataclass
 class _Bucket:
     tokens: float
     updated: float
+    burst: float
+    rate: float
+
+    def full(self, now: float) -> bool:
+        return self.tokens + (now - self.updated) * self.rate >= self.burst
 
 
 @dataclass(frozen=True)
@@ -155,7 +174,7 @@ class RateLimiter:
 
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self.max_keys = max_keys
-        self._buckets: OrderedDict[tuple[str, int, str], _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[tuple[str, int, bytes], _Bucket] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -182,15 +201,26 @@ class RateLimiter:
         return Outcome(True, headers=_headers(state, limit, int(b.tokens), (limit.burst - b.tokens) / limit.rate))
 
     def _bucket(self, limit: Limit, key: str, now: float) -> _Bucket:
-        k = (limit.policy, limit.index, key)
+        k = (limit.policy, limit.index, bucket_key(key))
         b = self._buckets.get(k)
         if b is None:
-            b = self._buckets[k] = _Bucket(float(limit.burst), now)
-            while len(self._buckets) > self.max_keys:
-                self._buckets.popitem(last=False)
+            while len(self._buckets) >= self.max_keys:
+                self._evict(now)
+            b = self._buckets[k] = _Bucket(float(limit.burst), now, float(limit.burst), limit.rate)
         else:
             self._buckets.move_to_end(k)
         return b
+
+    def _evict(self, now: float) -> None:
+        """Drop a full bucket among the least recently used (nothing is lost), else the least
+        recently used (its client's limit starts over)."""
+        for i, (k, b) in enumerate(self._buckets.items()):
+            if i >= EVICTION_SCAN:
+                break
+            if b.full(now):
+                del self._buckets[k]
+                return
+        self._buckets.popitem(last=False)
 
     def forget(self, keep: set[str]) -> None:
         """Drop the buckets of limits no longer in force (`keep`: the policies' "ns/name")."""

@@ -3,6 +3,7 @@ IETF draft's headers; and the CORS filter's answers (gateway/cors.py)."""
 
 from __future__ import annotations
 
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from ambit.cluster import Meta, RouteObject
 from gateway.cors import is_preflight, origin_allowed, preflight, response_headers
+from gateway.decide import _key
 from gateway.ratelimit import Limit, RateLimiter, compile_rate_limit
 from gateway.routes import Cors
 from gateway.spec import SpecError
@@ -115,3 +117,41 @@ def test_cors_preflight_and_response_headers() -> None:
     assert no.status == 403 and not any(n.startswith("access-control") for n, _ in no.headers)
     assert dict(response_headers(SHOP, "https://shop.example.com"))["access-control-expose-headers"] == "x-request-id"
     assert response_headers(SHOP, "https://evil.example") == (("vary", "Origin"),)
+
+
+def test_bucket_keys_are_digests_not_client_values() -> None:
+    # review 14: header-keyed buckets held whole header values: 2,000 distinct 60 KiB
+    # x-api-key values kept 118 MiB (at MAX_KEYS, ~5.7 GiB)
+    lim = Limit("orders/rl", 0, "per-key", 10, 60.0, 10, "Header", "x-api-key")
+    rl = RateLimiter()
+    n, size = 2000, 60 * 1024
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            rl.check([(lim, f"header:{i:08d}" + "A" * size)], float(i))
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert len(rl) == n and used < n * 1024, f"{used} bytes for {n} buckets"
+
+
+def test_a_full_bucket_is_dropped_before_a_drained_one() -> None:
+    # dropping a partly drained bucket gives its client a fresh burst
+    hourly = Limit("p", 0, "hourly", 1, 3600.0, 1, "ClientIP")
+    fast = Limit("p", 1, "fast", 10, 1.0, 1, "ClientIP")
+    rl = RateLimiter(max_keys=2)
+    assert rl.check([(hourly, "greedy")], 0.0).allowed  # drained for an hour
+    assert rl.check([(fast, "b")], 0.5).allowed  # full again 0.1 s later
+    assert rl.check([(fast, "c")], 1.0).allowed  # one must go: b is full, greedy (the oldest) is not
+    assert not rl.check([(hourly, "greedy")], 1.0).allowed, "greedy's limit held"
+    assert len(rl) == 2
+
+
+def test_claim_keys_name_their_issuer() -> None:
+    lim = Limit("p", 0, "x", 1, 60.0, 1, "Claim", "sub")
+    a = _key(lim, "10.0.0.1", {"iss": "https://a.example", "sub": "alice"}, {})
+    b = _key(lim, "10.0.0.1", {"iss": "https://b.example", "sub": "alice"}, {})
+    assert a != b and "alice" in a
+    rl = RateLimiter()
+    assert rl.check([(lim, a)], 0.0).allowed and rl.check([(lim, b)], 0.0).allowed
