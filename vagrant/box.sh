@@ -183,6 +183,7 @@ EOF
   trap - EXIT
   # Older boxes of other keys are of no use any more.
   find "$CACHE/vagrant" -mindepth 1 -maxdepth 1 -type d ! -name "$key" ! -name '.build.*' -exec rm -rf {} +
+  find "$CACHE/vagrant" -mindepth 1 -maxdepth 1 -type d -name '.build.*' -mmin +120 -exec rm -rf {} +  # killed builds
   log "built $out/ambit-node.box (kernel $kver) in $((SECONDS - t0))s"
   echo "$out/ambit-node.box"
 }

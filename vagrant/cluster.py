@@ -13,8 +13,11 @@ Each VM is one node: its agent and ztunnel run in the VM's own network namespace
 (as a DaemonSet pod with hostNetwork would); its pods are network namespaces with
 a veth on the node's bridge `cbr0` and a cgroup, named as the local cluster names
 them, so the agent's `--runtime local:/var/lib/ambit/vm` (LocalPodRuntime) finds
-them by the same rules. The state is static: no API server, so every VM gets the
-same copy and the pods' phases are written as Running up front.
+them by the same rules. The VM's one NIC is eth0 (the box boots with
+net.ifnames=0), which is the node uplink the local runtime names, so the agent's
+inbound TC programs sit on the interface HBONE and plaintext from the other VM
+arrive on. The state is static: no API server, so every VM gets the same copy and
+the pods' phases are written as Running up front.
 """
 
 from __future__ import annotations

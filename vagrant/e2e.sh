@@ -130,7 +130,7 @@ free_cidr() {  # a /24 no route and no libvirt network of this machine uses
 vagrant_() { (cd "$here" && vagrant "$@"); }
 stamp() {  # (progress bars, redrawn with carriage returns, left out)
   local line
-  tr '\r' '\n' | while IFS= read -r line; do
+  sed -u 's/\r/\n/g' | while IFS= read -r line; do
     case $line in *Progress:*) continue ;; esac
     printf '%4d %s\n' "$((SECONDS - T0))" "$line"
   done
@@ -201,6 +201,9 @@ offline() {
   trap cleanup EXIT
   trap 'exit 143' TERM INT
   ensure_libvirtd
+  # libvirt probes qemu again on its first use after a start (here it always finds its cache
+  # stale): have it do so now, while the box is built or found, not while vagrant waits.
+  (virsh -q domcapabilities --virttype qemu --arch x86_64 >/dev/null 2>&1 &)
 
   local box t
   t=$SECONDS
