@@ -228,7 +228,9 @@ def _validate(rule: Rule, default_body: int, req: Request) -> tuple[int, Rejecti
         if size > lim.max_header_bytes:
             return 431, "headers_too_large", f"{size} bytes of header fields, over the route's {lim.max_header_bytes}"
     length = req.header("content-length")
-    has_body = req.header("transfer-encoding") is not None or (length is not None and length.strip() not in ("", "0"))
+    # HTTP/2 frames a body without either field: the engine says whether one may follow
+    has_body = req.has_body or req.header("transfer-encoding") is not None or (
+        length is not None and length.strip() not in ("", "0"))
     if lim.content_types and has_body:
         ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
         if not any(ctype == t or (t.endswith("/*") and ctype.startswith(t[:-1])) for t in lim.content_types):

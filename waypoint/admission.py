@@ -48,6 +48,7 @@ class Head:
     protocol: HttpVersion
     size: int
     stream_id: int | None = None
+    has_body: bool = False  # a body may follow (HTTP/2: HEADERS without END_STREAM)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def admit(head: Head, hooks: Hooks, limits: Limits, record: RequestRecord) -> Ad
         headers=text_headers(head.headers),
         protocol=head.protocol,
         stream_id=head.stream_id,
+        has_body=head.has_body,
     )
     record.request = request
     try:

@@ -61,6 +61,8 @@ class Request:
     `path` is normalized (waypoint.paths), `query` kept aside (None when the
     target had no "?"); `target` is the raw request-target or :path.
     `authority` comes from the absolute-form target, :authority or Host.
+    `has_body`: a body may follow the head (HTTP/1: a length over 0 or a transfer coding;
+    HTTP/2: HEADERS without END_STREAM, whatever the fields say).
     """
 
     method: str
@@ -72,6 +74,7 @@ class Request:
     headers: list[tuple[str, str]]
     protocol: HttpVersion
     stream_id: int | None = None
+    has_body: bool = False
 
     def header(self, name: str) -> str | None:
         """The values of a header joined (waypoint.headers.join_values: ", ", cookies "; "),

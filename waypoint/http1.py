@@ -52,7 +52,17 @@ from dataclasses import dataclass
 
 import h11
 
-from waypoint.admission import Admitted, Deciding, Head, Refused, admit, local_body, reason, settle
+from waypoint.admission import (
+    Admitted,
+    Deciding,
+    Head,
+    Refused,
+    admit,
+    declared_length,
+    local_body,
+    reason,
+    settle,
+)
 from waypoint.exchange import Failure, Hooks, HttpVersion, Limits, RequestRecord, Verdict
 from waypoint.h1peer import ClientFailed, H1Peer, UpstreamFailed
 from waypoint.headers import (
@@ -163,6 +173,7 @@ class Http1Proxy:
             headers=raw,
             protocol=version,
             size=len(event.method) + len(event.target) + 12 + sum(len(n) + len(v) + 4 for n, v in raw),
+            has_body=header_value(raw, b"transfer-encoding") is not None or (declared_length(raw) or 0) > 0,
         )
         try:
             decided = admit(head, self.hooks, self.limits, record)

@@ -241,7 +241,7 @@ class Http2Proxy:
 
     def _down_event(self, event: h2e.Event) -> None:
         if isinstance(event, h2e.RequestReceived):
-            self._on_request(event.stream_id, event.headers or [])
+            self._on_request(event.stream_id, event.headers or [], has_body=event.stream_ended is None)
         elif isinstance(event, (h2e.DataReceived, h2e.TrailersReceived, h2e.StreamEnded,
                                 h2e.StreamReset)):
             x = self.down.exchanges.get(event.stream_id)
@@ -266,7 +266,7 @@ class Http2Proxy:
         elif not isinstance(event, _IGNORED):
             log.warning("HTTP/2 downstream: unexpected event %r", event)
 
-    def _on_request(self, sid: int, headers: RawHeaders) -> None:
+    def _on_request(self, sid: int, headers: RawHeaders, *, has_body: bool) -> None:
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -279,7 +279,7 @@ class Http2Proxy:
         scheme = pseudo.get(b":scheme", "http")
         head = Head(method=x.method, target=pseudo.get(b":path", ""),
                     authority=pseudo.get(b":authority") or host, scheme=scheme, headers=regular,
-                    protocol="HTTP/2", stream_id=sid,
+                    protocol="HTTP/2", stream_id=sid, has_body=has_body,
                     size=sum(len(n) + len(v) + HEADER_OVERHEAD for n, v in headers))
         outcome = admit(head, self.hooks, self.limits, record)
         if isinstance(outcome, Deciding):

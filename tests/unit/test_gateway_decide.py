@@ -248,3 +248,13 @@ def test_joined_is_the_one_view_both_proxies_check() -> None:
         "a": "1, 2", "cookie": "s=1; t=2", "A-B": "x"}
     r = Request("GET", "http", "h", "/", "/", None, [("cookie", "s=1"), ("cookie", "t=2")], "HTTP/2")
     assert r.header("Cookie") == "s=1; t=2"
+
+
+def test_allowed_content_types_hold_for_http2_bodies(rig: Rig) -> None:
+    # review 14: HTTP/2 frames its body without Content-Length or Transfer-Encoding, so a POST of
+    # text/xml in DATA frames skipped allowed-content-types
+    w = bearer(token(scope="write:orders", sub="kim"))
+    req = Request("POST", "http", "shop.example.com", "/api/v1/orders", "/api/v1/orders", None,
+                  [*w, ("content-type", "text/xml")], "HTTP/2", 1, True)
+    j = decide(rig.view, rig.snap, Connection(PARTNER, 80, False), req, rig.ctx, now=time.time(), mono=2000.0)
+    assert (j.status, j.rejection) == (415, "unsupported_media_type")

@@ -13,6 +13,7 @@ from tests.unit.test_waypoint_harness import (
     TIMEOUT,
     ClientStream,
     Glue,
+    H1Client,
     H2Client,
     H2Server,
     Reply,
@@ -662,3 +663,19 @@ async def test_head_timeout_closes_idle_connections_and_stalled_request_bodies()
         await asyncio.wait_for(asyncio.shield(task), TIMEOUT)  # then no stream is open: closed
         await c.close()
     assert [r.status for r in glue.records] == [200, 408] and glue.records[1].failure is Failure.CLIENT_RESET
+
+
+async def test_the_request_says_whether_a_body_follows() -> None:
+    glue = h2_glue()
+    async with waypoint(glue) as (client, _, _task):
+        c = H2Client(client)
+        assert (await c.request("POST", "/body", body=b"x")).status == 200
+        assert (await c.request("GET", "/none")).status == 200
+        await c.close()
+    assert [(r.path, r.has_body) for r in glue.requests] == [("/body", True), ("/none", False)]
+    glue = Glue()
+    async with waypoint(glue) as (client, _, _task):
+        h1 = H1Client(client)
+        assert (await h1.request("POST", "/body", body=b"x")).status == 200
+        assert (await h1.request("GET", "/none")).status == 200
+    assert [(r.path, r.has_body) for r in glue.requests] == [("/body", True), ("/none", False)]
