@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -504,7 +505,8 @@ def _setup_pod_network(layout: Layout, node: L.NodePlan, ns: str, name: str, ip:
     nsops.add_address(pns, L.POD_IFNAME, ip, 24)
     nsops.add_route(pns, "default", node.gateway)
     cgroups.create(layout.pod_cgroup(node.name, ns, name))
-    nsops.write_etc_file(pns, "hosts", L.render_hosts(name, ip, {}))
+    nsops.write_etc_file(pns, "hosts", L.render_hosts(name, ip, {}, hostname=socket.gethostname()))
+    nsops.write_etc_file(pns, "resolv.conf", L.RESOLV_CONF)
 
 
 def _teardown_pod(layout: Layout, ns: str, name: str, node: str) -> None:
@@ -530,7 +532,8 @@ def refresh_hosts(layout: Layout, store: Store) -> None:
         md = p["metadata"]
         pns = layout.pod_netns(str(md.get("namespace") or "default"), str(md["name"]))
         if nsops.exists(pns):
-            nsops.write_etc_file(pns, "hosts", L.render_hosts(str(md["name"]), (p.get("status") or {}).get("podIP"), services))
+            nsops.write_etc_file(pns, "hosts", L.render_hosts(
+                str(md["name"]), (p.get("status") or {}).get("podIP"), services, hostname=socket.gethostname()))
 
 
 def delete(state_dir: Path, paths: Sequence[Path], ignore_not_found: bool = False) -> list[str]:

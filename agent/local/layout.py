@@ -238,15 +238,29 @@ def check_vip(vip: str, where: str) -> str:
     return str(addr)
 
 
-def render_hosts(pod_name: str, pod_ip: str | None, services: Mapping[tuple[str, str], str], domain: str = "svc.cluster.local") -> str:
-    """/etc/hosts of a pod: localhost, itself, and `<svc>.<ns>.svc.cluster.local` plus `<svc>.<ns>` per service VIP."""
+def render_hosts(pod_name: str, pod_ip: str | None, services: Mapping[tuple[str, str], str],
+                 domain: str = "svc.cluster.local", hostname: str | None = None) -> str:
+    """/etc/hosts of a pod: localhost, itself, and `<svc>.<ns>.svc.cluster.local` plus `<svc>.<ns>` per service VIP.
+
+    `hostname` is the name the pod's processes see (a local pod shares the machine's UTS
+    namespace): it maps to the pod's address, as Kubernetes maps a pod's hostname, so a
+    lookup of it (Python's HTTPServer does one at bind) is answered here, not by DNS.
+    """
     lines = [
         "# written by ambit local; services of the local cluster",
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
     ]
     if pod_ip:
-        lines.append(f"{pod_ip}\t{pod_name}")
+        names = [pod_name] + ([hostname] if hostname and hostname != pod_name else [])
+        lines.append(f"{pod_ip}\t{' '.join(names)}")
     for (ns, svc), vip in sorted(services.items()):
         lines.append(f"{vip}\t{svc}.{ns}.{domain} {svc}.{ns}")
     return "\n".join(lines) + "\n"
+
+
+# /etc/resolv.conf of a pod: the local cluster has no DNS server; names come from the pod's
+# hosts file. Without a nameserver line glibc asks 127.0.0.1, the pod's own loopback, which
+# refuses at once: no query leaves the pod (the machine's resolver is not ours to reach) and
+# no lookup waits for a timeout.
+RESOLV_CONF = "# written by ambit local: no DNS server in the local cluster; names are in /etc/hosts\noptions attempts:1\n"

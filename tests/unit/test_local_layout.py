@@ -149,3 +149,10 @@ def test_immutable_pod_fields() -> None:
     fa, fb = _immutable_pod_fields(a), _immutable_pod_fields(b)
     assert fa["spec.containers[0].command"] == fb["spec.containers[0].command"]
     assert fa["spec.nodeName"] != fb["spec.nodeName"]
+
+
+def test_render_hosts_maps_the_machines_hostname_to_the_pod() -> None:
+    # a local pod shares the machine's hostname; looking it up must not fall through to DNS
+    assert "10.1.0.2\tweb vm" in L.render_hosts("web", "10.1.0.2", {}, hostname="vm").splitlines()
+    assert "10.1.0.2\tweb" in L.render_hosts("web", "10.1.0.2", {}, hostname="web").splitlines()
+    assert "nameserver" not in L.RESOLV_CONF
