@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 
 from ambit import AmbitError
+from ambit.durations import parse_duration
 
 
 class CliError(AmbitError):
@@ -19,14 +20,11 @@ class CliError(AmbitError):
         self.status = status
 
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
 def duration(text: str) -> dt.timedelta:
-    """`90s`, `30m`, `24h`, `365d` or plain seconds, as an argparse type (positive only)."""
-    t = text.strip()
+    """`90s`, `30m`, `24h`, `365d`, `1h30m` or plain seconds (ambit.durations), as an argparse
+    type (positive only)."""
     try:
-        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+        value = parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 24h, 365d") from None
     if value <= 0:

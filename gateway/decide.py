@@ -136,9 +136,12 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
         return j.answer(404, "no_listener", f"no listener on port {conn.port} serves host {host!r}",
                         b"404 Not Found: no listener serves this host\n")
     j.listener = listener.name
-    if conn.tls and conn.sni_listener is not None and conn.sni_listener != listener.name:
+    if conn.tls and conn.sni_listener != listener.name:
+        # an unknown handshake listener (its certificate context was rebuilt since) is no
+        # proof either: the client reconnects and its new handshake names one
+        chose = conn.sni_listener or "a listener no longer known"
         return j.answer(421, "misdirected", f"host {host!r} belongs to listener {listener.name}, but the TLS "
-                        f"handshake (SNI) chose {conn.sni_listener}", b"421 Misdirected Request\n")
+                        f"handshake (SNI) chose {chose}", b"421 Misdirected Request\n")
     # 2. route
     query: dict[str, str] = {}
     for k, v in parse_qsl(req.query or "", keep_blank_values=True):

@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ambit.durations import parse_duration
 from gateway import GatewayError
 
 
@@ -19,8 +20,6 @@ class SpecError(GatewayError):
     """An object the gateway cannot serve as written; the message names it and the field."""
 
 
-_DURATION = re.compile(r"(?:([0-9]{1,5})(h|ms|m|s))")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SIZE = re.compile(r"([0-9]+)(Ki|Mi|Gi|k|K|M|G)?")
 _SIZE_UNITS = {None: 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3,
                "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3}
@@ -91,15 +90,10 @@ class Where:
             return None
         if not isinstance(v, str) or not v:
             raise self.error(path, f"expected a duration such as 10s or 500ms, got {v!r}")
-        total, pos = 0.0, 0
-        for m in _DURATION.finditer(v):
-            if m.start() != pos:
-                break
-            total += int(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if pos != len(v):
-            raise self.error(path, f"{v!r} is not a duration (e.g. 10s, 500ms, 1h30m)")
-        return total
+        try:
+            return parse_duration(v, strict=True)
+        except ValueError:
+            raise self.error(path, f"{v!r} is not a duration (e.g. 10s, 500ms, 1h30m)") from None
 
     def size(self, path: str, v: object) -> int:
         """A byte count: a number or a quantity (`64Ki`, `1Mi`, `10M`)."""

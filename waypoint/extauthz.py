@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -45,14 +44,13 @@ from urllib.parse import urlsplit
 import h11
 import yaml
 
+from ambit.durations import parse_duration
 from waypoint import WaypointError
 from waypoint.exchange import Request
 from waypoint.headers import HOP_BY_HOP
 
 DEFAULT_TIMEOUT = 600.0  # Istio's default for both kinds
 ALWAYS_SENT = ("host", "authorization")  # besides :method and :path, as Envoy sends them
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 log = logging.getLogger("ambit.waypoint.extauthz")
 GRPC_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 MAX_BODY = 64 * 1024  # of a provider's answer, kept for the denied client
@@ -95,12 +93,12 @@ class Provider:
 
 
 def _duration(name: str, field_name: str, v: object) -> float:
-    m = _DURATION.match(str(v)) if isinstance(v, str | int | float) else None
     if isinstance(v, int | float) and not isinstance(v, bool):
         return float(v)
-    if m is None:
-        raise ProviderError(f"extension provider {name}: {field_name}: {v!r} is not a duration (e.g. 2s, 500ms)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return parse_duration(v)
+    except ValueError:
+        raise ProviderError(f"extension provider {name}: {field_name}: {v!r} is not a duration (e.g. 2s, 500ms)") from None
 
 
 def _names(name: str, field_name: str, v: object) -> tuple[str, ...]:

@@ -258,3 +258,12 @@ def test_allowed_content_types_hold_for_http2_bodies(rig: Rig) -> None:
                   [*w, ("content-type", "text/xml")], "HTTP/2", 1, True)
     j = decide(rig.view, rig.snap, Connection(PARTNER, 80, False), req, rig.ctx, now=time.time(), mono=2000.0)
     assert (j.status, j.rejection) == (415, "unsupported_media_type")
+
+
+def test_tls_with_an_unknown_handshake_listener_is_misdirected(rig: Rig) -> None:
+    # review 14: after a certificate context rebuild the handshake's listener is unknown (None),
+    # and the Host/SNI check let any Host through (domain fronting across listeners)
+    j = rig("GET", "/api/v1/orders", bearer(token(sub="lee")), tls=True, sni=None)
+    assert (j.status, j.rejection) == (421, "misdirected")
+    assert rig("GET", "/api/v1/orders", tls=True, sni="other").status == 421
+    assert rig("GET", "/api/v1/orders", bearer(token(sub="lee")), tls=True, sni="http").action == "forward"
