@@ -6,7 +6,10 @@ credentials on a preflight): an allowed origin, method and header list gets 204 
 the origin echoed in `Access-Control-Allow-Origin`; anything else gets 403 without CORS
 headers, so the browser refuses the real request. An actual request from an allowed
 origin gets `Access-Control-Allow-Origin` (and `-Expose-Headers`, `-Allow-Credentials`)
-on its response; from another origin, none. Every answer carries `Vary: Origin`.
+on its response; from another origin, none. Every answer carries `Vary: Origin`. The
+filter owns these headers: the backend's own `Access-Control-*` response headers are
+removed on a rule with a CORS filter (a backend echoing any origin would otherwise widen
+what the route's filter allows).
 
 Origins match exactly (scheme, host and port), by `*` (any), or by a host wildcard
 (`https://*.example.com` matches any name below example.com, on https). With no
@@ -21,6 +24,10 @@ from dataclasses import dataclass
 from gateway.routes import Cors
 
 SAFELISTED_METHODS = ("GET", "HEAD", "POST")
+# the response headers the filter owns on a rule that has one (the backend's are removed)
+OWNED_RESPONSE_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials",
+                          "access-control-expose-headers", "access-control-allow-methods",
+                          "access-control-allow-headers", "access-control-max-age")
 
 
 @dataclass(frozen=True)

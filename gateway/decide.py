@@ -280,7 +280,7 @@ def _edits(j: Judgement, rule: Rule, sel: Selected, conn: Connection, req: Reque
     resp = header_ops(rule.response_headers)
     if rule.cors is not None:
         extra = cors.response_headers(rule.cors, headers.get("origin"))
-        resp = resp + HeaderOps(tuple(n for n, _ in extra if n.startswith("access-control-")), extra)
+        resp = resp + HeaderOps(cors.OWNED_RESPONSE_HEADERS, extra)
     j.remove_headers, j.add_headers = ops.remove, ops.add
     j.remove_response_headers, j.add_response_headers = resp.remove, resp.add
     j.timeout = rule.backend_timeout or rule.timeout

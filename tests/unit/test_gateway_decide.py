@@ -155,6 +155,12 @@ def test_cors_preflight_is_answered_before_authentication(rig: Rig) -> None:
     # an actual request from the allowed origin gets the CORS headers on its response
     j = rig("GET", "/api/v1/orders", [*bearer(token(sub="erin")), ("origin", "https://shop.example.com")])
     assert ("access-control-allow-origin", "https://shop.example.com") in j.add_response_headers
+    # the filter owns the CORS response headers: the backend's are removed whatever the origin,
+    # so a backend echoing any origin cannot widen the route's filter (review 14, finding 13)
+    evil = rig("GET", "/api/v1/orders", [*bearer(token(sub="erin")), ("origin", "https://evil.example")])
+    assert evil.action == "forward" and not any(n.startswith("access-control-") for n, _ in evil.add_response_headers)
+    for judged in (j, evil):
+        assert {"access-control-allow-origin", "access-control-allow-credentials"} <= set(judged.remove_response_headers)
 
 
 def test_input_validation(rig: Rig) -> None:
