@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import parse_qsl
 
-from ambit.policy import ConnectionFacts, HttpFacts, KeyResolver, authenticate, authorize_http
+from ambit.policy import (
+    ConnectionFacts,
+    DryRun,
+    HttpFacts,
+    KeyResolver,
+    authenticate,
+    authorize_http,
+)
 from ambit.snapshot import Snapshot
 from gateway import cors
 from gateway.backends import Unreachable, WeightedPicker
@@ -80,6 +87,7 @@ class Judgement:
     policy: str | None = None
     policy_rule: int | None = None
     allowed_by: str | None = None  # the AuthorizationPolicy rule that let it past step 5
+    dry_run: tuple[DryRun, ...] = ()  # what dry-run policies would have decided at step 5
     request_principal: str | None = None
     subject: str | None = None  # the JWT's sub
     limit: str | None = None  # the rate limit that refused
@@ -171,7 +179,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
                       "x-forwarded-for": j.client_ip}
     d = authorize_http(facts, HttpFacts(req.method, req.path, req.authority, policy_headers, auth=authn.auth),
                        snap.policies)
-    j.policy, j.policy_rule = d.policy, d.rule
+    j.policy, j.policy_rule, j.dry_run = d.policy, d.rule, d.dry_run
     if not d.allowed:
         return j.answer(403, "denied", d.reason, DENIED_BODY)
     j.allowed_by = f"{d.policy} rule {d.rule}" if d.policy else None

@@ -506,6 +506,7 @@ class Session:
                     "subject": j.subject, "rejection": j.rejection, "rate_limit": j.limit,
                     "allowed_by": j.allowed_by,
                     "backend": f"{j.backend.uid}:{j.backend.port}" if j.backend else None}
+        gw.metrics.note_dry_run(rf, j.dry_run)
         span = gw.tracing.start(f"{req.method} {req.path}", dict(req.headers), {
             "ambit.gateway": gw.config.uid, "client.address": j.client_ip, "ambit.route": j.route,
             "ambit.request.principal": j.request_principal,

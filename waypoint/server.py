@@ -319,13 +319,6 @@ class Waypoint:
                 raise ConfigError(f"{name}: cannot listen on {where}: {e.strerror or e}") from e
             self._http.append(http)
 
-    def note_dry_run(self, rf: RequestFacts, d: Decision) -> None:
-        """What dry-run policies would have decided: into the request's log line and the metric."""
-        if d.dry_run:
-            rf.extra["dry_run"] = [x.to_dict() for x in d.dry_run]
-            for x in d.dry_run:
-                self.metrics.dry_run.labels(x.policy, x.decision).inc()
-
     def _provider_address(self, host: str, port: int) -> tuple[str, int]:
         """Where to reach an extension provider: `<name>.<namespace>.svc[...]` (or `<name>.<namespace>`)
         is one of that Service's endpoints, at the port it targets; anything else as given."""
@@ -537,7 +530,7 @@ class _Session:
             rf.request_principal = authn.auth.principal
         http = HttpFacts(req.method, req.path, req.authority, headers, auth=authn.auth)
         d: Decision = authorize_http(self.facts(), http, snap.policies, providers=self.wp.extauthz.names)
-        self.wp.note_dry_run(rf, d)
+        self.wp.metrics.note_dry_run(rf, d.dry_run)
         rf.decision = "allow" if d.allowed else "deny"
         rf.policy, rf.rule, rf.reason = d.policy, d.rule, d.reason
         if not d.allowed:
@@ -656,7 +649,7 @@ class _Session:
                           destination_workload=t.workload.uid, destination_principal=str(t.workload.identity),
                           destination_service=t.service.uid if t.service else None)
         d = authorize_opaque(self.facts(), snap.policies, providers=self.wp.extauthz.names)
-        self.wp.note_dry_run(rf, d)
+        self.wp.metrics.note_dry_run(rf, d.dry_run)
         rf.decision, rf.policy, rf.rule, rf.reason = ("allow" if d.allowed else "deny"), d.policy, d.rule, d.reason
         started = time.monotonic()
         try:

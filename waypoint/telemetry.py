@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -34,6 +34,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from ambit.policy import DryRun
 
 log = logging.getLogger("ambit.waypoint.telemetry")
 
@@ -121,6 +123,13 @@ class WaypointMetrics:
         self.ext_authz = Counter("ambit_waypoint_ext_authz_checks",
                                  "Requests an external authorizer was asked about (CUSTOM policies), by result",
                                  ("provider", "result"), registry=r)
+
+    def note_dry_run(self, f: RequestFacts, dry_run: Sequence[DryRun]) -> None:
+        """What dry-run policies would have decided on a request: into its log line and the metric."""
+        if dry_run:
+            f.extra["dry_run"] = [x.to_dict() for x in dry_run]
+            for x in dry_run:
+                self.dry_run.labels(x.policy, x.decision).inc()
 
     def record(self, f: RequestFacts) -> None:
         src_name, src_ns = _split(f.source_workload)

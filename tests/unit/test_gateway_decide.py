@@ -273,3 +273,14 @@ def test_tls_with_an_unknown_handshake_listener_is_misdirected(rig: Rig) -> None
     assert (j.status, j.rejection) == (421, "misdirected")
     assert rig("GET", "/api/v1/orders", tls=True, sni="other").status == 421
     assert rig("GET", "/api/v1/orders", bearer(token(sub="lee")), tls=True, sni="http").action == "forward"
+
+
+def test_a_dry_run_policy_at_the_edge_is_reported_not_enforced() -> None:
+    # review 14: the gateway left dry-run policies out (right) but reported nothing of them
+    deny = _class_policy("AuthorizationPolicy", "ingress-deny-orders", "ambit-ingress",
+                         {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/api/v1/orders*"]}}]}]})
+    deny["metadata"]["annotations"] = {"istio.io/dry-run": "true"}
+    rig = Rig([deny])
+    j = rig("GET", "/api/v1/orders", bearer(token(sub="ivy")))
+    assert j.action == "forward"
+    assert [(x.policy, x.decision) for x in j.dry_run] == [("istio-system/ingress-deny-orders", "deny")]
