@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -47,7 +45,7 @@ from gateway.backends import Hop, Unreachable, plan_hop
 from gateway.decide import Connection, Context, Judgement, decide
 from gateway.ratelimit import RateLimiter
 from gateway.routes import BackendRef
-from gateway.telemetry import GatewayMetrics, RequestFacts, RequestLog, Tracing
+from gateway.telemetry import GatewayMetrics, RecentRequests, RequestFacts, RequestLog, Tracing
 from gateway.tls import TlsListeners
 from gateway.view import GatewayView, build_view
 from waypoint.engine import proxy
@@ -67,39 +65,12 @@ from ztunnel.state import StateStore
 
 log = logging.getLogger("ambit.gateway")
 
-RECENT = 512  # request records kept for /requests (ambit flows)
 FLAGS = {"no_listener": "NR", "no_route": "NR", "route_error": "NR", "rate_limited": "RL", "denied": "DENY",
          "jwt_invalid": "UAEX", "backend_unavailable": "UH", "headers_too_large": "DPE", "body_too_large": "DPE",
          "unsupported_media_type": "DPE", "misdirected": "DPE", "cors_refused": "-"}
 FAILURE_FLAGS = {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
                  "upstream_timeout": "UT", "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
                  "headers_too_large": "DPE", "body_too_large": "DPE", "decide_error": "-"}
-
-
-class RecentRequests:
-    """The last request records, numbered: the admin's `/requests` lists them (`ambit flows`); the
-    metrics listener's `/requests?after=N` gives a collector on the node (which reaches the pod's
-    IP, not its loopback) those numbered past N, as the waypoint's does."""
-
-    def __init__(self, size: int = RECENT) -> None:
-        self.instance = secrets.token_hex(8)  # a restarted gateway numbers from 1 again
-        self._items: deque[dict[str, Any]] = deque(maxlen=size)
-        self._seq = 0
-
-    def append(self, record: dict[str, Any]) -> None:
-        self._seq += 1
-        self._items.append({**record, "seq": self._seq})
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self._items)
-
-    def report(self, method: str, query: dict[str, str]) -> Response:
-        try:
-            after = int(query.get("after", "0"))
-        except ValueError:
-            return Response.json({"error": "use ?after=N (the last sequence number taken)"}, 400)
-        return Response.json({"instance": self.instance, "last": self._seq,
-                              "items": [r for r in self._items if r["seq"] > after]})
 
 
 class ConfigError(GatewayError):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from prometheus_client import Counter
 
-from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
+from waypoint.telemetry import RecentRequests, RequestFacts, RequestLog, Tracing, WaypointMetrics
 
-__all__ = ["GatewayMetrics", "RequestFacts", "RequestLog", "Tracing"]
+__all__ = ["GatewayMetrics", "RecentRequests", "RequestFacts", "RequestLog", "Tracing"]
 
 REPORTER = "gateway"
 

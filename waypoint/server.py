@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -60,7 +58,7 @@ from waypoint.extauthz import CheckRequest, ExtAuthz, Provider
 from waypoint.headers import joined
 from waypoint.jwks import JwksFiles
 from waypoint.streams import ByteStream, LegStream
-from waypoint.telemetry import RequestFacts, RequestLog, Tracing, WaypointMetrics
+from waypoint.telemetry import RecentRequests, RequestFacts, RequestLog, Tracing, WaypointMetrics
 from ztunnel.accesslog import AccessLog
 from ztunnel.config import Listen, Timeouts, ZtunnelConfig
 from ztunnel.context import ProxyContext
@@ -76,34 +74,6 @@ from ztunnel.tunnel import HboneProtocol, StreamLeg
 log = logging.getLogger("ambit.waypoint")
 
 SNIFF_TIMEOUT = 1.0  # a client that sends nothing this long is taken as non-HTTP
-RECENT = 512  # request records kept for /requests (ambit flows)
-
-
-class RecentRequests:
-    """The last request records, numbered, so that the node agent can collect each once: the
-    admin's `/requests` lists them for `ambit flows`; the metrics listener's
-    `/requests?after=N` gives the node's agent (which reaches the pod's IP, as a kubelet
-    does, but not its loopback) those numbered past N for its flow history."""
-
-    def __init__(self, size: int = RECENT) -> None:
-        self.instance = secrets.token_hex(8)  # a restarted waypoint numbers from 1 again
-        self._items: deque[dict[str, Any]] = deque(maxlen=size)
-        self._seq = 0
-
-    def append(self, record: dict[str, Any]) -> None:
-        self._seq += 1
-        self._items.append({**record, "seq": self._seq})
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self._items)
-
-    def report(self, method: str, query: dict[str, str]) -> Response:
-        try:
-            after = int(query.get("after", "0"))
-        except ValueError:
-            return Response.json({"error": "use ?after=N (the last sequence number taken)"}, 400)
-        return Response.json({"instance": self.instance, "last": self._seq,
-                              "items": [r for r in self._items if r["seq"] > after]})
 
 
 class ConfigError(WaypointError):
@@ -201,7 +171,7 @@ class Waypoint:
         self.metrics = WaypointMetrics()
         self.requests_log = RequestLog(config.access_log)
         self.tracing = Tracing(f"waypoint {config.uid}", config.otlp_endpoint)
-        self.recent = RecentRequests(RECENT)
+        self.recent = RecentRequests()
         self.addresses: dict[str, tuple[str, int]] = {}
         self.clock = clock
         self._ca = ca

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -35,6 +37,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from ambit.http import Response
 from ambit.policy import DryRun
 
 log = logging.getLogger("ambit.waypoint.telemetry")
@@ -158,6 +161,36 @@ class WaypointMetrics:
         self.response_bytes.labels(**labels).observe(f.response_bytes)
         if f.decision == "deny":
             self.denials.labels(src_name, src_ns, dst_name, dst_ns, str(f.status), f.policy or "-").inc()
+
+
+RECENT_REQUESTS = 512  # request records kept for /requests (ambit flows, the node's history)
+
+
+class RecentRequests:
+    """The last request records of a waypoint or gateway, numbered, so that the node agent can
+    collect each once: the admin's `/requests` lists them for `ambit flows`; the metrics
+    listener's `/requests?after=N` gives the node's agent (which reaches the pod's IP, as a
+    kubelet does, but not its loopback) those numbered past N for its flow history."""
+
+    def __init__(self, size: int = RECENT_REQUESTS) -> None:
+        self.instance = secrets.token_hex(8)  # a restarted proxy numbers from 1 again
+        self._items: deque[dict[str, Any]] = deque(maxlen=size)
+        self._seq = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._seq += 1
+        self._items.append({**record, "seq": self._seq})
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._items)
+
+    def report(self, method: str, query: dict[str, str]) -> Response:
+        try:
+            after = int(query.get("after", "0"))
+        except ValueError:
+            return Response.json({"error": "use ?after=N (the last sequence number taken)"}, 400)
+        return Response.json({"instance": self.instance, "last": self._seq,
+                              "items": [r for r in self._items if r["seq"] > after]})
 
 
 class RequestLog:
