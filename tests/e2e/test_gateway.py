@@ -83,6 +83,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         poll(lambda: all(x["status"].get("phase") == "Running" for x in c.pods().values()), 30, "every pod Running")
         poll(lambda: call(c, "internet/partner", "GET /api/v1/orders -")[0][0] == 403, 60,
              "the gateway answering", interval=0.5)
+        # and the way into the mesh: node-b's ztunnel listens once its agent serves the feed, which
+        # on a loaded machine comes seconds after `local up` (a subject of its own: its own bucket)
+        poll(lambda: call(c, "internet/partner", f"GET /api/v1/orders {token('warm-up', 'read:orders')}")[0][0] == 200,
+             60, "the gateway reaching orders", interval=0.5)
         yield c
     finally:
         ambit("local", "down", "--state-dir", str(c.state), check=False, timeout=120)
