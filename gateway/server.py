@@ -29,39 +29,28 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 from ambit.cluster import ClusterState
-from ambit.http import HttpServer, Response
-from ambit.lastgood import LastGood
-from ambit.snapshot import build_snapshot
+from ambit.http import Response
 from ambit.sources import ClusterSource, open_source
 from ambit.spiffe import SpiffeId
-from ambit.svid import TrustBundle
-from ambit.tasks import TaskSet
 from gateway import GatewayError
 from gateway.backends import Hop, Unreachable, plan_hop
 from gateway.decide import Connection, Context, Judgement, decide
 from gateway.ratelimit import RateLimiter
 from gateway.routes import BackendRef
-from gateway.telemetry import GatewayMetrics, RecentRequests, RequestFacts, RequestLog, Tracing
+from gateway.telemetry import GatewayMetrics, RequestFacts
 from gateway.tls import TlsListeners
 from gateway.view import GatewayView, build_view
 from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Retry, Upstream, Verdict
-from waypoint.jwks import JwksFiles
+from waypoint.process import MeshProxy, ProxyConfig
 from waypoint.streams import ByteStream, LegStream
-from ztunnel.accesslog import AccessLog
-from ztunnel.config import Listen, Timeouts, ZtunnelConfig
-from ztunnel.context import ProxyContext
 from ztunnel.copy import TcpLeg
-from ztunnel.hbone import HboneConfig
-from ztunnel.identity.caclient import CaClient
-from ztunnel.identity.manager import CaClientLike, CertManager, CertNotReady
-from ztunnel.metrics import CONTENT_TYPE, Metrics
-from ztunnel.pool import Pool, PoolError
-from ztunnel.state import StateStore
+from ztunnel.identity.manager import CaClientLike, CertNotReady
+from ztunnel.metrics import CONTENT_TYPE
+from ztunnel.pool import PoolError
 
 log = logging.getLogger("ambit.gateway")
 
@@ -78,45 +67,15 @@ class ConfigError(GatewayError):
 
 
 @dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(ProxyConfig):
     """Everything a gateway process needs."""
 
-    namespace: str
-    gateway: str
-    node: str
-    cluster: str  # cluster source: local:PATH or kubernetes
-    ca_address: str
-    credential_dir: Path
-    ca_token_file: Path | None = None
-    trust_domain: str = "cluster.local"
-    root_namespace: str = "istio-system"
     bind: str = "0.0.0.0"  # the listeners' address
     # listener port -> the port actually bound (a test rig on one host; 0: any free port)
     port_map: dict[int, int] = field(default_factory=dict)
-    metrics: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15020))
-    readiness: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15021))
-    admin: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", 15000))
-    access_log: str = "-"
-    state_dir: Path | None = None  # last good policies; None: in memory only
-    otlp_endpoint: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    cert_ttl_seconds: int = 86400
-    # peers' HBONE ports by node address (a test rig with several "nodes" on one host)
-    peer_hbone_ports: dict[str, int] = field(default_factory=dict)
     # a client's first bytes and every next request head must come within this (slowloris,
     # idle keep-alive connections): closed, or 408 for a head sent too slowly
     idle_timeout: float = 60.0
-
-    @property
-    def uid(self) -> str:
-        return f"{self.namespace}/{self.gateway}"
-
-    def pool_config(self) -> ZtunnelConfig:
-        """What the ztunnel's HBONE client pool reads (it is the ztunnel's code)."""
-        return ZtunnelConfig(node=self.node, cluster=self.cluster, ca_address=self.ca_address,
-                             credential_dir=self.credential_dir, trust_domain=self.trust_domain,
-                             hbone=None, admin=None, timeouts=self.timeouts,
-                             peer_hbone_ports=dict(self.peer_hbone_ports))
 
 
 class ClientLeg(TcpLeg):
@@ -128,41 +87,26 @@ class ClientLeg(TcpLeg):
         return keep_open and self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
 
-class IngressGateway:
+class IngressGateway(MeshProxy):
     """The gateway process; `start()`, serve, `stop()`."""
+
+    kind = "gateway"
+    config_error = ConfigError
 
     def __init__(self, config: GatewayConfig, *, ca: CaClientLike | None = None,
                  source: ClusterSource | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        self.store = StateStore(config.node, trust_domain=config.trust_domain,
-                                root_namespace=config.root_namespace)
+        metrics = GatewayMetrics()
+        super().__init__(config, metrics, ca=ca, source=source, clock=clock)
+        self.config: GatewayConfig = config
+        self.metrics: GatewayMetrics = metrics
         self.view = GatewayView(config.namespace, config.gateway, None)
-        self.tasks = TaskSet("gateway")
-        self.metrics = GatewayMetrics()
-        self.requests_log = RequestLog(config.access_log, reporter="gateway")
-        self.tracing = Tracing(f"gateway {config.uid}", config.otlp_endpoint)
-        self.recent = RecentRequests()
-        self.addresses: dict[str, tuple[str, int]] = {}
         self.listening: dict[int, tuple[str, asyncio.Server]] = {}  # listener port -> (protocol, server)
-        self.clock = clock
         self.tls = TlsListeners()
         self.tls_errors: list[str] = []
         self.context = Context(RateLimiter())
-        self.jwks = JwksFiles()
         self.context.keys = self.jwks.resolve
-        self.hbone = HboneConfig()
-        self._ca = ca
-        self._own_ca: CaClient | None = None
-        self._source = source
-        self._lastgood = LastGood(config.state_dir) if config.state_dir is not None else None
-        self._http: list[HttpServer] = []
-        self._rr = 0
-        self._loaded = False
         self._serving = False  # listeners follow the Gateway once start() opened them
         self._reconciling = asyncio.Lock()
-        self.certs: CertManager | None = None
-        self.ctx: ProxyContext | None = None
-        self.pool: Pool | None = None
         self.sessions: set[Session] = set()
 
     # ------------------------------------------------------------------ state
@@ -174,17 +118,7 @@ class IngressGateway:
     def apply(self, cluster: ClusterState) -> GatewayView:
         """Compile the snapshot and the view from `cluster` (last good versions kept)."""
         cfg = self.config
-        previous = self.store.current
-        if previous.version == 0 and self._lastgood is not None:
-            previous = self._lastgood.seed(cfg.node, cfg.trust_domain, cfg.root_namespace)
-        snap = build_snapshot(cluster, cfg.node, trust_domain=cfg.trust_domain,
-                              root_namespace=cfg.root_namespace, previous=previous)
-        if self._lastgood is not None:
-            try:
-                self._lastgood.save(snap)
-            except OSError as e:
-                log.error("cannot save the last good policies to %s: %s", self._lastgood.path, e)
-        self.store.publish(snap)
+        self.compile(cluster)
         view = build_view(cluster, cfg.namespace, cfg.gateway, trust_domain=cfg.trust_domain, previous=self.view)
         for err in set(view.errors) - set(self.view.errors):
             log.error("%s", err)
@@ -197,43 +131,19 @@ class IngressGateway:
         self.context.limiter.forget({rl.uid for rl in view.rate_limits})
         return view
 
-    async def _follow(self, source: ClusterSource) -> None:
-        async for cluster in source.changes(0.25):
-            self.apply(cluster)
-            self._loaded = True
-            if self.certs is not None:
-                self.certs.track({self.identity} if self.identity is not None else set())
-            if self._serving:
-                await self._reconcile()
+    def open_source(self) -> ClusterSource:
+        return _open_source(self.config.cluster, self.config.namespace)
+
+    async def changed(self) -> None:
+        if self._serving:
+            await self._reconcile()
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, first_snapshot_timeout: float = 15.0) -> None:
-        cfg = self.config
-        try:
-            bundle = TrustBundle.from_pem(cfg.trust_domain, (cfg.credential_dir / "ca.crt").read_bytes())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--credential-dir: cannot read the trust bundle ca.crt: {e}") from e
-        if self._ca is None:
-            self._own_ca = CaClient(cfg.ca_address, cfg.credential_dir, token_file=cfg.ca_token_file)
-            self._ca = self._own_ca
-        self.certs = CertManager(self._ca, ttl_seconds=cfg.cert_ttl_seconds, bundle=bundle, clock=self.clock)
-        self.ctx = ProxyContext(config=cfg.pool_config(), snapshot=lambda: self.store.current, certs=self.certs,
-                                bundle=bundle, hbone=self.hbone, metrics=Metrics(),
-                                access_log=AccessLog(cfg.access_log + ".tcp" if cfg.access_log != "-" else "-"))
-        self.pool = Pool(self.ctx)
-        source = self._source or _open_source(cfg.cluster, cfg.namespace)
-        self.tasks.spawn("state", self._follow(source))
-        self.tasks.spawn("certs", self.certs.run())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + first_snapshot_timeout
-        while not self._loaded:
-            if loop.time() > deadline:
-                await self.stop()
-                raise ConfigError(f"--cluster {cfg.cluster}: no cluster state within {first_snapshot_timeout:g}s")
-            await asyncio.sleep(0.05)
+        await self.start_mesh(first_snapshot_timeout)
         if self.view.gateway is None:
-            log.warning("no Gateway %s of class ambit-ingress in the cluster state (yet)", cfg.uid)
+            log.warning("no Gateway %s of class ambit-ingress in the cluster state (yet)", self.config.uid)
         try:
             await self._open_admin()
             await self._reconcile()
@@ -241,11 +151,11 @@ class IngressGateway:
         except BaseException:
             await self.stop()
             raise
-        log.info("gateway %s up: %s", cfg.uid, ", ".join(f"{k} {h}:{p}" for k, (h, p) in self.addresses.items()))
+        self.log_up()
 
     async def _open_admin(self) -> None:
         cfg = self.config
-        for name, where, routes in (
+        await self.open_http((
             ("admin", cfg.admin, {
                 "/config_dump": (("GET",), self._config_dump),
                 "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
@@ -256,15 +166,7 @@ class IngressGateway:
                                       "/stats/prometheus": (("GET",), self._metrics),
                                       "/requests": (("GET",), self.recent.report)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
-        ):
-            if where is None:
-                continue
-            http = HttpServer(f"gateway {name}", routes)
-            try:
-                self.addresses[name] = await http.start(where.host, where.port)
-            except OSError as e:
-                raise ConfigError(f"--{name}: cannot listen on {where}: {e.strerror or e}") from e
-            self._http.append(http)
+        ))
 
     async def _reconcile(self) -> None:
         """Open the listener ports the Gateway has, close the ones it no longer has."""
@@ -337,22 +239,7 @@ class IngressGateway:
         for _, srv in self.listening.values():
             srv.close()
         self.listening.clear()
-        if self.pool is not None:
-            self.pool.close()
-        if self.ctx is not None:
-            await self.ctx.tasks.close(timeout=2.0)
-        for h in self._http:
-            await h.close()
-        await self.tasks.close()
-        if self.certs is not None:
-            await self.certs.close()
-        if self._own_ca is not None:
-            await self._own_ca.close()
-        self.store.close()
-        self.tracing.close()
-        self.requests_log.close()
-        if self.ctx is not None:
-            self.ctx.access_log.close()
+        await super().stop()
 
     # ------------------------------------------------------------------ readiness, admin
 

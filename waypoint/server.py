@@ -29,12 +29,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 from ambit.cluster import ClusterState
-from ambit.http import HttpServer, Response
-from ambit.lastgood import LastGood
+from ambit.http import Response
 from ambit.peers import ClientAddress, client_address, serving_waypoint
 from ambit.policy import (
     AuthnResult,
@@ -46,29 +44,24 @@ from ambit.policy import (
     authorize_opaque,
     output_headers,
 )
-from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload, build_snapshot
+from ambit.snapshot import ServiceInfo, Snapshot, WaypointInfo, Workload
 from ambit.sources import ClusterSource, open_source
 from ambit.spiffe import SpiffeError, SpiffeId
 from ambit.svid import SvidError, TrustBundle
-from ambit.tasks import TaskSet
 from waypoint import WaypointError
 from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Verdict
 from waypoint.extauthz import CheckRequest, ExtAuthz, Provider
 from waypoint.headers import joined
-from waypoint.jwks import JwksFiles
+from waypoint.process import MeshProxy, ProxyConfig
 from waypoint.streams import ByteStream, LegStream
-from waypoint.telemetry import RecentRequests, RequestFacts, RequestLog, Tracing, WaypointMetrics
-from ztunnel.accesslog import AccessLog
-from ztunnel.config import Listen, Timeouts, ZtunnelConfig
-from ztunnel.context import ProxyContext
-from ztunnel.hbone import ConnectRequest, HboneConfig, HboneServer, RequestRejected
-from ztunnel.identity.caclient import CaClient
-from ztunnel.identity.manager import CaClientLike, CertManager, CertNotReady
+from waypoint.telemetry import RequestFacts, WaypointMetrics
+from ztunnel.config import Listen
+from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
+from ztunnel.identity.manager import CaClientLike, CertNotReady
 from ztunnel.identity.tls import server_context_selector, verified_peer
-from ztunnel.metrics import CONTENT_TYPE, Metrics
-from ztunnel.pool import Pool, PoolError
-from ztunnel.state import StateStore
+from ztunnel.metrics import CONTENT_TYPE
+from ztunnel.pool import PoolError
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 
 log = logging.getLogger("ambit.waypoint")
@@ -81,43 +74,17 @@ class ConfigError(WaypointError):
 
 
 @dataclass(frozen=True)
-class WaypointConfig:
+class WaypointConfig(ProxyConfig):
     """Everything a waypoint process needs."""
 
-    namespace: str
-    gateway: str
-    node: str
-    cluster: str  # cluster source: local:PATH or kubernetes
-    ca_address: str
-    credential_dir: Path
-    ca_token_file: Path | None = None
-    trust_domain: str = "cluster.local"
-    root_namespace: str = "istio-system"
     hbone: Listen = field(default_factory=lambda: Listen("0.0.0.0", 15008))
-    metrics: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15020))
-    readiness: Listen | None = field(default_factory=lambda: Listen("0.0.0.0", 15021))
-    admin: Listen | None = field(default_factory=lambda: Listen("127.0.0.1", 15000))
-    access_log: str = "-"
-    state_dir: Path | None = None  # last good policies; None: in memory only
-    otlp_endpoint: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    cert_ttl_seconds: int = 86400
     limits: Limits = field(default_factory=Limits)
-    # peers' HBONE ports by node address (a test rig with several "nodes" on one host)
-    peer_hbone_ports: dict[str, int] = field(default_factory=dict)
     # the external authorizers CUSTOM policies may name (--extension-provider, --mesh-config)
     extension_providers: tuple[Provider, ...] = ()
 
     @property
-    def uid(self) -> str:
-        return f"{self.namespace}/{self.gateway}"
-
-    def pool_config(self) -> ZtunnelConfig:
-        """What the ztunnel's HBONE client pool reads (it is the ztunnel's code)."""
-        return ZtunnelConfig(node=self.node, cluster=self.cluster, ca_address=self.ca_address,
-                             credential_dir=self.credential_dir, trust_domain=self.trust_domain,
-                             hbone=self.hbone, admin=None, timeouts=self.timeouts,
-                             peer_hbone_ports=dict(self.peer_hbone_ports))
+    def hbone_listener(self) -> Listen | None:
+        return self.hbone
 
 
 @dataclass(frozen=True)
@@ -159,35 +126,18 @@ class _RequestContext:
     start: float
 
 
-class Waypoint:
+class Waypoint(MeshProxy):
     """The waypoint process; `start()`, serve, `stop()`."""
+
+    kind = "waypoint"
+    config_error = ConfigError
 
     def __init__(self, config: WaypointConfig, *, ca: CaClientLike | None = None,
                  source: ClusterSource | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
-        self.store = StateStore(config.node, trust_domain=config.trust_domain,
-                                root_namespace=config.root_namespace)
-        self.tasks = TaskSet("waypoint")
-        self.metrics = WaypointMetrics()
-        self.requests_log = RequestLog(config.access_log)
-        self.tracing = Tracing(f"waypoint {config.uid}", config.otlp_endpoint)
-        self.recent = RecentRequests()
-        self.addresses: dict[str, tuple[str, int]] = {}
-        self.clock = clock
-        self._ca = ca
-        self._own_ca: CaClient | None = None
-        self._source = source
-        self._lastgood = LastGood(config.state_dir) if config.state_dir is not None else None
+        super().__init__(config, WaypointMetrics(), ca=ca, source=source, clock=clock)
+        self.config: WaypointConfig = config
         self._servers: list[asyncio.Server] = []
-        self._http: list[HttpServer] = []
-        self._rr = 0
-        self._loaded = False
-        self.certs: CertManager | None = None
-        self.ctx: ProxyContext | None = None
-        self.pool: Pool | None = None
         self.connections: set[WaypointConnection] = set()
-        self.hbone = HboneConfig()
-        self.jwks = JwksFiles()
         self.extauthz = ExtAuthz(config.extension_providers, resolve=self._provider_address)
 
     # ------------------------------------------------------------------ state
@@ -203,62 +153,23 @@ class Waypoint:
 
     def apply(self, cluster: ClusterState) -> Snapshot:
         """Compile the snapshot from `cluster` and the previous one (last good policies kept)."""
-        cfg = self.config
-        previous = self.store.current
-        if previous.version == 0 and self._lastgood is not None:
-            previous = self._lastgood.seed(cfg.node, cfg.trust_domain, cfg.root_namespace)
-        snap = build_snapshot(cluster, cfg.node, trust_domain=cfg.trust_domain,
-                              root_namespace=cfg.root_namespace, previous=previous)
-        if self._lastgood is not None:
-            try:
-                self._lastgood.save(snap)
-            except OSError as e:
-                log.error("cannot save the last good policies to %s: %s", self._lastgood.path, e)
-        self.store.publish(snap)
-        return snap
+        return self.compile(cluster)
 
-    async def _follow(self, source: ClusterSource) -> None:
-        async for cluster in source.changes(0.25):
-            self.apply(cluster)
-            self._loaded = True
-            me = self.me
-            if self.certs is not None:
-                self.certs.track({me.identity} if me is not None and me.identity is not None else set())
+    def open_source(self) -> ClusterSource:
+        return open_source(self.config.cluster)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, first_snapshot_timeout: float = 15.0) -> None:
-        cfg = self.config
-        try:
-            bundle = TrustBundle.from_pem(cfg.trust_domain, (cfg.credential_dir / "ca.crt").read_bytes())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--credential-dir: cannot read the trust bundle ca.crt: {e}") from e
-        if self._ca is None:
-            self._own_ca = CaClient(cfg.ca_address, cfg.credential_dir, token_file=cfg.ca_token_file)
-            self._ca = self._own_ca
-        self.certs = CertManager(self._ca, ttl_seconds=cfg.cert_ttl_seconds, bundle=bundle, clock=self.clock)
-        self.ctx = ProxyContext(config=cfg.pool_config(), snapshot=lambda: self.store.current, certs=self.certs,
-                                bundle=bundle, hbone=self.hbone, metrics=Metrics(),
-                                access_log=AccessLog(cfg.access_log + ".tcp" if cfg.access_log != "-" else "-"))
-        self.pool = Pool(self.ctx)
-        source = self._source or open_source(cfg.cluster)
-        self.tasks.spawn("state", self._follow(source))
-        self.tasks.spawn("certs", self.certs.run())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + first_snapshot_timeout
-        while not self._loaded:
-            if loop.time() > deadline:
-                await self.stop()
-                raise ConfigError(f"--cluster {cfg.cluster}: no cluster state within {first_snapshot_timeout:g}s")
-            await asyncio.sleep(0.05)
+        bundle = await self.start_mesh(first_snapshot_timeout)
         if self.me is None or not self.me.exists:
-            log.warning("no Gateway %s of class ambit-waypoint in the cluster state (yet)", cfg.uid)
+            log.warning("no Gateway %s of class ambit-waypoint in the cluster state (yet)", self.config.uid)
         try:
             await self._open_listeners(bundle)
         except BaseException:
             await self.stop()
             raise
-        log.info("waypoint %s up: %s", cfg.uid, ", ".join(f"{k} {h}:{p}" for k, (h, p) in self.addresses.items()))
+        self.log_up()
 
     async def _open_listeners(self, bundle: TrustBundle) -> None:
         cfg = self.config
@@ -273,21 +184,13 @@ class Waypoint:
         self._servers.append(srv)
         a = srv.sockets[0].getsockname()
         self.addresses["hbone"] = (str(a[0]), int(a[1]))
-        for name, where, routes in (
+        await self.open_http((
             ("admin", cfg.admin, self._admin_routes()),
             ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
                                       "/stats/prometheus": (("GET",), self._metrics),
                                       "/requests": (("GET",), self.recent.report)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
-        ):
-            if where is None:
-                continue
-            http = HttpServer(f"waypoint {name}", routes)
-            try:
-                self.addresses[name] = await http.start(where.host, where.port)
-            except OSError as e:
-                raise ConfigError(f"{name}: cannot listen on {where}: {e.strerror or e}") from e
-            self._http.append(http)
+        ))
 
     def _provider_address(self, host: str, port: int) -> tuple[str, int]:
         """Where to reach an extension provider: `<name>.<namespace>.svc[...]` (or `<name>.<namespace>`)
@@ -310,27 +213,12 @@ class Waypoint:
         return self.certs.current(identity)
 
     async def stop(self) -> None:
-        for s in self._servers:
-            s.close()
+        for srv in self._servers:
+            srv.close()
         for c in list(self.connections):
             c.abort("waypoint shutting down")
-        if self.pool is not None:
-            self.pool.close()
-        if self.ctx is not None:
-            await self.ctx.tasks.close(timeout=2.0)
-        for h in self._http:
-            await h.close()
-        await self.tasks.close()
-        if self.certs is not None:
-            await self.certs.close()
-        if self._own_ca is not None:
-            await self._own_ca.close()
-        self.store.close()
+        await super().stop()
         await self.extauthz.close()
-        self.tracing.close()
-        self.requests_log.close()
-        if self.ctx is not None:
-            self.ctx.access_log.close()
 
     # ------------------------------------------------------------------ readiness, admin
 
