@@ -319,16 +319,5 @@ class InboundConnection(HboneProtocol):
         else:
             super().handle_other(ev)
 
-    def respond(self, leg: StreamLeg, status: int) -> None:
-        if self.closed or leg.closed:
-            return
-        try:
-            self.proto.respond(leg.stream_id, status)
-        except Exception as e:  # an already-reset stream: nothing left to answer
-            log.debug("%s: respond %d on stream %d: %s", self.label, status, leg.stream_id, e)
-        if status != 200:
-            self.forget(leg.stream_id)
-        self.flush()
-
     def on_closed(self) -> None:
         self.inbound.connections.discard(self)

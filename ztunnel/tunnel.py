@@ -340,6 +340,18 @@ class HboneProtocol(asyncio.Protocol):
         if not self._batching:
             self.flush()
 
+    def respond(self, leg: StreamLeg, status: int) -> None:
+        """Answer a CONNECT (the server side: inbound and the waypoint); a refusal forgets the stream."""
+        if self.closed or leg.closed:
+            return
+        try:
+            self.proto.respond(leg.stream_id, status)
+        except Exception as e:  # an already-reset stream: nothing left to answer
+            log.debug("%s: respond %d on stream %d: %s", self.label, status, leg.stream_id, e)
+        if status != 200:
+            self.forget(leg.stream_id)
+        self.flush()
+
     def forget(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
         self.stream_forgotten()
