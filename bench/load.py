@@ -9,7 +9,10 @@
 one JSON answer per line (see `Client`); it runs inside a client pod's network
 namespace and cgroup, so ambit's eBPF programs redirect its connections like any
 enrolled pod's. Plain blocking sockets and threads: the same client costs the
-same in every variant, so differences between rows are the paths'.
+same in every variant, so differences between rows are the paths'. The HTTP ops
+speak HTTPS when given `tls` (the ingress rows): TLS 1.3 only, SNI and Host the
+certificate's name, ALPN http/1.1, the negotiated suite checked against the one
+asked for; the handshake is made when the connection opens, outside every timing.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import json
 import selectors
 import socket
+import ssl
 import statistics
 import struct
 import sys
@@ -122,6 +126,34 @@ def _connect(host: str, port: int, timeout: float = 10.0) -> socket.socket:
     s = socket.create_connection((host, port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
+
+
+def _tls_context(ca: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def _connect_http(host: str, port: int, tls: dict[str, str] | None,
+                  ctx: ssl.SSLContext | None = None) -> socket.socket:
+    """A connection for HTTP requests: plain, or (with `tls`: server_name, ca, cipher) HTTPS
+    with the handshake done."""
+    s = _connect(host, port)
+    if tls is None:
+        return s
+    ctx = ctx or _tls_context(tls["ca"])
+    try:
+        t = ctx.wrap_socket(s, server_hostname=tls["server_name"])
+    except BaseException:
+        s.close()
+        raise
+    suite, version, _ = t.cipher() or ("", "", 0)
+    if suite != tls["cipher"] or version != "TLSv1.3":
+        t.close()
+        raise ConnectionError(f"{host}:{port} negotiated {version} {suite}, not TLSv1.3 {tls['cipher']}: "
+                              "the ingress rows must all use the same suite")
+    return t
 
 
 def percentile(sorted_samples: list[float], q: float) -> float:
@@ -274,9 +306,10 @@ class Client:
         n, self.held = len(self.held), []
         return {"released": n}
 
-    def http(self, host: str, port: int, count: int, authority: str) -> dict[str, Any]:
+    def http(self, host: str, port: int, count: int, authority: str,
+             tls: dict[str, str] | None = None) -> dict[str, Any]:
         """Sequential HTTP/1.1 requests on one keep-alive connection: per-request latency."""
-        s = _connect(host, port)
+        s = _connect_http(host, port, tls)
         req = f"GET / HTTP/1.1\r\nhost: {authority}\r\n\r\n".encode()
         samples: list[float] = []
         try:
@@ -291,10 +324,18 @@ class Client:
         return _summary_us(samples)
 
     def http_rate(self, host: str, port: int, seconds: float, concurrency: int,
-                  authority: str) -> dict[str, Any]:
+                  authority: str, tls: dict[str, str] | None = None) -> dict[str, Any]:
         """Requests per second over `concurrency` keep-alive connections."""
         req = f"GET / HTTP/1.1\r\nhost: {authority}\r\n\r\n".encode()
-        socks = [_connect(host, port) for _ in range(concurrency)]
+        ctx = _tls_context(tls["ca"]) if tls is not None else None
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(concurrency):
+                socks.append(_connect_http(host, port, tls, ctx))
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
         it = iter(socks)
         local = threading.local()
 

@@ -78,12 +78,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "Failed: " + "; ".join(f"{n}: {e}" for n, e in errors)]
     lines += ["", "Targets (ambit against HAProxy nbthread 1, from this run):", ""]
     lines += [f"- {t}" for t in targets(variants)]
-    wp = variants.get("ambit-waypoint", {})
-    if wp.get("added_vs_haproxy"):
-        lines.append("- waypoint: added request p50 "
-                     f"{wp['added_vs_haproxy'].get('request_p50_us', float('nan')):.2f}x HAProxy mode http's, "
-                     f"requests/s {wp['vs_haproxy'].get('requests_per_s', float('nan')):.2f}x")
+    for name, label in (("ambit-waypoint", "waypoint"), ("ambit-gateway", "ingress gateway")):
+        row = variants.get(name, {})
+        if row.get("added_vs_haproxy"):
+            lines.append(f"- {label}: added request p50 {_times(row['added_vs_haproxy'], 'request_p50_us')}, "
+                         f"p99 {_times(row['added_vs_haproxy'], 'request_p99_us')} HAProxy mode http's "
+                         f"({row['baseline']}), requests/s {_times(row['vs_haproxy'], 'requests_per_s')}")
     return "\n".join(lines) + "\n"
+
+
+def _times(ratios: dict[str, float], metric: str) -> str:
+    """A ratio as "1.23x"; "-" when the run had none (p99: direct's above the baseline's)."""
+    v = ratios.get(metric)
+    return "-" if v is None else f"{v:.2f}x"
 
 
 def targets(variants: dict[str, Any]) -> list[str]:

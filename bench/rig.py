@@ -3,7 +3,8 @@
 `Rig` starts what the chosen variants need, each thing once: the servers in the
 server pods, a load generator in each client pod, ambit's CA, the two
 ztunnels (`ambit ztunnel run`, one per node netns) and the eBPF datapaths, the
-waypoint (`ambit waypoint run` in its pod), the iptables REDIRECT, and the
+waypoint (`ambit waypoint run` in its pod), the ingress gateway (`ambit gateway
+run` in its pod, with bench/edge.py's objects), the iptables REDIRECT, and the
 HAProxy instances. Every proxy runs in a cgroup of its own (its CPU time and
 its processes' PSS are what a variant costs). `close()` stops everything by pid.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import haproxy
+from bench import edge, haproxy
 from bench.topology import PODS, Proc, Topology, TopologyError, wait_until
 
 SERVER_PORT = 8080
@@ -168,6 +169,44 @@ class Rig:
 
         self.once("waypoint", start)
 
+    def edge_tls(self) -> dict[str, Path]:
+        """The certificate both ingress rows serve for edge.HOSTNAME (bench/edge.py)."""
+        def start() -> None:
+            edge.write_tls(self.workdir / "edge")
+
+        self.once("edge-tls", start)
+        return edge.tls_paths(self.workdir / "edge")
+
+    def edge_client(self) -> dict[str, str]:
+        """How the load generator speaks HTTPS to either ingress row (load.py's `tls`)."""
+        return {"server_name": edge.HOSTNAME, "ca": str(self.edge_tls()["ca"]),
+                "cipher": haproxy.CIPHERSUITE}
+
+    def gateway(self) -> tuple[str, int]:
+        """The ingress gateway in its pod on node A: HTTPS from outside, HBONE to ztunnel B."""
+        def start() -> None:
+            self.ztunnels()
+            self.server("srv")
+            ip = self.topo.pod_ip("gw")
+            objects = edge.cluster_yaml(self.edge_tls(), gateway_ip=ip, server_ns=NAMESPACE, server="srv",
+                                        server_port=SERVER_PORT)
+            tmp = self.cluster_dir / "gateway.tmp"  # not a *.yaml: the source never reads half a file
+            tmp.write_text(objects)
+            tmp.replace(self.cluster_dir / "gateway.yaml")
+            p = self.topo.spawn("gateway", "gw", [
+                *AMBIT, "gateway", "run", "--gateway", f"{edge.NAMESPACE}/{edge.GATEWAY}", "--node", "node-a",
+                "--cluster", f"local:{self.cluster_dir}", "--ca", f"{self.topo.node_ip('a')}:15012",
+                "--credential-dir", str(self.workdir / "cred" / "a"), "--bind", ip,
+                "--metrics", f"{ip}:15020", "--readiness", f"{ip}:15021", "--admin", "127.0.0.1:15000",
+                "--access-log", str(self.workdir / "access-gateway.log"),
+                "--state-dir", str(self.workdir / "gateway-state"),
+            ], cgroup="gwx")
+            wait_until(lambda: _http_ok(self.topo, "gw", ip, 15021, "/healthz/ready"), 60,
+                       "the ingress gateway to be ready", [p])
+
+        self.once("gateway", start)
+        return self.topo.pod_ip("gw"), edge.PORT
+
     # -- HAProxy
 
     def haproxy_certs(self) -> dict[str, Path]:
@@ -216,6 +255,27 @@ class Rig:
 
         self.once(name, start)
         return self.topo.gateway("a"), port
+
+    def haproxy_https(self, name: str, port: int) -> tuple[str, int]:
+        """HAProxy as the ingress gateway's counterpart: `mode http` terminating the edge's TLS in
+        the gateway's pod, mTLS to a TCP-mode HAProxy on node B, plain TCP to the server."""
+        def start() -> None:
+            certs = self.haproxy_certs()
+            pem = self.edge_tls()["pem"]
+            server = self.server("srp")
+            front = (self.topo.pod_ip("gw"), port)
+            back = (self.topo.node_ip("b"), port)
+            procs = [
+                self._haproxy(f"{name}-b", "nb", haproxy.tls_in(back, server, certs, 1)),
+                self._haproxy(f"{name}-g", "gw", haproxy.https_edge(front, back, pem, certs, 1,
+                                                                    edge.ALLOWED_CLIENTS)),
+            ]
+            for ns, addr in (("nb", back), ("gw", front)):
+                wait_until(lambda ns=ns, addr=addr: _listening(ns, addr[0], addr[1], self.topo),  # type: ignore[misc]
+                           15, f"{name} to listen on {addr}", procs)
+
+        self.once(name, start)
+        return self.topo.pod_ip("gw"), port
 
     def _haproxy(self, name: str, where: str, config: str) -> Proc:
         exe = shutil.which("haproxy")
@@ -294,6 +354,8 @@ def cluster_yaml(topo: Topology) -> str:
     for p in PODS:
         if p.name in ("clp", "srp"):
             continue  # the plain pods are not in the mesh at all
+        if p.name == "gw":
+            continue  # the ingress gateway's pod is in its Gateway's namespace (bench/edge.py)
         docs.append(
             f"apiVersion: v1\nkind: Pod\nmetadata: {{name: {p.name}, namespace: {NAMESPACE}, "
             f"labels: {{{labels.get(p.name, f'app: {p.name}')}}}}}\n"

@@ -156,10 +156,14 @@ class Runner:
             self._add(v, "conns_per_s", r["rate"])
 
     def http(self, v: Variant, count: bool) -> None:
+        tls: dict[str, str] | None = None
         authority = f"{self.addr[v.name][0]}:{self.addr[v.name][1]}"
-        r = self._run(v, "http", count=self.plan.http_count, authority=authority)
+        if v.https:  # the edge's hostname, by SNI and as Host (the gateway answers 421 to another)
+            tls = self.rig.edge_client()
+            authority = tls["server_name"]
+        r = self._run(v, "http", count=self.plan.http_count, authority=authority, tls=tls)
         q = self._run(v, "http_rate", seconds=self.plan.seconds, concurrency=self.plan.concurrency,
-                      authority=authority)
+                      authority=authority, tls=tls)
         if count:
             self._add(v, "request_p50_us", r["p50"])
             self._add(v, "request_p99_us", r["p99"])

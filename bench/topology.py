@@ -4,8 +4,8 @@
  node A (netns)                                   node B (netns)
    10.B.0.1 ------------- veth, MTU 1500 ----------- 10.B.0.2
    10.B.1.1 (gateway on every pod veth)              10.B.2.1 (likewise)
-   |  |  |  |                                        |  |  |  |
-  cli clt clp srva      pods 10.B.1.n/32            srv srw srp wp    pods 10.B.2.n/32
+   |  |  |  |  |                                     |  |  |  |
+  cli clt clp srva gw   pods 10.B.1.n/32            srv srw srp wp    pods 10.B.2.n/32
 ```
 
 Every pod is a network namespace with one veth to its node (MTU 1500, a /32
@@ -59,6 +59,7 @@ PODS: tuple[PodSpec, ...] = (
     PodSpec("srw", "b", 3, kernel_enrolled=True),  # server that uses the waypoint
     PodSpec("srp", "b", 4),  # plain server: direct and HAProxy
     PodSpec("wp", "b", 5),  # the waypoint's pod (waypoints are not enrolled)
+    PodSpec("gw", "a", 6),  # the ingress gateway's pod (the edge: not enrolled either)
 )
 
 

@@ -7,15 +7,15 @@ carries (`tcp`: the byte-stream metrics; `http`: requests; the direct row both, 
 the floor of each), and which HAProxy
 row it is compared with. The harness runs every chosen variant interleaved.
 
-Adding a row (the hook for the ingress gateway, `ambit gateway run`): write a
-`start(rig)` that launches it through `rig.topo.spawn(name, netns, argv,
-cgroup=...)` in its own cgroup, waits for it, and returns the address the client
-connects to; then `register(Variant("gateway", ..., kinds=("http",), client="clp",
-proxies=("gateway",), baseline="haproxy-http", start=...))`. An ingress gateway
-terminates the client's TLS: for a like-for-like row, give the load generator
-an `https` op and add a matching HAProxy row (`mode http` with `bind ... ssl`,
-see bench/haproxy.py) as its baseline. `python -m bench.run --only gateway,haproxy-http,direct`
-runs just those.
+The ingress rows (`ambit-gateway`, `haproxy-https`) are `https`: the client, in
+the plain pod `clp` (outside the mesh), speaks HTTPS to bench/edge.py's hostname
+and certificate, which both serve from the gateway's pod `gw` on node A.
+
+Adding a row: write a `start(rig)` that launches it through `rig.topo.spawn(name,
+netns, argv, cgroup=...)` in its own cgroup (a method of `Rig`, run `once`), waits
+for it, and returns the address the client connects to; then `register(Variant(...))`
+with its proxies' cgroups and its HAProxy counterpart as `baseline`.
+`python -m bench.run --only NAME,BASELINE` runs just those (and direct).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Variant:
     about: str = ""  # one paragraph for the README: what the row is
     # False when its proxies are another row's processes (memory is measured once, on fresh ones)
     own_processes: bool = True
+    # HTTP over TLS to bench/edge.py's hostname (the ingress rows); plain HTTP otherwise
+    https: bool = False
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -124,6 +126,23 @@ register(Variant(
     about="The waypoint's counterpart: HAProxy in TCP mode with mTLS out on node A, "
           "HAProxy `mode http` with mTLS in and out in the waypoint's pod, HAProxy with mTLS "
           "in on node B; one thread each.",
+))
+
+register(Variant(
+    "ambit-gateway", "ambit ingress gateway (HTTPS in, HBONE to ztunnel B)", ("http",), "clp",
+    lambda rig: rig.gateway(), proxies=("gwx", "ztb"), baseline="haproxy-https", https=True,
+    about="An outside client (not in the mesh) sends HTTPS requests (TLS 1.3, SNI) to `ambit gateway "
+          "run` in its pod on node A: a Gateway of class `ambit-ingress` terminating TLS for the "
+          "hostname, deciding each request (the route, an IP restriction; no JWT, no rate limit) "
+          "and handing it over HBONE, with the gateway's own identity, to ztunnel B → server.",
+))
+register(Variant(
+    "haproxy-https", "HAProxy mode http edge (HTTPS in) → HAProxy on node B", ("http",), "clp",
+    lambda rig: rig.haproxy_https("haproxy-https", 16004), proxies=("haproxy-https-g", "haproxy-https-b"),
+    https=True,
+    about="The gateway's counterpart: HAProxy `mode http` in the gateway's pod terminating the same "
+          "TLS (same certificate and key, TLS 1.3, same suite), with the same IP restriction, "
+          "mTLS to HAProxy in TCP mode on node B, plain TCP to the server; one thread each.",
 ))
 
 # the metrics, by kind (every variant's JSON has every key; null where it does not apply)
