@@ -16,7 +16,8 @@ every process records for a connection.
 from __future__ import annotations
 
 from ambit.policy.compile import compile_policy
-from ambit.policy.decide import (
+from ambit.policy.decide import authorize, authorize_http, authorize_opaque, check
+from ambit.policy.facts import (
     ConnectionFacts,
     CustomCheck,
     Decision,
@@ -25,25 +26,10 @@ from ambit.policy.decide import (
     EffectiveMtlsMode,
     HttpFacts,
     Verdict,
-    authorize,
-    authorize_http,
-    authorize_opaque,
-    check,
-    mtls_mode,
-    mtls_policy,
-    mtls_port_modes,
 )
 from ambit.policy.index import PolicySet
-from ambit.policy.jwt import (
-    AuthnResult,
-    Jwks,
-    JwksError,
-    KeyResolver,
-    RequestAuth,
-    authenticate,
-    output_headers,
-    parse_jwks,
-)
+from ambit.policy.jwks import Jwks, JwksError, KeyResolver, parse_jwks
+from ambit.policy.jwt import AuthnResult, RequestAuth, authenticate, output_headers
 from ambit.policy.match import (
     DEFAULT_ROOT_NAMESPACE,
     Action,
@@ -55,6 +41,7 @@ from ambit.policy.match import (
     MtlsMode,
     PolicyError,
 )
+from ambit.policy.mtls import mtls_mode, mtls_policy, mtls_port_modes
 from ambit.policy.status import NOT_FULLY_ENFORCED, FieldStatus, PolicyStatus, policy_status
 
 __all__ = [

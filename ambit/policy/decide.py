@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ambit.policy.index import PolicySet, _selects
+from ambit.policy.facts import (
+    AnyOf,
+    ConnectionFacts,
+    CustomCheck,
+    Decision,
+    DryRun,
+    HttpFacts,
+)
+from ambit.policy.index import PolicySet
 from ambit.policy.jwt import RequestAuth
 from ambit.policy.match import (
     _HEADER_KEY,
@@ -26,119 +34,13 @@ from ambit.policy.match import (
     Entry,
     FieldMatch,
     IpAddress,
-    MtlsMode,
     _attr_words,
     claim_path,
 )
-from ambit.spiffe import SpiffeId
+from ambit.policy.mtls import mtls_policy
 
 if TYPE_CHECKING:
-    from ambit.snapshot import Workload
-
-# ---------------------------------------------------------------------------
-# facts and decisions
-
-# Which kind of rule decided: an ALLOW or DENY policy (or the mTLS/waypoint checks, which
-# speak as ALLOW/DENY), or none, the default (allow when no ALLOW policy applies, else deny).
-DecisionAction = Literal["ALLOW", "DENY", "DEFAULT"]
-# The effective PeerAuthentication mode of a port (UNSET has been resolved by inheritance).
-EffectiveMtlsMode = Literal["DISABLE", "PERMISSIVE", "STRICT"]
-# A connection's verdict as every process names it (the ztunnel's connection records and
-# access log, the agent's /flows, `ambit flows`): allowed or denied by a Decision, not
-# decided (yet, or ever: refused before any policy was asked), or dropped by the kernel
-# (no-bypass, or plaintext into a STRICT port) before any proxy saw it.
-Verdict = Literal["allow", "deny", "pending", "dropped"]
-
-
-@dataclass(frozen=True)
-class ConnectionFacts:
-    """What the ztunnel knows about an inbound connection (identity from the verified certificate)."""
-
-    src_ip: str
-    src_identity: SpiffeId | None
-    dst: Workload
-    dst_port: int
-    mtls: bool
-
-
-@dataclass(frozen=True)
-class HttpFacts:
-    """One HTTP request at a waypoint. `headers` names are matched case-insensitively.
-    `auth`: the request's verified JWT (`ambit.policy.jwt.authenticate`), None without one."""
-
-    method: str
-    path: str
-    host: str
-    headers: Mapping[str, str] = field(default_factory=dict, hash=False)
-    auth: RequestAuth | None = field(default=None, hash=False)
-
-
-@dataclass(frozen=True)
-class DryRun:
-    """What a dry-run policy would have decided had it been enforced (with the enforced ones)."""
-
-    policy: str  # "ns/name"
-    rule: int | None  # its rule that decided, None when another policy or the default did
-    decision: Literal["allow", "deny"]
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy, "rule": self.rule, "decision": self.decision, "reason": self.reason}
-
-    def words(self) -> str:
-        """`would deny by ns/name rule 0`: how flows and logs show it."""
-        return f"would {self.decision} by {self.policy}" + (f" rule {self.rule}" if self.rule is not None else "")
-
-
-@dataclass(frozen=True)
-class CustomCheck:
-    """A CUSTOM policy's rule matched: its provider must allow the request too."""
-
-    provider: str
-    policy: str  # "ns/name"
-    rule: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"provider": self.provider, "policy": self.policy, "rule": self.rule, "reason": self.reason}
-
-
-class AnyOf(tuple[str, ...]):
-    """A list-valued attribute (a JWT's `aud`, a list claim): a value matches when one element does."""
-
-    __slots__ = ()
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Which policy and rule decided, and a sentence saying why."""
-
-    allowed: bool
-    action: DecisionAction
-    policy: str | None  # "ns/name"
-    rule: int | None
-    reason: str
-    # Things an operator should know that did not decide the outcome, e.g. rules
-    # skipped because they need HTTP attributes and no waypoint enforces them.
-    notes: tuple[str, ...] = ()
-    # Allowed so far, but CUSTOM policies matched: each provider must allow it too (only at a
-    # waypoint configured with them; anywhere else a matching CUSTOM rule denies).
-    custom: tuple[CustomCheck, ...] = ()
-    # What each dry-run policy in scope would have decided (never enforced).
-    dry_run: tuple[DryRun, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "allowed": self.allowed,
-            "action": self.action,
-            "policy": self.policy,
-            "rule": self.rule,
-            "reason": self.reason,
-            "notes": list(self.notes),
-            "custom": [c.to_dict() for c in self.custom],
-            "dry_run": [d.to_dict() for d in self.dry_run],
-        }
-
+    pass
 
 class _Attrs:
     """Lazily computed attributes of one connection/request; shared across all rules."""
@@ -527,63 +429,6 @@ def _with_dry_run(
         out.append(DryRun(p.ref, w.rule if w.policy == p.ref else None, "allow" if w.allowed else "deny",
                           w.reason))
     return replace(d, dry_run=tuple(out))
-
-
-def mtls_policy(dst: Workload, port: int, policies: PolicySet) -> tuple[EffectiveMtlsMode, str | None]:
-    """Like `mtls_mode`, also naming the PeerAuthentication (`ns/name`) that decided (None: the default)."""
-    root = policies.root_namespace
-    mesh = ns_level = workload = None
-    # Istio takes the oldest policy at each level; objects here carry no creation
-    # time, so the first by name wins, which is at least deterministic.
-    for p in policies.peer_authn:
-        if p.match_labels is None:
-            if p.namespace == root and mesh is None:
-                mesh = p
-            elif p.namespace == dst.namespace and p.namespace != root and ns_level is None:
-                ns_level = p
-        elif (
-            # Selector policies in the root namespace are ignored, as in Istio.
-            p.namespace == dst.namespace
-            and p.namespace != root
-            and workload is None
-            and _selects(p.match_labels, dst.labels)
-        ):
-            workload = p
-    mode: EffectiveMtlsMode = "PERMISSIVE"
-    by: str | None = None
-    for level in (mesh, ns_level, workload):
-        if level is not None and level.mode != "UNSET":
-            mode, by = level.mode, level.ref
-    if workload is not None:
-        pm: MtlsMode = workload.port_modes.get(port, "UNSET")
-        if pm != "UNSET":
-            mode, by = pm, workload.ref
-    return mode, by
-
-
-def mtls_port_modes(
-    dst: Workload, policies: PolicySet
-) -> tuple[EffectiveMtlsMode, dict[int, EffectiveMtlsMode]]:
-    """`dst`'s workload-wide mode and the ports whose mode differs from it (portLevelMtls),
-    as `mtls_mode` decides each: what the kernel needs to drop or capture plaintext per port."""
-    default = mtls_mode(dst, 0, policies)
-    ports: set[int] = set()
-    for p in policies.peer_authn:
-        if p.port_modes and p.namespace == dst.namespace and _selects(p.match_labels, dst.labels):
-            ports.update(p.port_modes)
-    out = {}
-    for port in sorted(ports):
-        m = mtls_mode(dst, port, policies)
-        if m != default:
-            out[port] = m
-    return default, out
-
-
-def mtls_mode(dst: Workload, port: int, policies: PolicySet) -> EffectiveMtlsMode:
-    """Effective PeerAuthentication mode on `dst`'s (workload) `port`: "STRICT", "PERMISSIVE" or
-    "DISABLE". Workload selector > namespace > mesh (root namespace) > PERMISSIVE; UNSET inherits.
-    The ztunnel treats DISABLE like PERMISSIVE (Istio ambient cannot disable mTLS)."""
-    return mtls_policy(dst, port, policies)[0]
 
 
 def check(

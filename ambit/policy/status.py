@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ambit.cluster import INGRESS_CLASS
-from ambit.policy.jwt import JwksError, parse_jwks
+from ambit.policy.jwks import JwksError, parse_jwks
 from ambit.policy.match import (
     WAYPOINT_CLASSES,
     CompiledAuthz,
