@@ -29,4 +29,7 @@ def duration(text: str) -> dt.timedelta:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 24h, 365d") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration must be positive")
-    return dt.timedelta(seconds=value)
+    try:
+        return dt.timedelta(seconds=value)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r}: too long a duration") from None

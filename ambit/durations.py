@@ -21,7 +21,7 @@ def parse_duration(text: object, *, strict: bool = False) -> float:
     """Seconds in `text` (see the module docstring); ValueError naming what is wrong."""
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not a duration (e.g. 10s, 500ms, 1h30m)")
-    t = text.strip()
+    t = text if strict else text.strip()  # the API server's pattern takes no spaces
     if strict:
         if not _STRICT.fullmatch(t):
             raise ValueError(f"{text!r} is not a Gateway API duration (e.g. 10s, 500ms, 1h30m: "

@@ -27,7 +27,8 @@ SAFELISTED_METHODS = ("GET", "HEAD", "POST")
 # the response headers the filter owns on a rule that has one (the backend's are removed)
 OWNED_RESPONSE_HEADERS = ("access-control-allow-origin", "access-control-allow-credentials",
                           "access-control-expose-headers", "access-control-allow-methods",
-                          "access-control-allow-headers", "access-control-max-age")
+                          "access-control-allow-headers", "access-control-max-age",
+                          "access-control-allow-private-network")
 
 
 @dataclass(frozen=True)

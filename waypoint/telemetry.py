@@ -233,6 +233,9 @@ class RequestLog:
             self._out.close()
 
 
+_KNOWN_FLAGS = 0x03  # W3C trace-flags: sampled (0x01) and random trace id (0x02)
+
+
 class Tracing:
     """W3C trace context in and out, and one span per request (exported when configured)."""
 
@@ -254,13 +257,14 @@ class Tracing:
         ctx = self.propagator.extract(carrier=dict(headers))
         if not self.exporting:
             # Nothing would read a recorded span: continue the trace (or start one) with a span
-            # id of our own, as the SDK's default sampler would (the parent's flags kept, a new
-            # trace sampled), and record nothing (an SDK span per request cost ~30 us here).
+            # id of our own and record nothing (an SDK span per request cost ~30 us here). The
+            # flags are what the SDK's default sampler sends: the parent's sampled and random
+            # bits (W3C's other bits are reserved, sent as zero), a new trace sampled and random.
             parent = trace.get_current_span(ctx).get_span_context()
             if parent.is_valid:
-                trace_id, flags, state = parent.trace_id, parent.trace_flags, parent.trace_state
+                trace_id, flags, state = parent.trace_id, TraceFlags(parent.trace_flags & _KNOWN_FLAGS), parent.trace_state
             else:
-                trace_id, flags, state = self._ids.generate_trace_id(), TraceFlags(TraceFlags.SAMPLED), None
+                trace_id, flags, state = self._ids.generate_trace_id(), TraceFlags(_KNOWN_FLAGS), None
             return NonRecordingSpan(SpanContext(trace_id, self._ids.generate_span_id(), is_remote=False,
                                                 trace_flags=flags, trace_state=state))
         return self.tracer.start_span(name, context=ctx, kind=SpanKind.SERVER,

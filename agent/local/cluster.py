@@ -534,6 +534,7 @@ def refresh_hosts(layout: Layout, store: Store) -> None:
         if nsops.exists(pns):
             nsops.write_etc_file(pns, "hosts", L.render_hosts(
                 str(md["name"]), (p.get("status") or {}).get("podIP"), services, hostname=socket.gethostname()))
+            nsops.write_etc_file(pns, "resolv.conf", L.RESOLV_CONF)
 
 
 def delete(state_dir: Path, paths: Sequence[Path], ignore_not_found: bool = False) -> list[str]:

@@ -15,7 +15,7 @@ def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
 
-@pytest.mark.parametrize("text", ["", "s", "10", "1.5s", "1d", "123456s", "1h1h1h1h1h"])
+@pytest.mark.parametrize("text", ["", "s", "10", "1.5s", "1d", "123456s", "1h1h1h1h1h", " 10s", "10s\n"])
 def test_gateway_api_form_is_strict(text: str) -> None:
     # GEP-2257: whole numbers of at most five digits, a unit always, at most four parts, no days
     with pytest.raises(ValueError, match="Gateway API duration"):
@@ -30,3 +30,15 @@ def test_bad_durations_name_the_input(text: object) -> None:
 
 def test_strict_accepts_what_the_api_server_does() -> None:
     assert parse_duration("1h30m10s500ms", strict=True) == pytest.approx(5410.5)
+
+
+def test_a_flag_too_long_is_an_error_naming_it_not_a_traceback() -> None:
+    import argparse
+
+    from ambit.args import duration
+
+    assert duration("1h30m").total_seconds() == 5400
+    for bad in ("99999999999d", "9" * 400, "0s", "soon"):
+        with pytest.raises(argparse.ArgumentTypeError) as e:
+            duration(bad)
+        assert bad[:10] in str(e.value)

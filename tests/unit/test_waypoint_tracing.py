@@ -31,6 +31,19 @@ def test_an_unsampled_parent_stays_unsampled_and_a_new_trace_is_sampled() -> Non
     assert _parts(unsampled["traceparent"])[3] == "00"
     fresh = dict(t.outgoing(t.start("GET /", {}, {})))
     _, trace_id, span_id, flags = _parts(fresh["traceparent"])
-    assert flags == "01" and int(trace_id, 16) and int(span_id, 16)
+    assert flags == "03" and int(trace_id, 16) and int(span_id, 16)  # sampled, random trace id
     other = dict(t.outgoing(t.start("GET /", {"traceparent": "garbage"}, {})))
     assert _parts(other["traceparent"])[1] != trace_id  # a malformed parent starts a new trace
+
+
+def test_reserved_trace_flags_are_not_passed_on() -> None:
+    # review 16: a parent's `-ff` went out as `-ff`; the SDK sends only the bits it knows
+    t = Tracing("waypoint test")
+    out = dict(t.outgoing(t.start("GET /", {"traceparent": PARENT[:-2] + "ff"}, {})))
+    assert _parts(out["traceparent"])[3] == "03"
+    sdk = Tracing("waypoint test")
+    sdk.exporting = True  # the SDK's own path (no exporter attached): the same flags
+    for parent in (PARENT[:-2] + "ff", PARENT, PARENT[:-2] + "00"):
+        mine = _parts(dict(t.outgoing(t.start("GET /", {"traceparent": parent}, {})))["traceparent"])[3]
+        theirs = _parts(dict(sdk.outgoing(sdk.start("GET /", {"traceparent": parent}, {})))["traceparent"])[3]
+        assert mine == theirs, parent
