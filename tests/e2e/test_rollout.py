@@ -114,8 +114,16 @@ def test_traffic_is_recorded_with_identities_verdicts_and_requests(cluster: Clus
     plain = recorded(c, "node-b", "--source", "plain/outsider")[-1]
     assert plain["direction"] == "inbound_plaintext" and plain["mtls"] is False and plain["src_identity"] is None
     # the waypoint (its pod on node-a) reported its requests to node-a's agent
-    reqs = recorded(c, "node-a", "--destination", "payments/payment", "--source", "payments/*", n=3)
-    by = {(x["src_workload"], x["method"], x["path"]): x for x in reqs if x["kind"] == "request"}
+    # (the connections to the waypoint match these filters too: wait for the requests themselves,
+    # which the agent takes from the waypoint's /requests at its own pace)
+    want = {("payments/order-service", "POST", "/api/v1/charges"), ("payments/reporting", "GET", "/api/v1/charges")}
+
+    def requests_recorded() -> dict[tuple[str, str, str], dict[str, Any]]:
+        items = history(c, "node-a", "--destination", "payments/payment", "--source", "payments/*")["items"]
+        got = {(x["src_workload"], x["method"], x["path"]): x for x in items if x["kind"] == "request"}
+        return got if want <= set(got) else {}
+
+    by = poll(requests_recorded, 15, "the waypoint's requests in node-a's history", interval=0.5)
     assert by[("payments/order-service", "POST", "/api/v1/charges")]["status"] == 200
     denied = by[("payments/reporting", "GET", "/api/v1/charges")]
     assert denied["verdict"] == "deny" and denied["status"] == 403 and denied["waypoint"] == "payments/waypoint"
