@@ -6,10 +6,10 @@ the kernel's flow records with the ztunnel's connection records (agent.flowjoin)
 which the agent reads from the ztunnel's admin endpoint on the node's loopback.
 
 It keeps the node's flow history (agent.history, SQLite): each connection the ztunnel
-closed, each request the node's waypoint pods decided (their `/requests?after=N` on the
-metrics port of the pod's IP, which the node reaches where it cannot reach the pod's
-loopback; on Kubernetes the agent is on the host network, as a kubelet probing a pod), and
-each connection attempt the kernel dropped; served as /flows/history and /flows/denials,
+closed, each request the node's waypoint and ingress gateway pods decided (their
+`/requests?after=N` on the admin port of the pod's own loopback, asked from inside the
+pod's network namespace: no other pod can read them), and each connection attempt the
+kernel dropped; served as /flows/history and /flows/denials,
 with /objects (the snapshot in force and the objects it was compiled from) for
 `ambit policy simulate`.
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import AgentError
+from agent import netns as nsops
 from agent.bpf import Datapath, DropCounts, cgroup_id
 from agent.enroll import (
     Action,
@@ -68,9 +69,10 @@ from agent.history import (
 )
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import AgentMetrics, NodeView, pod_drops
+from agent.netns import NetnsError
 from agent.runtime import REDIRECTION_ENABLED, PodAnnotator, PodRuntime
 from ambit.cluster import REDIRECTION, ClusterState, Pod
-from ambit.http import HttpServer, Response, Routes, get_json
+from ambit.http import HttpServer, Response, Routes, get_json, request_on
 from ambit.lastgood import LastGood
 from ambit.policy import EffectiveMtlsMode, mtls_port_modes
 from ambit.snapshot import Snapshot, build_snapshot
@@ -108,8 +110,9 @@ class AgentConfig:
     flow_history: Path | None = None
     flow_history_max_bytes: int = 100 * 2**20
     flow_history_max_age: float = 7 * 86400.0
-    # Where the waypoints of the node report their requests: their pods' metrics port.
-    waypoint_metrics_port: int = 15020
+    # Where the waypoints and ingress gateways of the node report their requests: their admin
+    # port on the pod's own loopback (the agent enters the pod's network namespace to ask).
+    waypoint_admin_port: int = 15000
 
 
 def kernel_mode(mode: EffectiveMtlsMode) -> KernelMode:
@@ -500,38 +503,51 @@ class Agent:
                      DROP_POLICY.get(ev.kind, ev.kind))
             for ev in drops if self._drops.first(ev.kind, ev.src, ev.sport, ev.dst, ev.dport, now))
 
-    def _local_waypoints(self) -> list[str]:
-        """The addresses of the pods on this node that report the requests they decide: the
+    def _local_waypoints(self) -> dict[str, Pod]:
+        """The pods on this node that report the requests they decide, by address: the
         waypoints', and the ingress gateways' (pods of an ambit-ingress Gateway, running as its
         service account)."""
         if self.snapshot is None:
-            return []
-        local = {p.ip for p in self._pods.values() if p.ip}
+            return {}
+        local = {p.ip: p for p in self._pods.values() if p.ip}
         out = {a for wp in self.snapshot.waypoints.values() for a in wp.addresses if a in local}
         state = self._state
         if state is not None:
             out |= {p.ip for gw in state.gateways.values() if gw.is_ingress for p in state.gateway_pods(gw)
                     if p.ip in local and p.service_account == gw.meta.name and p.phase == "Running"}
-        return sorted(out)
+        return {ip: local[ip] for ip in sorted(out)}
 
     async def _watch_waypoints(self) -> None:
         """Collect the requests the node's waypoints decided (each once) into the history."""
         while not self._stop:
             if self.history is not None:
-                ips = self._local_waypoints()
-                for ip in set(self._request_cursors) - set(ips):
+                pods = self._local_waypoints()
+                for ip in set(self._request_cursors) - set(pods):
                     del self._request_cursors[ip]
-                for ip in ips:
+                for ip, pod in pods.items():
                     try:
-                        await self._collect_requests(ip)
-                    except (OSError, ValueError, TimeoutError) as e:
+                        await self._collect_requests(ip, pod)
+                    except (OSError, ValueError, TimeoutError, NetnsError) as e:
                         log.debug("waypoint at %s: /requests: %s", ip, e)
             await asyncio.sleep(1.0)
 
-    async def _collect_requests(self, ip: str) -> None:
+    async def _collect_requests(self, ip: str, pod: Pod) -> None:
+        """One look at a proxy pod's numbered request records. They are served on the pod's
+        loopback only (its admin listener): they name who called what, so no other pod may
+        read them, and from the network the agent and a pod's traffic relayed by this node's
+        ztunnel come from the same address. The agent enters the pod's network namespace."""
         assert self.history is not None
+        netns = self.runtime.netns_path(pod)
+        if netns is None:
+            return
         cur = self._request_cursors.setdefault(ip, RequestCursor())
-        status, body = await get_json(ip, self.config.waypoint_metrics_port, f"/requests?after={cur.after}")
+        path, port = f"/requests?after={cur.after}", self.config.waypoint_admin_port
+
+        def ask() -> tuple[int, Any]:
+            sock = nsops.connect_at(netns, "127.0.0.1", port, 2.0)
+            return request_on(sock, "127.0.0.1", "GET", path)
+
+        status, body = await asyncio.to_thread(ask)
         if status != 200 or not isinstance(body, dict):
             return
         instance = str(body.get("instance") or "")

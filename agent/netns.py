@@ -307,6 +307,35 @@ def connect_in(ns: str, host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+def connect_at(path: Path, host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to host:port made from inside the network namespace at `path` (a
+    pod's `/proc/PID/ns/net` or `/run/netns/NAME`): how the agent reaches a pod's loopback.
+    A short helper thread makes the socket there; the caller's thread never changes
+    namespace. Blocking (run it in a worker thread from async code)."""
+    result: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            with entered(path):
+                result.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        except BaseException as e:
+            result.append(e)
+
+    t = threading.Thread(target=make, name=f"netns-socket:{path}", daemon=True)
+    t.start()
+    t.join()
+    sock = result[0]
+    if isinstance(sock, BaseException):
+        raise NetnsError(f"cannot open a socket in network namespace {path}: {sock}") from sock
+    sock.settimeout(timeout)
+    try:
+        sock.connect((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
     """argv that runs `argv` inside `ns` through `ip netns exec` (which also bind-mounts /etc/netns/<ns>/*).
 

@@ -159,12 +159,11 @@ class IngressGateway(MeshProxy):
             ("admin", cfg.admin, {
                 "/config_dump": (("GET",), self._config_dump),
                 "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
-                "/requests": (("GET",), lambda m, q: Response.json({"items": list(self.recent)})),
+                "/requests": (("GET",), self.recent.report),
                 "/healthz/ready": (("GET",), self._ready),
             }),
             ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics),
-                                      "/requests": (("GET",), self.recent.report)}),
+                                      "/stats/prometheus": (("GET",), self._metrics)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
         ))
 

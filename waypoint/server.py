@@ -187,8 +187,7 @@ class Waypoint(MeshProxy):
         await self.open_http((
             ("admin", cfg.admin, self._admin_routes()),
             ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics),
-                                      "/requests": (("GET",), self.recent.report)}),
+                                      "/stats/prometheus": (("GET",), self._metrics)}),
             ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
         ))
 
@@ -247,7 +246,7 @@ class Waypoint(MeshProxy):
         return {
             "/config_dump": (("GET",), self._config_dump),
             "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
-            "/requests": (("GET",), lambda m, q: Response.json({"items": list(self.recent)})),
+            "/requests": (("GET",), self.recent.report),
             "/healthz/ready": (("GET",), self._ready),
             "/debug/authorize": (("GET",), self._authorize),
         }

@@ -174,10 +174,10 @@ RECENT_REQUESTS = 512  # request records kept for /requests (ambit flows, the no
 
 
 class RecentRequests:
-    """The last request records of a waypoint or gateway, numbered, so that the node agent can
-    collect each once: the admin's `/requests` lists them for `ambit flows`; the metrics
-    listener's `/requests?after=N` gives the node's agent (which reaches the pod's IP, as a
-    kubelet does, but not its loopback) those numbered past N for its flow history."""
+    """The last request records of a waypoint or gateway, numbered, served on its admin
+    listener (the pod's loopback only: they say who called what) as `/requests?after=N`: those
+    numbered past N, with the process's `instance`. `ambit flows` lists them; the node's agent,
+    which enters the pod's network namespace to ask, takes each once into its flow history."""
 
     def __init__(self, size: int = RECENT_REQUESTS) -> None:
         self.instance = secrets.token_hex(8)  # a restarted proxy numbers from 1 again

@@ -5,7 +5,6 @@ gateway's own identity (a real CA, two ztunnels)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from ambit.http import get_json
 from tests.integration.gateway_rig import GatewayMesh, gateway_mesh
 from tests.integration.http_apps import H1Client, Reply
 
@@ -121,12 +121,12 @@ async def test_metrics_count_requests_and_rejections_by_reason(rig: GatewayMesh)
                for ln in requests), requests
     rejected = [ln for ln in text.splitlines() if ln.startswith("ambit_gateway_rejections_total{")]
     assert any('reason="denied"' in ln and 'response_code="403"' in ln for ln in rejected), rejected
-    # the numbered records a collector on the node takes once each (as from a waypoint)
-    r, w = await asyncio.open_connection(host, port)
-    w.write(b"GET /requests?after=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    body = (await r.read()).split(b"\r\n\r\n", 1)[1]
-    w.close()
-    report = json.loads(body)
+    # the numbered records the node's agent takes once each (as from a waypoint): on the admin
+    # listener (the pod's loopback), not on the metrics one other pods reach
+    assert (await get_json(host, port, "/requests?after=1"))[0] == 404
+    admin_host, admin_port = rig.gw.addresses["admin"]
+    status, report = await get_json(admin_host, admin_port, "/requests?after=1")
+    assert status == 200, report
     assert report["last"] == 3 and [x["seq"] for x in report["items"]] == [2, 3]
     assert all(x["gateway"] == "edge/ingress" for x in report["items"])
 

@@ -1,6 +1,8 @@
-"""A waypoint reports its requests to its node's agent: numbered records on the metrics
-listener (the pod's IP, which the node reaches), collected once each into a flow history,
-and from there suggested and simulated as `ambit policy suggest|simulate` do."""
+"""A waypoint reports its requests to its node's agent: numbered records on its admin
+listener (the pod's loopback, which the agent reaches from inside the pod's network
+namespace; never on the metrics listener, which other pods reach), collected once each
+into a flow history, and from there suggested and simulated as `ambit policy
+suggest|simulate` do."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from tests.integration.test_waypoint import Rig, rig  # noqa: F401  (the fixture
 
 
 async def report(r: Rig, after: int = 0) -> Any:
-    host, port = r.wp.addresses["metrics"]
+    host, port = r.wp.addresses["admin"]
     status, body = await get_json(host, port, f"/requests?after={after}")
     assert status == 200, body
     return body
@@ -40,8 +42,11 @@ async def test_the_agent_collects_each_request_once_and_suggests_from_them(rig: 
     assert items[0]["dst_identity"].endswith("/ns/pay/sa/charges") and items[0]["waypoint"] == "pay/wp"
     # only what is new; a bad cursor is a 400
     assert (await report(rig, after=3))["items"] == []
-    host, port = rig.wp.addresses["metrics"]
+    host, port = rig.wp.addresses["admin"]
     assert (await get_json(host, port, "/requests?after=x"))[0] == 400
+    # who called what is not for other pods: the metrics listener (the pod's IP) does not serve it
+    host, port = rig.wp.addresses["metrics"]
+    assert (await get_json(host, port, "/requests?after=0"))[0] == 404
 
     history = FlowHistory(tmp_path / "flows.db")
     history.open()

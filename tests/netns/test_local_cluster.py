@@ -163,6 +163,52 @@ def test_service_names_resolve_via_hosts(cluster: L.Layout, apps: Path) -> None:
     assert r.stdout.split() == [vip, vip]
 
 
+def test_a_pods_hostname_resolves_to_the_pod_and_dns_stays_inside(cluster: L.Layout, apps: Path) -> None:
+    # Python's HTTPServer looks the hostname up at bind: it must come from the pod's hosts file,
+    # not from the machine's resolver (no query may leave the pod)
+    code = "import socket; print(socket.gethostbyname(socket.gethostname()))"
+    r = ambit(cluster.state, "exec", "demo/client", "--", "python3", "-c", code)
+    assert r.stdout.split() == [pod(cluster, "demo", "client")["status"]["podIP"]]
+    resolv = Path("/etc/netns", cluster.pod_netns("demo", "client"), "resolv.conf").read_text()
+    assert "nameserver" not in resolv
+
+
+def test_the_agent_reaches_a_pods_loopback_and_nothing_else_does(cluster: L.Layout, apps: Path, tmp_path: Path) -> None:
+    # how the node's agent asks a waypoint for its request records: from inside the pod's netns
+    listener = (
+        "import socket\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 15000)); s.listen()\n"
+        "print('listening', flush=True)\n"
+        "while True:\n"
+        "    c, _ = s.accept(); c.sendall(b'only on the loopback'); c.close()\n"
+    )
+    m = write_manifest(tmp_path / "lo.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lo"}},
+                       pod_yaml("lo", "proxy", "node-a", ["python3", "-c", listener]))
+    C.apply(cluster.state, [m])
+    try:
+        path = nsops.netns_path(cluster.pod_netns("lo", "proxy"))
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                sock = nsops.connect_at(path, "127.0.0.1", 15000, 2.0)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        with sock:
+            assert sock.recv(100) == b"only on the loopback"
+        # the same port on the pod's address is closed to everyone else
+        ip = pod(cluster, "lo", "proxy")["status"]["podIP"]
+        code = (f"import socket\ntry:\n    socket.create_connection(('{ip}', 15000), timeout=3)\n    print('reached')\n"
+                "except OSError as e:\n    print('refused')")
+        assert ambit(cluster.state, "exec", "demo/client", "--", "python3", "-c", code).stdout.split() == ["refused"]
+        with pytest.raises(AgentError, match="cannot open"):
+            nsops.connect_at(tmp_path / "no-such-netns", "127.0.0.1", 15000, 1.0)
+    finally:
+        C.delete(cluster.state, [m], ignore_not_found=True)
+
+
 def test_get_json(cluster: L.Layout, apps: Path) -> None:
     nodes = json.loads(ambit(cluster.state, "get", "nodes", "-o", "json").stdout)["items"]
     assert {n["metadata"]["name"]: n["status"]["addresses"][0]["address"] for n in nodes} == {
