@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.report import write_report
 from bench.rig import Rig
-from bench.topology import Topology, cgroup_cpu_s, cgroup_pids, pss_kib
+from bench.topology import Topology, cgroup_cpu_s, cgroup_pids, pss_kib, sweep_stale
 from bench.variants import ALL_METRICS, HIGHER_IS_BETTER, VARIANTS, Variant
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [VARIANTS[n] for n in names]
     started = time.monotonic()
     load_before = loadavg()
+    for what in sweep_stale():
+        print(f"bench: removed {what}, left by a run that was killed", file=sys.stderr)
     with _workdir(args.keep) as workdir:
         topo = Topology(workdir=workdir)
         rig = Rig(topo, workdir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import secrets
 import signal
@@ -293,6 +294,55 @@ class Topology:
             out.append(str(self.cgroup_base))
         out += [str(p) for p in Path("/sys/fs/bpf").glob(f"abench-{self.tag}-*")]
         return out
+
+
+def sweep_stale() -> list[str]:
+    """Remove what killed runs left on the machine (their namespaces, cgroups and pinned maps:
+    a run killed by a signal it cannot catch never reaches destroy()). A run is over when
+    no process is left in its cgroup or its namespaces; a live one is left alone. Returns
+    what was removed."""
+    from agent.bpf import remove_pins
+
+    netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
+    cg_root = cgroup2_root()
+    pins = sorted(Path("/sys/fs/bpf").glob("abench-*"))
+    tags = {m.group(1) for name in netns if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", name))}
+    tags |= {m.group(1) for p in cg_root.glob("abench-*") if (m := re.fullmatch(r"abench-([0-9a-f]{6})", p.name))}
+    tags |= {m.group(1) for p in pins if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", p.name))}
+    removed: list[str] = []
+    for tag in sorted(tags):
+        names = [n for n in netns if n.startswith(f"abench-{tag}-")]
+        cg = cg_root / f"abench-{tag}"
+        if _cgroup_has_procs(cg) or any(_netns_has_pids(n) for n in names):
+            continue
+        for n in names:
+            if subprocess.run(["ip", "netns", "del", n], capture_output=True).returncode == 0:
+                removed.append(f"netns {n}")
+        if cg.exists():
+            for sub in sorted((d for d in cg.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+                _remove_cgroup(sub)
+            _remove_cgroup(cg)
+            removed.append(f"cgroup {cg}")
+        for pin in pins:
+            if pin.name.startswith(f"abench-{tag}-"):
+                remove_pins(pin)
+                removed.append(f"pins {pin}")
+    return removed
+
+
+def _cgroup_has_procs(cg: Path) -> bool:
+    if not cg.is_dir():
+        return False
+    for procs in cg.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError):
+            if procs.read_text().strip():
+                return True
+    return False
+
+
+def _netns_has_pids(name: str) -> bool:
+    r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return r.returncode != 0 or bool(r.stdout.strip())  # unreadable: taken as in use
 
 
 def _remove_cgroup(cg: Path, timeout: float = 5.0) -> None:
