@@ -435,15 +435,5 @@ class Session:
 
 async def run(config: GatewayConfig, **kw: Any) -> int:
     """Start, serve until SIGTERM/SIGINT, stop."""
-    import signal
-
-    gw = IngressGateway(config, **kw)
-    await gw.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gw.stop()
-    return 0
+    return await IngressGateway(config, **kw).run_until_signalled()
 

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import signal
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -204,6 +205,20 @@ class MeshProxy:
             except OSError as e:
                 raise self.config_error(f"--{name}: cannot listen on {where}: {e.strerror or e}") from e
             self._http.append(http)
+
+    async def start(self, first_snapshot_timeout: float = 15.0) -> None:
+        raise NotImplementedError
+
+    async def run_until_signalled(self) -> int:
+        """Start, serve until SIGTERM or SIGINT, stop: the process's life as `ambit ... run`."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await self.stop()
+        return 0
 
     def log_up(self) -> None:
         self.log.info("%s %s up: %s", self.kind, self.config.uid,

@@ -620,15 +620,5 @@ def _no_bundle() -> TrustBundle:
 
 async def run(config: WaypointConfig, **kw: Any) -> int:
     """Start, serve until SIGTERM/SIGINT, stop."""
-    import signal
-
-    wp = Waypoint(config, **kw)
-    await wp.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await wp.stop()
-    return 0
+    return await Waypoint(config, **kw).run_until_signalled()
 

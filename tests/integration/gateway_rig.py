@@ -32,7 +32,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from gateway.server import GatewayConfig, IngressGateway
-from tests.integration.ztunnel_harness import Mesh, loopback_mesh, pod_yaml, service_yaml
+from tests.integration.ztunnel_harness import Mesh, loopback_mesh, pod_yaml, service_yaml, serving
 from ztunnel.config import Listen, Timeouts
 
 ISSUER = "https://issuer.test"
@@ -222,12 +222,8 @@ async def store_app(host: str, name: str, port: int = 8080) -> AsyncIterator[asy
         finally:
             w.close()
 
-    srv = await asyncio.start_server(handle, host, port, reuse_address=True)
-    try:
+    async with serving(handle, host, port) as srv:
         yield srv
-    finally:
-        srv.close()
-        await srv.wait_closed()
 
 
 @dataclass

@@ -16,6 +16,8 @@ import h2.connection
 import h2.events
 import h11
 
+from tests.integration.ztunnel_harness import serving
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 SEEN = ("x-forwarded-for", "forwarded", "traceparent", "authorization", "x-jwt-payload", "x-authz-user")
 
@@ -108,12 +110,8 @@ async def http_app(host: str, port: int) -> AsyncIterator[asyncio.Server]:
         finally:
             w.close()
 
-    srv = await asyncio.start_server(handle, host, port, reuse_address=True)
-    try:
+    async with serving(handle, host, port) as srv:
         yield srv
-    finally:
-        srv.close()
-        await srv.wait_closed()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import contextlib
 import random
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,18 @@ async def loopback_mesh(tmp: Path, extra_yaml: str = "", start: tuple[str, ...] 
 
 
 @contextlib.asynccontextmanager
+async def serving(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                  host: str, port: int) -> AsyncIterator[asyncio.Server]:
+    """A test app's server on host:port for the body of the `async with`, then closed."""
+    srv = await asyncio.start_server(handle, host, port, reuse_address=True)
+    try:
+        yield srv
+    finally:
+        srv.close()
+        await srv.wait_closed()
+
+
+@contextlib.asynccontextmanager
 async def echo_server(host: str, port: int = 8080) -> AsyncIterator[asyncio.Server]:
     """Echoes everything; on EOF from the client, half-closes back after echoing."""
 
@@ -211,9 +223,5 @@ async def echo_server(host: str, port: int = 8080) -> AsyncIterator[asyncio.Serv
         finally:
             w.close()
 
-    srv = await asyncio.start_server(handle, host, port, reuse_address=True)
-    try:
+    async with serving(handle, host, port) as srv:
         yield srv
-    finally:
-        srv.close()
-        await srv.wait_closed()
