@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -355,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [VARIANTS[n] for n in names]
     started = time.monotonic()
     load_before = loadavg()
+    # SIGTERM (a test's timeout, a Ctrl-C's cousin) ends the run through its `finally`:
+    # the topology is destroyed instead of being left for the next run's sweep
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for what in sweep_stale():
         print(f"bench: removed {what}, left by a run that was killed", file=sys.stderr)
     with _workdir(args.keep) as workdir:

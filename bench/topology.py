@@ -30,7 +30,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -296,23 +296,28 @@ class Topology:
         return out
 
 
-def sweep_stale() -> list[str]:
+def sweep_stale(tags: Collection[str] | None = None, min_age: float = 120.0) -> list[str]:
     """Remove what killed runs left on the machine (their namespaces, cgroups and pinned maps:
     a run killed by a signal it cannot catch never reaches destroy()). A run is over when
-    no process is left in its cgroup or its namespaces; a live one is left alone. Returns
-    what was removed."""
+    no process is left in its cgroup or its namespaces and its namespaces are older than
+    `min_age` seconds (a run still making its topology has no process yet); a live one is
+    left alone. `tags`: only these runs. Returns what was removed."""
     from agent.bpf import remove_pins
 
     netns = sorted(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else []
     cg_root = cgroup2_root()
     pins = sorted(Path("/sys/fs/bpf").glob("abench-*"))
-    tags = {m.group(1) for name in netns if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", name))}
-    tags |= {m.group(1) for p in cg_root.glob("abench-*") if (m := re.fullmatch(r"abench-([0-9a-f]{6})", p.name))}
-    tags |= {m.group(1) for p in pins if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", p.name))}
+    found = {m.group(1) for name in netns if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", name))}
+    found |= {m.group(1) for p in cg_root.glob("abench-*") if (m := re.fullmatch(r"abench-([0-9a-f]{6})", p.name))}
+    found |= {m.group(1) for p in pins if (m := re.fullmatch(r"abench-([0-9a-f]{6})-.+", p.name))}
     removed: list[str] = []
-    for tag in sorted(tags):
+    now = time.time()
+    for tag in sorted(found if tags is None else found & set(tags)):
         names = [n for n in netns if n.startswith(f"abench-{tag}-")]
         cg = cg_root / f"abench-{tag}"
+        made = [Path("/run/netns", n) for n in names] + ([cg] if cg.exists() else [])
+        if any(now - _mtime(m) < min_age for m in made):
+            continue
         if _cgroup_has_procs(cg) or any(_netns_has_pids(n) for n in names):
             continue
         for n in names:
@@ -328,6 +333,13 @@ def sweep_stale() -> list[str]:
                 remove_pins(pin)
                 removed.append(f"pins {pin}")
     return removed
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _cgroup_has_procs(cg: Path) -> bool:

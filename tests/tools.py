@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,29 @@ def _apt(*args: str) -> None:
         r = subprocess.run(["apt-get", *args], capture_output=True, text=True, env=env, timeout=600)
     if r.returncode != 0:
         pytest.fail(f"apt-get {' '.join(args)} failed: {r.stderr.strip()[-500:]}")
+
+
+def run_group(argv: list[str], *, timeout: float, grace: float = 60.0, cwd: Path | None = None,
+              merge_stderr: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `argv` in a process group of its own, capturing its output. On timeout the whole
+    group gets SIGTERM first, so the scripts' own cleanup traps run (VMs, namespaces,
+    cgroups), SIGKILL only after `grace`, then the test fails. (subprocess.run's timeout
+    would SIGKILL the leader alone: no trap runs and its children go on.)"""
+    p = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            out, err = p.communicate()
+        pytest.fail(f"{' '.join(argv)} did not end within {timeout:g}s (stopped):\n{(out or '')[-3000:]}"
+                    f"\n{(err or '')[-3000:]}")
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
 def tool(name: str, package: str | None = None) -> str:

@@ -8,13 +8,13 @@ temporary directory, not to bench/results/.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench.variants import ALL_METRICS, VARIANTS
 from tests.conftest import require_root
+from tests.tools import run_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.timeout(600)
 def test_quick_bench_writes_every_variant_and_metric(tmp_path: Path) -> None:
     require_root()
-    r = subprocess.run(["make", "-s", "bench", "QUICK=1", f"BENCH_ARGS=--out {tmp_path}"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=540)
+    r = run_group(["make", "-s", "bench", "QUICK=1", f"BENCH_ARGS=--out {tmp_path}"], cwd=ROOT, timeout=480)
     assert (tmp_path / "latest.json").is_file(), f"no JSON written:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     results = json.loads((tmp_path / "latest.json").read_text())
     variants = results["variants"]

@@ -4,7 +4,6 @@ the suite checked) against a loopback server with the edge's certificate."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -19,6 +18,7 @@ from bench import edge, haproxy, load
 from bench.rig import cluster_yaml
 from bench.topology import Topology
 from gateway.view import build_view
+from tests.tools import tool
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,7 @@ def test_edge_objects_make_a_gateway_with_one_https_listener_and_its_route(tls: 
 
 @pytest.mark.unit
 def test_haproxy_accepts_the_edge_configuration(tls: dict[str, Path], tmp_path: Path) -> None:
-    exe = shutil.which("haproxy")
-    if exe is None:
-        pytest.skip("haproxy is not installed (make bench installs it)")
+    exe = tool("haproxy", "haproxy")
     from controlplane.pki import CaMaterial
 
     haproxy.write_certs(CaMaterial.generate("cluster.local"), tmp_path)

@@ -37,7 +37,9 @@ def test_a_killed_runs_leftovers_go_and_a_live_run_stays() -> None:
                                  text=True).stdout.strip():
             assert time.monotonic() < deadline, "the sleeper never entered its namespace"
             time.sleep(0.05)
-        removed = sweep_stale()
+        # a run only just made has no process yet either: it is not taken for a dead one
+        assert sweep_stale(tags=(dead,)) == [] and len(_leftovers(dead)) == 4
+        removed = sweep_stale(tags=(dead, live), min_age=0)
         assert _leftovers(dead) == [], removed
         assert {f"netns abench-{dead}-na", f"netns abench-{dead}-cli"} <= set(removed)
         assert len(_leftovers(live)) == 4, "a live run was swept"
@@ -45,5 +47,5 @@ def test_a_killed_runs_leftovers_go_and_a_live_run_stays() -> None:
         if sleeper is not None:
             sleeper.kill()
             sleeper.wait()
-        sweep_stale()
+        sweep_stale(tags=(dead, live), min_age=0)
         assert _leftovers(dead) == [] and _leftovers(live) == []

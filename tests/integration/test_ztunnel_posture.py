@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import require_root
 from tests.integration.test_ztunnel import http_get
 from tests.integration.ztunnel_harness import echo_server, loopback_mesh
+from tests.tools import tool
 
 
 async def test_ztunnel_process_without_capabilities_serves(tmp_path: Path) -> None:
     require_root()  # dropping capabilities needs them to start with
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("setpriv (util-linux) is not installed")
+    setpriv = tool("setpriv", "util-linux")
     async with loopback_mesh(tmp_path, start=("node-b",)) as mesh:
         await mesh.wait_ready("node-b")
         a = mesh.nodes["node-a"]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import _in_ci, require_root
+from tests.tools import run_group
 
 REPO = Path(__file__).resolve().parents[2]
 VAGRANT = REPO / "vagrant"
@@ -49,8 +50,7 @@ def test_vagrantfile_validates(mode: str, tmp_path: Path) -> None:
 @pytest.mark.timeout(1200)
 def test_two_vms_end_to_end() -> None:
     _install()
-    r = subprocess.run([str(E2E), "offline"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       check=False, timeout=1150)
+    r = run_group([str(E2E), "offline"], timeout=1020, grace=150, merge_stderr=True)
     out = r.stdout
     print(out)
     if r.returncode == NO_GUEST:
