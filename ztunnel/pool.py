@@ -67,7 +67,11 @@ class ClientConnection(HboneProtocol):
             super().handle_other(ev)
 
     def can_open(self) -> bool:
-        return self.usable and not self.closed and bool(self.proto.can_open_stream())
+        # len(self.streams) is O(1) and settles most asks: h2's can_open_stream() counts every
+        # open stream of the connection (with thousands of tunnels open, most connections are full)
+        return (self.usable and not self.closed
+                and len(self.streams) < self.pool.ctx.hbone.client_max_concurrent_streams
+                and bool(self.proto.can_open_stream()))
 
     def open(self, authority: str, forwarded_for: str | None) -> StreamLeg:
         sid = int(self.proto.open_stream(authority, forwarded_for=forwarded_for))
@@ -140,15 +144,12 @@ class Pool:
         return c
 
     async def _get(self, cert: WorkloadCert, key: PoolKey) -> ClientConnection:
-        full = self.ctx.hbone.client_max_concurrent_streams
         while True:
             for c in list(self.conns.get(key, ())):
                 if c.cert_serial != cert.serial:
                     self._retire(c)
                     continue
-                # len(c.streams) is O(1); can_open() asks h2, which counts every stream of the
-                # connection: with thousands of tunnels open, most connections are full
-                if len(c.streams) < full and c.can_open():
+                if c.can_open():
                     return c
             fut = self._dialing.get(key)
             if fut is None:

@@ -242,12 +242,20 @@ class HboneProtocol(asyncio.Protocol):
             self.flush()
             self._fail(f"protocol error: {e}")
             return
+        self._handle_batch(events)
+
+    def _handle_batch(self, events: list[Any]) -> None:
+        """Handle what one read or timer produced; the legs' writes meanwhile go out in one flush."""
         self._batching = True
         try:
             self.handle_events(events)
         finally:
             self._batching = False
         self.flush()
+
+    def _flush_unless_batching(self) -> None:
+        if not self._batching:
+            self.flush()
 
     def eof_received(self) -> bool | None:
         self._fail("peer closed the connection")
@@ -311,14 +319,12 @@ class HboneProtocol(asyncio.Protocol):
 
     def send_data(self, stream_id: int, data: bytes | memoryview) -> int:
         n = int(self.proto.send_data(stream_id, data))
-        if not self._batching:
-            self.flush()
+        self._flush_unless_batching()
         return n
 
     def end_stream(self, stream_id: int) -> None:
         self.proto.end_stream(stream_id)
-        if not self._batching:
-            self.flush()
+        self._flush_unless_batching()
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         if self.closed:
@@ -327,8 +333,7 @@ class HboneProtocol(asyncio.Protocol):
             self.proto.acknowledge_received(stream_id, n)
         except HboneError:
             return
-        if not self._batching:
-            self.flush()
+        self._flush_unless_batching()
 
     def reset(self, stream_id: int) -> None:
         if self.closed:
@@ -337,8 +342,7 @@ class HboneProtocol(asyncio.Protocol):
             self.proto.reset_stream(stream_id, ErrorCode.CANCEL)
         except HboneError:
             pass
-        if not self._batching:
-            self.flush()
+        self._flush_unless_batching()
 
     def respond(self, leg: StreamLeg, status: int) -> None:
         """Answer a CONNECT (the server side: inbound and the waypoint); a refusal forgets the stream."""
@@ -382,10 +386,7 @@ class HboneProtocol(asyncio.Protocol):
     def _arm_timer(self) -> None:
         at = self.proto.next_deadline()
         if self._timer is not None:
-            if self.closed:
-                self._timer.cancel()
-                self._timer = None
-                return
+            # (once closed, _fail has cancelled the timer: no timer is armed then)
             if at is None or (self._timer_at is not None and self._timer_at <= at):
                 # The keepalive deadline moves later with every read: instead of a new timer
                 # per read, the armed one fires early, handle_timeout finds nothing due, and
@@ -405,12 +406,7 @@ class HboneProtocol(asyncio.Protocol):
         except HboneError as e:
             self._fail(f"timer: {e}")
             return
-        self._batching = True
-        try:
-            self.handle_events(events)
-        finally:
-            self._batching = False
-        self.flush()
+        self._handle_batch(events)
 
     def drain(self) -> None:
         """Graceful: GOAWAY, no new streams; the open ones finish."""

@@ -1,6 +1,6 @@
 """Sent and received DATA frames past h2's per-frame machinery (h2compat item 5) are h2's own.
 
-Sending: the same sequence of sends through `send_data_fast` and through h2's
+Sending: the same sequence of sends through the fast path (`debit_send_fast`) and through h2's
 send_data gives the same bytes on the wire and the same windows, and a plain h2
 peer reads them as the DATA it was sent. Receiving: `receive_data_fast` debits
 the same windows h2 does (the event-by-event comparison with h2's public path
@@ -25,7 +25,7 @@ from ztunnel.hbone import (
     TunnelResponse,
     h2compat,
 )
-from ztunnel.hbone.h2compat import HboneH2Connection
+from ztunnel.hbone.h2compat import HboneH2Connection, data_frame_header
 
 UPGRADE = "h2compat item 5 no longer matches this h2: narrow CHECKED_H2 and adapt it"
 
@@ -98,16 +98,25 @@ def test_a_plain_h2_peer_reads_the_fast_frames(monkeypatch: pytest.MonkeyPatch) 
     peer.receive_data(ours.data_to_send())
     ours.receive_data(peer.data_to_send())
     ours.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
-    assert ours.send_data_fast(1, b"hello"), UPGRADE
-    assert ours.send_data_fast(1, memoryview(b"x" * 16_384)), UPGRADE
-    assert not ours.send_data_fast(1, b"y" * 16_385), "over the peer's frame size: h2's own path"
+    wire = bytearray()
+
+    def send_fast(data: bytes | memoryview) -> bool:
+        """As the HBONE connection sends a fast frame: debit, then h2's bytes so far and the frame."""
+        if not ours.debit_send_fast(1, len(data)):
+            return False
+        wire.extend(ours.data_to_send() + data_frame_header(1, len(data)) + bytes(data))
+        return True
+
+    assert send_fast(b"hello"), UPGRADE
+    assert send_fast(memoryview(b"x" * 16_384)), UPGRADE
+    assert not send_fast(b"y" * 16_385), "over the peer's frame size: h2's own path"
     window = ours.local_flow_control_window(1)
     assert window == 65_535 - 5 - 16_384, UPGRADE
-    events = peer.receive_data(ours.data_to_send())
+    events = peer.receive_data(bytes(wire) + ours.data_to_send())
     got = [(e.stream_id, e.data) for e in events if isinstance(e, h2e.DataReceived)]
     assert got == [(1, b"hello"), (1, b"x" * 16_384)]
     ours.end_stream(1)
-    assert not ours.send_data_fast(1, b"z"), "a half-closed (local) stream takes h2's path (which refuses)"
+    assert not send_fast(b"z"), "a half-closed (local) stream takes h2's path (which refuses)"
 
 
 def test_fast_receive_debits_h2s_windows(monkeypatch: pytest.MonkeyPatch) -> None:

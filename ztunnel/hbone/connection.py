@@ -210,14 +210,17 @@ class _HboneConnection:
                         f"peer sent a {length}-byte frame; SETTINGS_MAX_FRAME_SIZE is {limit}",
                     )
                 frame_end = pos + 9 + length
-                plain_data = (
+                # a DATA frame h2compat's direct path may take (item 1); without END_STREAM,
+                # item 5's fast path too
+                direct = (
                     ftype == DATA
                     and self._h2.direct_data
                     and sid
-                    and not flags & (_FLAG_PADDED | _FLAG_END_STREAM)
+                    and not flags & _FLAG_PADDED
                     and self._block_stream is None
                     and length <= self._h2.max_inbound_frame_size
                 )
+                plain_data = direct and not flags & _FLAG_END_STREAM
                 if frame_end > end:
                     if plain_data and end - pos > 9:
                         # h2compat item 5 on a frame still arriving: its windows are debited
@@ -248,14 +251,7 @@ class _HboneConnection:
                     run_start = pos
                     self._check_stream_limit()
                     self._highest_peer_stream = sid
-                elif (
-                    ftype == DATA
-                    and self._h2.direct_data
-                    and sid
-                    and not flags & _FLAG_PADDED
-                    and self._block_stream is None
-                    and length <= self._h2.max_inbound_frame_size
-                ):
+                elif direct:
                     if pos > run_start:
                         self._feed(view[run_start:pos], events)
                     run_start = frame_end

@@ -38,7 +38,7 @@ do not blur the comparison, median of 21 runs; CPU per 256 MiB received):
    drops closed streams from `streams` (`tracked_stream_ids`).
 
 5. Plain DATA frames on an open stream skip h2's per-frame machinery both ways
-   (`receive_data_fast`, `send_data_fast`: private `H2Stream._inbound_window_manager`,
+   (`receive_data_fast`, `debit_send_fast`: private `H2Stream._inbound_window_manager`,
    `_expected_content_length`, `_actual_content_length`, `H2Connection._data_to_send`,
    `_inbound_flow_control_window_manager`). For a DATA frame without END_STREAM
    or padding on a stream whose state machine would only keep its state (OPEN,
@@ -192,7 +192,7 @@ class HboneH2Connection(H2Connection):
         table = getattr(self, "_frame_dispatch_table", None)
         if off is None and not (isinstance(table, dict) and DataFrame in table):
             off = f"h2 {h2.__version__} has no per-connection _frame_dispatch_table for DataFrame"
-        #: True when `receive_data_frame`, `receive_data_fast`, `send_data_fast`, `debit_send_fast`
+        #: True when `receive_data_frame`, `receive_data_fast`, `debit_send_fast`
         #: and `acknowledge_fast` may be used.
         self.direct_data = off is None
         if off is not None:
@@ -239,16 +239,6 @@ class HboneH2Connection(H2Connection):
         header took the fast path is handed over only while this holds)."""
         stream = self.streams.get(stream_id)
         return stream is not None and stream.state_machine.state in _RECEIVING
-
-    def send_data_fast(self, stream_id: int, data: bytes | memoryview) -> bool:
-        """Item 5: queue one DATA frame without END_STREAM, within the windows and the frame
-        size, as h2.send_data would; False (nothing done) when h2's own path must send it."""
-        if not self.debit_send_fast(stream_id, len(data)):
-            return False
-        out = self._data_to_send
-        out += data_frame_header(stream_id, len(data))
-        out += data
-        return True
 
     def debit_send_fast(self, stream_id: int, n: int) -> bool:
         """Item 5, the sending half without the framing: debit the windows for one DATA frame
