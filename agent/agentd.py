@@ -513,8 +513,8 @@ class Agent:
         out = {a for wp in self.snapshot.waypoints.values() for a in wp.addresses if a in local}
         state = self._state
         if state is not None:
-            out |= {p.ip for gw in state.gateways.values() if gw.is_ingress for p in state.gateway_pods(gw)
-                    if p.ip in local and p.service_account == gw.meta.name and p.phase == "Running"}
+            out |= {p.ip for gw in state.gateways.values() if gw.is_ingress for p in state.serving_pods(gw)
+                    if p.ip in local and p.phase == "Running"}
         return {ip: local[ip] for ip in sorted(out)}
 
     async def _watch_waypoints(self) -> None:

@@ -280,9 +280,15 @@ class ClusterState:
         return self._use_waypoint(svc.meta.labels, svc.meta.namespace)
 
     def gateway_pods(self, gw: Gateway) -> list[Pod]:
-        """The pods that serve a Gateway (label gateway.networking.k8s.io/gateway-name)."""
+        """The pods that carry a Gateway's label (gateway.networking.k8s.io/gateway-name)."""
         return sorted((p for p in self.pods.values() if p.namespace == gw.meta.namespace
                        and p.meta.labels.get(GATEWAY_NAME_LABEL) == gw.meta.name), key=lambda p: p.key)
+
+    def serving_pods(self, gw: Gateway) -> list[Pod]:
+        """The pods that serve a Gateway: those of its label that run as the service account
+        named after it (Istio's convention). A pod labelled by mistake or by malice, running
+        as another account, gets neither the Gateway's identity nor its traffic."""
+        return [p for p in self.gateway_pods(gw) if p.service_account == gw.meta.name]
 
 
 # ---------------------------------------------------------------------------

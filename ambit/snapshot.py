@@ -237,8 +237,8 @@ def _waypoints(cluster: ClusterState, trust_domain: str, workloads: Mapping[str,
             identity = SpiffeId.for_workload(trust_domain, gw.meta.namespace, gw.meta.name)
         except SpiffeError as e:
             errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its service account ({e})")
-        addrs = tuple(sorted(p.ip for p in pods if p.ip and p.phase == "Running"
-                             and identity is not None and p.service_account == identity.service_account))
+        addrs = tuple(sorted(p.ip for p in cluster.serving_pods(gw) if p.ip and p.phase == "Running"
+                             and identity is not None))
         out[gw.key] = WaypointInfo(gw.meta.namespace, gw.meta.name, gw.waypoint_for, identity, addrs)
     named = {(w.namespace, w.waypoint) for w in workloads.values() if w.waypoint}
     named |= {(s.namespace, s.waypoint) for s in services.values() if s.waypoint}

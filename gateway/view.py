@@ -90,16 +90,19 @@ def build_view(cluster: ClusterState, namespace: str, name: str, *, trust_domain
         by_listener[lst.name] = tuple(r for r in routes if r.attaches_to(gw, lst))
     limits = tuple(c for c in compiled.values() if isinstance(c, CompiledRateLimit)
                    and any(k == "HTTPRoute" or (c.namespace, n) == (namespace, name) for k, n in c.targets))
-    pods = cluster.gateway_pods(gw)
-    sas = sorted({p.service_account for p in pods})
+    # the gateway's identity is the service account named after its Gateway, as a waypoint's
+    # (ambit.snapshot); a pod of its label running as another account is not the gateway
+    pods = cluster.serving_pods(gw)
+    for p in cluster.gateway_pods(gw):
+        if p.service_account != name:
+            errors.append(f"Gateway {gw.key}: pod {p.key} carries its label but runs as service account "
+                          f"{p.service_account!r}, not {name!r}: it does not serve the gateway")
     identity = subject = None
-    if len(sas) > 1:
-        errors.append(f"Gateway {gw.key}: its pods run as {', '.join(sas)}; the gateway's identity is the first")
-    if sas:
+    if pods:
         try:
-            identity = SpiffeId.for_workload(trust_domain, namespace, sas[0])
+            identity = SpiffeId.for_workload(trust_domain, namespace, name)
         except SpiffeError as e:
-            errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its pods ({e})")
+            errors.append(f"Gateway {gw.key}: no valid SPIFFE ID for its service account ({e})")
     if identity is not None:
         pod = pods[0]
         labels = {**pod.meta.labels, GATEWAY_NAME_LABEL: name}

@@ -284,3 +284,17 @@ def test_a_dry_run_policy_at_the_edge_is_reported_not_enforced() -> None:
     j = rig("GET", "/api/v1/orders", bearer(token(sub="ivy")))
     assert j.action == "forward"
     assert [(x.policy, x.decision) for x in j.dry_run] == [("istio-system/ingress-deny-orders", "deny")]
+
+
+def test_a_pod_labelled_for_the_gateway_under_another_account_does_not_make_its_identity() -> None:
+    # the gateway's identity is the service account named after its Gateway, as a waypoint's:
+    # a pod carrying the label but running as another account neither names nor takes it
+    impostor = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "aaa-impostor", "namespace": "edge",
+                             "labels": {"gateway.networking.k8s.io/gateway-name": "ingress"}},
+                "spec": {"nodeName": "node-a", "serviceAccountName": "aaa"},
+                "status": {"podIP": "10.99.0.9", "phase": "Running"}}
+    rig = Rig([impostor])
+    assert str(rig.view.identity) == "spiffe://cluster.local/ns/edge/sa/ingress"
+    assert rig.view.subject is not None and rig.view.subject.ip != "10.99.0.9"
+    assert any("aaa-impostor" in e and "does not serve the gateway" in e for e in rig.view.errors)
