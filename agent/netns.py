@@ -270,41 +270,9 @@ def entered(path: Path) -> Iterator[None]:
         os.close(own)
 
 
-def socket_in(ns: str, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket that lives in network namespace `ns` (use it from any thread).
-
-    A socket belongs to the netns it was created in, for its whole life; setns
-    only changes the calling thread, so a short helper thread enters `ns` and
-    creates it, and the caller's own threads never change namespace.
-    """
-    result: list[socket.socket | BaseException] = []
-
-    def make() -> None:
-        try:
-            enter(ns)
-            result.append(socket.socket(family, type))
-        except BaseException as e:
-            result.append(e)
-
-    t = threading.Thread(target=make, name=f"netns-socket:{ns}", daemon=True)
-    t.start()
-    t.join()
-    out = result[0]
-    if isinstance(out, BaseException):
-        raise NetnsError(f"cannot open a socket in network namespace {ns}: {out}") from out
-    return out
-
-
 def connect_in(ns: str, host: str, port: int, timeout: float) -> socket.socket:
-    """A TCP connection to host:port made from inside network namespace `ns`."""
-    sock = socket_in(ns)
-    sock.settimeout(timeout)
-    try:
-        sock.connect((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    """A TCP connection to host:port made from inside network namespace `ns` (by name)."""
+    return connect_at(netns_path(ns), host, port, timeout)
 
 
 def connect_at(path: Path, host: str, port: int, timeout: float) -> socket.socket:

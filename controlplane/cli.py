@@ -201,11 +201,7 @@ CA_KUBE_RESOURCES = ("pods",)
 
 
 def cluster_source(spec: str) -> ClusterSource:
-    if spec == "kubernetes" or spec.startswith("kubernetes:"):
-        from ambit.sources.kube import KubernetesSource, api_client_from_spec
-
-        return KubernetesSource(api_client_from_spec(spec), description=spec, resources=CA_KUBE_RESOURCES)
-    return open_source(spec)
+    return open_source(spec, resources=CA_KUBE_RESOURCES)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -132,7 +132,8 @@ class IngressGateway(MeshProxy):
         return view
 
     def open_source(self) -> ClusterSource:
-        return _open_source(self.config.cluster, self.config.namespace)
+        # on Kubernetes also HTTPRoutes, RateLimitPolicies and the TLS Secrets of its own namespace
+        return open_source(self.config.cluster, gateway_namespace=self.config.namespace)
 
     async def changed(self) -> None:
         if self._serving:
@@ -307,16 +308,6 @@ class IngressGateway(MeshProxy):
         leg.attach(cast(Any, up))
         session.upstreams.append(up)
         return up
-
-
-def _open_source(spec: str, namespace: str) -> ClusterSource:
-    """The cluster as the gateway reads it: on Kubernetes also HTTPRoutes, RateLimitPolicies and the
-    TLS Secrets of its own namespace (the local cluster's directory has them all)."""
-    if spec == "kubernetes" or spec.startswith("kubernetes:"):
-        from ambit.sources.kube import KubernetesSource
-
-        return KubernetesSource.from_spec(spec, gateway_namespace=namespace)
-    return open_source(spec)
 
 
 @dataclass

@@ -93,28 +93,24 @@ class LocalPodRuntime:
             raise LocalError(f"pod {pod.key} is gone; cannot set annotation {key}")
 
 
-def node_connector(state_dir: Path, node: str) -> Callable[[str, int, float], socket.socket]:
-    """connect(host, port, timeout) from inside `node`'s netns: reaches its 127.0.0.1 admin endpoints."""
-    layout = Layout.load(Path(state_dir))
-    ns = layout.node(node).netns
+def _connector(ns: str, missing: str) -> Callable[[str, int, float], socket.socket]:
     if not nsops.exists(ns):
-        raise LocalError(f"node {node} has no network namespace {ns}; is the cluster up?")
+        raise LocalError(missing)
 
     def connect(host: str, port: int, timeout: float) -> socket.socket:
         return nsops.connect_in(ns, host, port, timeout)
 
     return connect
+
+
+def node_connector(state_dir: Path, node: str) -> Callable[[str, int, float], socket.socket]:
+    """connect(host, port, timeout) from inside `node`'s netns: reaches its 127.0.0.1 admin endpoints."""
+    ns = Layout.load(Path(state_dir)).node(node).netns
+    return _connector(ns, f"node {node} has no network namespace {ns}; is the cluster up?")
 
 
 def pod_connector(state_dir: Path, namespace: str, name: str) -> Callable[[str, int, float], socket.socket]:
     """connect(host, port, timeout) from inside a pod's netns: reaches a waypoint's 127.0.0.1 admin."""
-    layout = Layout.load(Path(state_dir))
-    ns = layout.pod_netns(namespace, name)
-    if not nsops.exists(ns):
-        raise LocalError(f"pod {namespace}/{name} has no network namespace {ns}; is it running?")
-
-    def connect(host: str, port: int, timeout: float) -> socket.socket:
-        return nsops.connect_in(ns, host, port, timeout)
-
-    return connect
+    ns = Layout.load(Path(state_dir)).pod_netns(namespace, name)
+    return _connector(ns, f"pod {namespace}/{name} has no network namespace {ns}; is it running?")
 

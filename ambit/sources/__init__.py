@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ambit.cluster import ClusterError, ClusterState, build_state, load_documents
 
@@ -127,12 +127,14 @@ class LocalDirSource:
         pass
 
 
-def open_source(spec: str) -> ClusterSource:
-    """Open a source by its flag value: `local:PATH` or `kubernetes`."""
+def open_source(spec: str, **kube: Any) -> ClusterSource:
+    """Open a source by its flag value: `local:PATH` or `kubernetes`. `kube`: what a process
+    reads of the Kubernetes API (KubernetesSource's `resources`, `gateway_namespace`); the
+    local directory holds everything already."""
     if spec.startswith("local:"):
         return LocalDirSource(spec.removeprefix("local:"))
     if spec == "kubernetes" or spec.startswith("kubernetes:"):
         from ambit.sources.kube import KubernetesSource
 
-        return KubernetesSource.from_spec(spec)
+        return KubernetesSource.from_spec(spec, **kube)
     raise ClusterError(f"unknown cluster source {spec!r}; use local:PATH or kubernetes")

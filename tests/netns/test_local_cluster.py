@@ -173,8 +173,9 @@ def test_a_pods_hostname_resolves_to_the_pod_and_dns_stays_inside(cluster: L.Lay
     assert "nameserver" not in resolv
 
 
-def test_the_agent_reaches_a_pods_loopback_and_nothing_else_does(cluster: L.Layout, apps: Path, tmp_path: Path) -> None:
-    # how the node's agent asks a waypoint for its request records: from inside the pod's netns
+def test_connect_at_reaches_a_pods_loopback_which_other_pods_cannot(cluster: L.Layout, apps: Path, tmp_path: Path) -> None:
+    # the means the node's agent asks a waypoint for its request records with (the attack on the
+    # real waypoint's /requests is in tests/e2e/test_waypoint.py)
     listener = (
         "import socket\n"
         "s = socket.socket(); s.bind(('127.0.0.1', 15000)); s.listen()\n"
