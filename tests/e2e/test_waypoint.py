@@ -106,6 +106,25 @@ def test_the_cli_shows_the_waypoint_hop_and_explains_a_denial(cluster: Cluster) 
     assert "service payments/payment" in wps[0]["used_by"], wps
 
 
+def test_another_pod_cannot_read_who_called_what(cluster: Cluster) -> None:
+    # the waypoint's request records (methods, paths, identities, verdicts) are for its node's
+    # agent only: asked from another pod, by its own means, over the network (through the node's
+    # ztunnel, as its traffic goes), neither the metrics port nor the admin port gives them
+    c = cluster
+    assert requests(c, "payments/order-service", SERVICE, 80, "GET /api/v1/charges")[0][0] == 200  # there is one
+    wp = c.ip("payments/waypoint-waypoint")
+    (metrics,) = requests(c, "payments/reporting", wp, 15020, "GET /requests?after=0")
+    assert metrics[0] == 404 and "/api/v1/charges" not in metrics[1], metrics
+    (admin,) = requests(c, "payments/reporting", wp, 15000, "GET /requests?after=0")
+    assert admin[0] == 0, f"the waypoint's admin answered another pod: {admin}"
+    # while its node's agent has them (it takes them about once a second)
+    def collected() -> bool:
+        rows = c.cli_json("flows", "--since", "1h", "--node", "node-a", "--source", "payments/order-service")["items"]
+        return any(r["kind"] == "request" and r["path"] == "/api/v1/charges" for r in rows)
+
+    poll(collected, 15, "the request in node-a's history", interval=0.5)
+
+
 def test_with_the_waypoint_stopped_traffic_is_refused(cluster: Cluster) -> None:
     c = cluster
     pid = c.pid("pod.payments.waypoint-waypoint.pid")
