@@ -298,3 +298,14 @@ def test_a_pod_labelled_for_the_gateway_under_another_account_does_not_make_its_
     assert str(rig.view.identity) == "spiffe://cluster.local/ns/edge/sa/ingress"
     assert rig.view.subject is not None and rig.view.subject.ip != "10.99.0.9"
     assert any("aaa-impostor" in e and "does not serve the gateway" in e for e in rig.view.errors)
+
+
+def test_a_forged_x_forwarded_for_does_not_move_the_client(rig: Rig) -> None:
+    # numTrustedProxies 0 (the example's): a client outside the allowed network naming a partner
+    # address in X-Forwarded-For is still judged by its TCP peer address
+    j = rig("GET", "/api/v1/orders", [*bearer(token(sub="ivy")), ("x-forwarded-for", PARTNER)], peer=OUTSIDE)
+    assert (j.client_ip, j.status, j.policy) == (OUTSIDE, 403, "edge/edge-networks")
+    # and with one trusted proxy, fewer hops than trusted: the peer, not a forged first hop
+    one = Rig(build_gateway_annotation({"ambit.dev/num-trusted-proxies": "1"}))
+    j = one("GET", "/api/v1/orders", bearer(token(sub="ivy")), peer=OUTSIDE)
+    assert (j.client_ip, j.status) == (OUTSIDE, 403)
