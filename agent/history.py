@@ -40,10 +40,8 @@ from agent import AgentError
 log = logging.getLogger("ambit.agent.history")
 
 SCHEMA_VERSION = "1"
-KINDS = ("conn", "request", "drop")
 # The ztunnel's states of a record that will not change any more.
 CLOSED_STATES = frozenset({"closed", "refused", "failed"})
-DENIED = ("deny", "dropped")
 REASON_MAX = 240  # characters of a decision's reason kept per row
 PATH_MAX = 512
 MIN_BYTES = 2**20  # the smallest size bound: the write-ahead log alone takes up to an eighth

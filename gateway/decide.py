@@ -93,7 +93,6 @@ class Judgement:
     limit: str | None = None  # the rate limit that refused
     # forward:
     backend: BackendRef | None = None
-    selected: Selected | None = None
     remove_headers: tuple[str, ...] = ()
     add_headers: tuple[tuple[str, str], ...] = ()
     remove_response_headers: tuple[str, ...] = ()
@@ -105,7 +104,6 @@ class Judgement:
     retry_attempts: int = 0
     retry_codes: frozenset[int] = frozenset()
     retry_backoff: float = 0.0
-    notes: list[str] = field(default_factory=list)
 
     def answer(self, status: int, rejection: Rejection | None, reason: str, body: bytes = b"",
                headers: tuple[tuple[str, str], ...] = (), *, allowed: bool = False) -> Judgement:
@@ -156,7 +154,7 @@ def decide(view: GatewayView, snap: Snapshot, conn: Connection, req: Request, ct
         query.setdefault(k, v)
     sel = select(view.routes.get(listener.name, ()), host, req.method, req.path, query, headers)
     if sel is not None:
-        j.selected, j.route, j.rule = sel, sel.route.uid, sel.rule.index
+        j.route, j.rule = sel.route.uid, sel.rule.index
     rule = sel.rule if sel is not None else None
     # 3. CORS preflight
     if rule is not None and rule.cors is not None and cors.is_preflight(req.method, headers):

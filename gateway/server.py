@@ -47,6 +47,7 @@ from waypoint.engine import proxy
 from waypoint.exchange import Hooks, Limits, Request, RequestRecord, Retry, Upstream, Verdict
 from waypoint.process import MeshProxy, ProxyConfig
 from waypoint.streams import ByteStream, LegStream
+from waypoint.telemetry import failure_flag
 from ztunnel.copy import TcpLeg
 from ztunnel.identity.manager import CaClientLike, CertNotReady
 from ztunnel.metrics import CONTENT_TYPE
@@ -57,9 +58,6 @@ log = logging.getLogger("ambit.gateway")
 FLAGS = {"no_listener": "NR", "no_route": "NR", "route_error": "NR", "rate_limited": "RL", "denied": "DENY",
          "jwt_invalid": "UAEX", "backend_unavailable": "UH", "headers_too_large": "DPE", "body_too_large": "DPE",
          "unsupported_media_type": "DPE", "misdirected": "DPE", "cors_refused": "-"}
-FAILURE_FLAGS = {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
-                 "upstream_timeout": "UT", "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
-                 "headers_too_large": "DPE", "body_too_large": "DPE", "decide_error": "-"}
 
 
 class ConfigError(GatewayError):
@@ -107,7 +105,6 @@ class IngressGateway(MeshProxy):
         self.context.keys = self.jwks.resolve
         self._serving = False  # listeners follow the Gateway once start() opened them
         self._reconciling = asyncio.Lock()
-        self.sessions: set[Session] = set()
 
     # ------------------------------------------------------------------ state
 
@@ -220,7 +217,6 @@ class IngressGateway(MeshProxy):
         stream = LegStream(leg, name=f"client {conn.peer}")
         leg.attach(cast(Any, stream))
         session = Session(self, conn)
-        self.sessions.add(session)
         gw = self.view.gateway
         limits = Limits(max_header_count=gw.max_header_count if gw else 100,
                         max_header_bytes=gw.max_header_bytes if gw else 64 * 1024,
@@ -232,7 +228,6 @@ class IngressGateway(MeshProxy):
                 stream.abort()
         finally:
             session.close()
-            self.sessions.discard(session)
             stream.close()
 
     async def stop(self) -> None:
@@ -405,7 +400,7 @@ class Session:
         if j is not None and j.rejection is not None:
             rf.response_flags = FLAGS.get(j.rejection, "-")
         else:
-            rf.response_flags = FAILURE_FLAGS.get(str(record.failure or ""), "-")
+            rf.response_flags = failure_flag(record.failure)
         reason = j.rejection if j is not None else (str(record.failure) if record.failure else None)
         if reason is not None or (record.failure is not None and not record.forwarded):
             gw.metrics.rejected(j.listener if j else None, j.route if j else None, reason or "-", record.status)

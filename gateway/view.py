@@ -48,9 +48,6 @@ class GatewayView:
     def uid(self) -> str:
         return f"{self.namespace}/{self.name}"
 
-    def route_count(self) -> int:
-        return len({r.uid for rs in self.routes.values() for r in rs})
-
 
 def build_view(cluster: ClusterState, namespace: str, name: str, *, trust_domain: str = "cluster.local",
                previous: GatewayView | None = None) -> GatewayView:

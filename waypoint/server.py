@@ -55,7 +55,7 @@ from waypoint.extauthz import CheckRequest, ExtAuthz, Provider
 from waypoint.headers import joined
 from waypoint.process import MeshProxy, ProxyConfig
 from waypoint.streams import ByteStream, LegStream
-from waypoint.telemetry import RequestFacts, WaypointMetrics
+from waypoint.telemetry import RequestFacts, WaypointMetrics, failure_flag
 from ztunnel.config import Listen
 from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
 from ztunnel.identity.manager import CaClientLike, CertNotReady
@@ -528,15 +528,7 @@ class _Session:
             self.wp.requests_log.write(rf)
             self._remember(rf)
             if rf.decision == "deny":
-                self.wp.metrics.denials.labels(*_split(rf.source_workload), *_split(rf.destination_workload),
-                                               "0", rf.policy or "-").inc()
-
-
-def _split(uid: str | None) -> tuple[str, str]:
-    if not uid or "/" not in uid:
-        return "unknown", "unknown"
-    ns, name = uid.split("/", 1)
-    return name, ns
+                self.wp.metrics.denied(rf, "0")
 
 
 def _forwarded_node(ip: str) -> str:
@@ -547,10 +539,7 @@ def _forwarded_node(ip: str) -> str:
 def _flag(record: RequestRecord, rf: RequestFacts) -> str:
     if rf.decision == "deny":
         return "UAEX" if record.status == 401 else "DENY"
-    failure = str(record.failure or "")
-    return {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
-            "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
-            "headers_too_large": "DPE"}.get(failure, "-")
+    return failure_flag(record.failure)
 
 
 async def _pump_both(a: ByteStream, b: ByteStream) -> tuple[int, int]:

@@ -167,7 +167,24 @@ class WaypointMetrics:
         request_bytes.observe(f.request_bytes)
         response_bytes.observe(f.response_bytes)
         if f.decision == "deny":
-            self.denials.labels(src_name, src_ns, dst_name, dst_ns, str(f.status), f.policy or "-").inc()
+            self.denied(f, str(f.status))
+
+    def denied(self, f: RequestFacts, response_code: str) -> None:
+        """Count a denial by source and destination workload and the deciding policy."""
+        src_name, src_ns = _split(f.source_workload)
+        dst_name, dst_ns = _split(f.destination_workload)
+        self.denials.labels(src_name, src_ns, dst_name, dst_ns, response_code, f.policy or "-").inc()
+
+
+# Envoy's response flags for how an exchange failed (RequestRecord.failure), as both proxies
+# report them; a request they answered themselves is flagged by the proxy (DENY, UAEX, RL, ...)
+FAILURE_FLAGS = {"upstream_connect": "UF", "upstream_reset": "UR", "upstream_protocol": "UPE",
+                 "upstream_timeout": "UT", "client_reset": "DC", "bad_request": "DPE", "client_protocol": "DPE",
+                 "headers_too_large": "DPE", "body_too_large": "DPE", "decide_error": "-"}
+
+
+def failure_flag(failure: object) -> str:
+    return FAILURE_FLAGS.get(str(failure or ""), "-")
 
 
 RECENT_REQUESTS = 512  # request records kept for /requests (ambit flows, the node's history)

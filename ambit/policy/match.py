@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Literal, get_args
 
 from ambit import AmbitError
+from ambit.cluster import WAYPOINT_CLASS
 
 # What a compiled AuthorizationPolicy does. CUSTOM asks its `provider` (an external
 # authorizer) at a waypoint that has it configured; anywhere else its rules deny.
@@ -31,7 +32,7 @@ GATEWAY_GROUP = "gateway.networking.k8s.io"
 ISTIO_NETWORKING_GROUP = "networking.istio.io"
 # The GatewayClasses whose gateways are waypoints: ambit's own, and Istio's name for it, so a
 # mesh-wide `targetRefs: [{kind: GatewayClass, name: istio-waypoint}]` works unchanged.
-WAYPOINT_CLASSES = ("ambit-waypoint", "istio-waypoint")
+WAYPOINT_CLASSES = (WAYPOINT_CLASS, "istio-waypoint")
 # `metadata.annotations` Istio reads on policies
 DRY_RUN_ANNOTATION = "istio.io/dry-run"
 ALWAYS_REJECT_ANNOTATION = "istio.io/always-reject"
