@@ -50,7 +50,6 @@ from waypoint.streams import ByteStream, LegStream
 from waypoint.telemetry import failure_flag
 from ztunnel.copy import TcpLeg
 from ztunnel.identity.manager import CaClientLike, CertNotReady
-from ztunnel.metrics import CONTENT_TYPE
 from ztunnel.pool import PoolError
 
 log = logging.getLogger("ambit.gateway")
@@ -89,6 +88,7 @@ class IngressGateway(MeshProxy):
     """The gateway process; `start()`, serve, `stop()`."""
 
     kind = "gateway"
+    gateway_class = "ambit-ingress"
     config_error = ConfigError
 
     def __init__(self, config: GatewayConfig, *, ca: CaClientLike | None = None,
@@ -143,27 +143,13 @@ class IngressGateway(MeshProxy):
         if self.view.gateway is None:
             log.warning("no Gateway %s of class ambit-ingress in the cluster state (yet)", self.config.uid)
         try:
-            await self._open_admin()
+            await self.open_admin()
             await self._reconcile()
             self._serving = True
         except BaseException:
             await self.stop()
             raise
         self.log_up()
-
-    async def _open_admin(self) -> None:
-        cfg = self.config
-        await self.open_http((
-            ("admin", cfg.admin, {
-                "/config_dump": (("GET",), self._config_dump),
-                "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
-                "/requests": (("GET",), self.recent.report),
-                "/healthz/ready": (("GET",), self._ready),
-            }),
-            ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics)}),
-            ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
-        ))
 
     async def _reconcile(self) -> None:
         """Open the listener ports the Gateway has, close the ones it no longer has."""
@@ -238,29 +224,18 @@ class IngressGateway(MeshProxy):
 
     # ------------------------------------------------------------------ readiness, admin
 
+    def gateway_known(self) -> bool:
+        return self.view.gateway is not None
+
     def readiness(self) -> tuple[bool, str]:
-        if not self._loaded:
-            return False, "no cluster state loaded yet"
-        v = self.view
-        if v.gateway is None:
-            return False, f"no Gateway {self.config.uid} of class ambit-ingress"
-        if v.identity is None:
-            return False, f"no pod of Gateway {self.config.uid} in the cluster state"
-        if self.certs is None or self.certs.current(v.identity) is None:
-            return False, f"waiting for a certificate for {v.identity}"
-        missing = [p for p in v.gateway.ports if p not in self.listening]
+        ok, why = super().readiness()
+        gw = self.view.gateway
+        if not ok or gw is None:
+            return ok, why
+        missing = [p for p in gw.ports if p not in self.listening]
         if missing:
             return False, f"listener port(s) {', '.join(map(str, missing))} not open"
         return True, "ready"
-
-    def _ready(self, method: str, query: dict[str, str]) -> Response:
-        ok, why = self.readiness()
-        return Response.json({"ready": ok, "reason": why}, 200 if ok else 503)
-
-    def _metrics(self, method: str, query: dict[str, str]) -> Response:
-        from prometheus_client import generate_latest
-
-        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE)
 
     def _config_dump(self, method: str, query: dict[str, str]) -> Response:
         v, snap = self.view, self.store.current

@@ -17,15 +17,17 @@ import datetime as dt
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from ambit import AmbitError
 from ambit.args import CliError, duration
 from ambit.cluster import ClusterState
-from ambit.http import HttpServer, Routes
+from ambit.http import Handler, HttpServer, Response, Routes
 from ambit.lastgood import LastGood
 from ambit.snapshot import Snapshot, build_snapshot
 from ambit.sources import ClusterSource
@@ -41,7 +43,7 @@ from ztunnel.context import ProxyContext
 from ztunnel.hbone import HboneConfig
 from ztunnel.identity.caclient import CaClient
 from ztunnel.identity.manager import CaClientLike, CertManager
-from ztunnel.metrics import Metrics
+from ztunnel.metrics import CONTENT_TYPE, Metrics
 from ztunnel.pool import Pool
 from ztunnel.state import StateStore
 
@@ -93,6 +95,7 @@ class MeshProxy:
     `apply`, says what readiness means and opens its own listeners."""
 
     kind = "proxy"  # in logs, task names and the access log's reporter
+    gateway_class = ""  # the GatewayClass of the Gateways it serves (in messages)
     config_error: type[AmbitError] = AmbitError  # raised for a bad setting, naming the flag
 
     def __init__(self, config: ProxyConfig, metrics: WaypointMetrics, *, ca: CaClientLike | None,
@@ -194,8 +197,23 @@ class MeshProxy:
             await asyncio.sleep(0.05)
         return bundle
 
-    async def open_http(self, listeners: Iterable[tuple[str, Listen | None, Routes]]) -> None:
-        """The admin, metrics and readiness listeners (`None`: that one is off)."""
+    async def open_admin(self, admin_routes: Routes | None = None) -> None:
+        """The admin (the pod's loopback: config dump, certificates, the request records, readiness
+        and `admin_routes`), metrics and readiness listeners; a `None` address: that one is off."""
+        cfg = self.config
+        admin: dict[str, tuple[tuple[str, ...], Handler]] = {
+            "/config_dump": (("GET",), self._config_dump),
+            "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
+            "/requests": (("GET",), self.recent.report),
+            "/healthz/ready": (("GET",), self._ready),
+            **(admin_routes or {}),
+        }
+        listeners: tuple[tuple[str, Listen | None, Routes], ...] = (
+            ("admin", cfg.admin, admin),
+            ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
+                                      "/stats/prometheus": (("GET",), self._metrics)}),
+            ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
+        )
         for name, where, routes in listeners:
             if where is None:
                 continue
@@ -205,6 +223,35 @@ class MeshProxy:
             except OSError as e:
                 raise self.config_error(f"--{name}: cannot listen on {where}: {e.strerror or e}") from e
             self._http.append(http)
+
+    # ------------------------------------------------------------------ readiness, admin
+
+    def gateway_known(self) -> bool:
+        """Whether its Gateway is in the cluster state."""
+        raise NotImplementedError
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once the cluster state holds its Gateway and a pod of it, and its certificate came."""
+        if not self._loaded:
+            return False, "no cluster state loaded yet"
+        if not self.gateway_known():
+            return False, f"no Gateway {self.config.uid} of class {self.gateway_class}"
+        identity = self.identity
+        if identity is None:
+            return False, f"no pod of Gateway {self.config.uid} in the cluster state"
+        if self.certs is None or self.certs.current(identity) is None:
+            return False, f"waiting for a certificate for {identity}"
+        return True, "ready"
+
+    def _ready(self, method: str, query: dict[str, str]) -> Response:
+        ok, why = self.readiness()
+        return Response.json({"ready": ok, "reason": why}, 200 if ok else 503)
+
+    def _metrics(self, method: str, query: dict[str, str]) -> Response:
+        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE)
+
+    def _config_dump(self, method: str, query: dict[str, str]) -> Response:
+        raise NotImplementedError
 
     async def start(self, first_snapshot_timeout: float = 15.0) -> None:
         raise NotImplementedError

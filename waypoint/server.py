@@ -60,7 +60,6 @@ from ztunnel.config import Listen
 from ztunnel.hbone import ConnectRequest, HboneServer, RequestRejected
 from ztunnel.identity.manager import CaClientLike, CertNotReady
 from ztunnel.identity.tls import server_context_selector, verified_peer
-from ztunnel.metrics import CONTENT_TYPE
 from ztunnel.pool import PoolError
 from ztunnel.tunnel import HboneProtocol, StreamLeg
 
@@ -130,6 +129,7 @@ class Waypoint(MeshProxy):
     """The waypoint process; `start()`, serve, `stop()`."""
 
     kind = "waypoint"
+    gateway_class = "ambit-waypoint"
     config_error = ConfigError
 
     def __init__(self, config: WaypointConfig, *, ca: CaClientLike | None = None,
@@ -184,12 +184,7 @@ class Waypoint(MeshProxy):
         self._servers.append(srv)
         a = srv.sockets[0].getsockname()
         self.addresses["hbone"] = (str(a[0]), int(a[1]))
-        await self.open_http((
-            ("admin", cfg.admin, self._admin_routes()),
-            ("metrics", cfg.metrics, {"/metrics": (("GET",), self._metrics),
-                                      "/stats/prometheus": (("GET",), self._metrics)}),
-            ("readiness", cfg.readiness, {"/healthz/ready": (("GET",), self._ready)}),
-        ))
+        await self.open_admin({"/debug/authorize": (("GET",), self._authorize)})
 
     def _provider_address(self, host: str, port: int) -> tuple[str, int]:
         """Where to reach an extension provider: `<name>.<namespace>.svc[...]` (or `<name>.<namespace>`)
@@ -221,35 +216,9 @@ class Waypoint(MeshProxy):
 
     # ------------------------------------------------------------------ readiness, admin
 
-    def readiness(self) -> tuple[bool, str]:
-        if not self._loaded:
-            return False, "no cluster state loaded yet"
+    def gateway_known(self) -> bool:
         me = self.me
-        if me is None or not me.exists:
-            return False, f"no Gateway {self.config.uid} of class ambit-waypoint"
-        if me.identity is None:
-            return False, f"no pod of Gateway {self.config.uid} in the cluster state"
-        if self.certs is None or self.certs.current(me.identity) is None:
-            return False, f"waiting for a certificate for {me.identity}"
-        return True, "ready"
-
-    def _ready(self, method: str, query: dict[str, str]) -> Response:
-        ok, why = self.readiness()
-        return Response.json({"ready": ok, "reason": why}, 200 if ok else 503)
-
-    def _metrics(self, method: str, query: dict[str, str]) -> Response:
-        from prometheus_client import generate_latest
-
-        return Response(200, generate_latest(self.metrics.registry), CONTENT_TYPE)
-
-    def _admin_routes(self) -> dict[str, tuple[tuple[str, ...], Any]]:
-        return {
-            "/config_dump": (("GET",), self._config_dump),
-            "/certs": (("GET",), lambda m, q: Response.json({"items": self.certs.status() if self.certs else []})),
-            "/requests": (("GET",), self.recent.report),
-            "/healthz/ready": (("GET",), self._ready),
-            "/debug/authorize": (("GET",), self._authorize),
-        }
+        return me is not None and me.exists
 
     def _config_dump(self, method: str, query: dict[str, str]) -> Response:
         snap = self.store.current
