@@ -15,16 +15,15 @@ does not translate protocols, and the backends behind it speak what the client s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import GatewayError
 from gateway.listeners import CompiledGateway, ListenerConfig, PortConfig
+from ztunnel.identity.tls import load_cert_chain_in_memory
 
 log = logging.getLogger("ambit.gateway.tls")
 
@@ -35,16 +34,6 @@ class TlsError(GatewayError):
     """A listener's certificate cannot be used; says which Secret and why."""
 
 
-@contextlib.contextmanager
-def _memory_file(data: bytes) -> Iterator[str]:
-    fd = os.memfd_create("ambit-gateway-tls", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, data)
-        yield f"/proc/self/fd/{fd}"
-    finally:
-        os.close(fd)
-
-
 def listener_context(lst: ListenerConfig) -> ssl.SSLContext:
     """A server context with the listener's certificate chain and key."""
     assert lst.certificate is not None
@@ -52,8 +41,8 @@ def listener_context(lst: ListenerConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(ALPN)
     try:
-        with _memory_file(lst.certificate.cert_pem + b"\n" + lst.certificate.key_pem) as path:
-            ctx.load_cert_chain(path)
+        load_cert_chain_in_memory(ctx, lst.certificate.cert_pem + b"\n" + lst.certificate.key_pem,
+                                  "ambit-gateway-tls")
     except (ssl.SSLError, OSError) as e:
         # never the PEM itself in a message
         raise TlsError(f"listener {lst.name}: Secret {lst.certificate.key}: the certificate and key "

@@ -539,13 +539,9 @@ class Http1Proxy:
         """The declared length of the request body still to come (None: chunked)."""
         if self.dc.their_state is not h11.SEND_BODY:
             return 0
-        value = header_value(x.raw, b"content-length")
-        if value is None:
+        if header_value(x.raw, b"content-length") is None:
             return None if header_value(x.raw, b"transfer-encoding") is not None else 0
-        try:
-            return int(value.split(b",")[0])
-        except ValueError:
-            return None
+        return declared_length(x.raw)
 
     def _report(self, record: RequestRecord) -> None:
         record.end = self.hooks.clock()

@@ -80,13 +80,19 @@ def identity_from_sni(server_name: str, trust_domain: str) -> SpiffeId | None:
 # contexts
 
 
-def _load_cert_in_memory(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
-    fd = os.memfd_create("ambit-svid", os.MFD_CLOEXEC)
+def load_cert_chain_in_memory(ctx: ssl.SSLContext, pem: bytes, name: str = "ambit-svid") -> None:
+    """`ctx.load_cert_chain` from PEM bytes (key and chain) through an anonymous memory file:
+    the key never touches a disk (OpenSSL's Python binding loads only from a path)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
-        os.write(fd, cert.key_pem() + cert.chain_pem())
+        os.write(fd, pem)
         ctx.load_cert_chain(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+
+
+def _load_cert_in_memory(ctx: ssl.SSLContext, cert: WorkloadCert) -> None:
+    load_cert_chain_in_memory(ctx, cert.key_pem() + cert.chain_pem())
 
 
 def _base_context(purpose: ssl.Purpose, bundle: TrustBundle) -> ssl.SSLContext:
