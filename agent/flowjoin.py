@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ambit.policy import Verdict
+from ambit.policy import DryRun, Verdict
 
 # The verdicts this module writes or reads; the ztunnel's records carry theirs as `decision`.
 DROPPED: Verdict = "dropped"  # the kernel dropped a bypass attempt
@@ -168,11 +168,8 @@ def _policy(z: Mapping[str, Any]) -> str | None:
 
 def dry_run_words(items: Iterable[Mapping[str, Any]] | None) -> str | None:
     """`would deny by ns/name rule N` for each dry-run result ("; " between), None for none."""
-    words = []
-    for d in items or ():
-        rule = d.get("rule")
-        words.append(f"would {d.get('decision')} by {d.get('policy')}" + (f" rule {rule}" if rule is not None else ""))
-    return "; ".join(words) or None
+    return "; ".join(DryRun(d["policy"], d.get("rule"), d["decision"], d.get("reason", "")).words()
+                     for d in items or ()) or None
 
 
 def _wall_age(z: Mapping[str, Any], now_wall: float | None) -> Any:

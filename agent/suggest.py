@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from agent.simulate import Observed, destination_workload, judge
+from ambit.cluster import selects
 from ambit.peers import serving_waypoint
 from ambit.snapshot import Snapshot, Workload
 from ambit.spiffe import SpiffeError, SpiffeId
@@ -67,7 +68,7 @@ def _principal(identity: str | None) -> str | None:
         sid = SpiffeId.parse(identity)
     except SpiffeError:
         return None
-    return f"{sid.trust_domain}/ns/{sid.namespace}/sa/{sid.service_account}"
+    return sid.principal
 
 
 def _when(t: float) -> str:
@@ -155,7 +156,7 @@ def _selector(labels: dict[str, str], key: tuple[str, tuple[tuple[str, str], ...
     for k in SELECTOR_KEYS:
         if k in labels:
             cand = {k: labels[k]}
-            if not any(all(w.labels.get(a) == b for a, b in cand.items()) for w in others):
+            if not any(selects(cand, w.labels) for w in others):
                 return cand
     return dict(labels)
 

@@ -39,6 +39,11 @@ TLS_SECRET_TYPE = "kubernetes.io/tls"
 KNOWN_KINDS = ("Namespace", "Node", "Pod", "Service", "Gateway", *POLICY_KINDS, *ROUTE_KINDS, "Secret")
 
 
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """A label selector's matchLabels against an object's labels (every pair present)."""
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
 @dataclass(frozen=True)
 class Meta:
     name: str
@@ -240,7 +245,7 @@ class ClusterState:
             for p in self.pods.values()
             if p.namespace == svc.meta.namespace
             and p.ip
-            and all(p.meta.labels.get(k) == v for k, v in svc.selector.items())
+            and selects(svc.selector, p.meta.labels)
         ]
 
     def node_hosts_identity(self, node: str, namespace: str, service_account: str) -> bool:

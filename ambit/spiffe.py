@@ -125,8 +125,13 @@ class SpiffeId:
         return cls(trust_domain, namespace, sa)
 
     @property
+    def principal(self) -> str:
+        """`<trust domain>/ns/<ns>/sa/<sa>`: the form Istio's policies name a source by."""
+        return f"{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
     def uri(self) -> str:
-        return f"{SCHEME}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+        return SCHEME + self.principal
 
     def __str__(self) -> str:
         return self.uri

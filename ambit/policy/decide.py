@@ -61,7 +61,7 @@ class _Attrs:
         f, h = self.facts, self.http
         ident = f.src_identity
         if attr == "source.principal":
-            return f"{ident.trust_domain}/ns/{ident.namespace}/sa/{ident.service_account}" if ident else None
+            return ident.principal if ident else None
         if attr == "source.namespace":
             return ident.namespace if ident else None
         if attr == "source.service_account":

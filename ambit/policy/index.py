@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ambit.cluster import PolicyObject
+from ambit.cluster import PolicyObject, selects
 from ambit.policy.compile import compile_policy
 from ambit.policy.match import (
     DEFAULT_ROOT_NAMESPACE,
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 
 def _selects(labels: Mapping[str, str] | None, wl_labels: Mapping[str, str]) -> bool:
-    return labels is not None and all(wl_labels.get(k) == v for k, v in labels.items())
+    return labels is not None and selects(labels, wl_labels)
 
 
 _Scoped = TypeVar("_Scoped", CompiledAuthz, CompiledRequestAuthn)
