@@ -512,26 +512,26 @@ def _flag(record: RequestRecord, rf: RequestFacts) -> str:
 
 
 async def _pump_both(a: ByteStream, b: ByteStream) -> tuple[int, int]:
-    """Copy both ways until both directions ended; bytes (a->b, b->a)."""
+    """Copy both ways until both directions ended; bytes (a->b, b->a), also those copied
+    before one side failed (the record of a reset flow keeps what went through)."""
+    moved = [0, 0]
 
-    async def pump(src: ByteStream, dst: ByteStream) -> int:
-        n = 0
+    async def pump(src: ByteStream, dst: ByteStream, i: int) -> None:
         while True:
             data = await src.read(65536)
             if not data:
                 dst.write_eof()
-                return n
+                return
             dst.write(data)
-            n += len(data)
+            moved[i] += len(data)
             await dst.drain()
 
     try:
-        up, down = await asyncio.gather(pump(a, b), pump(b, a))
+        await asyncio.gather(pump(a, b, 0), pump(b, a, 1))
     except (WaypointError, OSError):
         a.abort()
         b.abort()
-        return 0, 0
-    return up, down
+    return moved[0], moved[1]
 
 
 class WaypointConnection(HboneProtocol):
